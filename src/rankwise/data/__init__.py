@@ -1,0 +1,1 @@
+"""Datasets: GLUE (hub or local mirror) and LRA ListOps (generated)."""

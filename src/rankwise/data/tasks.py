@@ -1,0 +1,46 @@
+"""Task specifications: text columns, label space, metrics and default splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    text_columns: tuple[str, ...]
+    num_labels: int  # 1 = regression
+    metrics: tuple[str, ...]  # metric names computed on each evaluation split
+    primary_metric: str
+    extra_validation: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "cola": TaskSpec("cola", ("sentence",), 2, ("matthews_correlation", "accuracy"), "matthews_correlation"),
+    "sst2": TaskSpec("sst2", ("sentence",), 2, ("accuracy",), "accuracy"),
+    "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy"),
+    "qqp": TaskSpec("qqp", ("question1", "question2"), 2, ("accuracy", "f1"), "accuracy"),
+    "stsb": TaskSpec("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr"), "pearson"),
+    "mnli": TaskSpec("mnli", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy",
+                     extra_validation=("validation_mismatched",)),
+    "qnli": TaskSpec("qnli", ("question", "sentence"), 2, ("accuracy",), "accuracy"),
+    "rte": TaskSpec("rte", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy"),
+}
+
+LRA_TASKS: dict[str, TaskSpec] = {
+    "listops": TaskSpec("listops", ("source",), 10, ("accuracy",), "accuracy"),
+}
+
+TASKS = {"glue": GLUE_TASKS, "lra": LRA_TASKS}
+
+
+def known_subsets(dataset_name: str) -> list[str]:
+    return list(TASKS.get(dataset_name, {}))
+
+
+def get_task(dataset_name: str, subset: str) -> TaskSpec:
+    return TASKS[dataset_name][subset]

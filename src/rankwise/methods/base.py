@@ -1,0 +1,119 @@
+"""The small interface every fine-tuning method implements (one method, one module).
+
+A method turns a frozen backbone into a trainable model and tells the training loop what
+extra it needs. The loop (``rankwise.training.loop``) reads like the algorithm box:
+
+    method = build_method(run_cfg)                     # from the registry
+    model = method.wrap(backbone, target_modules)      # adapters in, base frozen
+    method.calibrate(model, calibration_batches, task_loss_fn)   # e.g. IW-LoRA; no-op default
+    method.prepare_training(model, total_steps)        # e.g. AdaLoRA's total_step
+    for batch in loader:
+        logits = model(**inputs).logits
+        loss = task_loss(logits, labels)
+        regs = method.regularization_losses(model)    # dict name -> scalar tensor (weighted)
+        (loss + sum(regs.values())).backward()
+        optimizer.step()
+        method.on_optimizer_step(model, global_step)  # e.g. AdaLoRA update_and_allocate
+        optimizer.zero_grad()
+    method.begin_evaluation(model); ...eval forward passes...; stats = method.end_evaluation(model)
+    extra = method.write_artifacts(model, run_dir)     # importance.json, rank pattern, ...
+
+Adapters never edit ``outputs.loss`` behind the loop's back: every regulariser is returned
+by ``regularization_losses`` (already multiplied by its coefficient) and logged under its
+name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+TaskLossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""``task_loss_fn(model, batch) -> scalar``: forward + task loss (CE or MSE) on one batch."""
+
+
+class FineTuningMethod:
+    """Base class with no-op defaults; subclasses override what they need.
+
+    ``config`` is the validated dataclass of the run's ``model.adapter`` block (``None`` for
+    full fine-tuning); ``run_cfg`` is the whole validated run config.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, config: Any, run_cfg: Any):
+        self.config = config
+        self.run_cfg = run_cfg
+
+    # --- building -------------------------------------------------------------------------
+    def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:
+        """Return the trainable model. The classification head stays fully trainable."""
+        raise NotImplementedError
+
+    def adapter_params(self, model: nn.Module) -> list[nn.Parameter]:
+        """Trainable parameters (default: every parameter with requires_grad)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # --- training hooks -------------------------------------------------------------------
+    def calibrate(
+        self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task_loss_fn: TaskLossFn
+    ) -> dict[str, Any]:
+        """Run before training; must update no parameter. Returns metrics to record."""
+        return {}
+
+    def prepare_training(self, model: nn.Module, total_steps: int) -> None:
+        """Called once the real number of optimizer steps is known."""
+
+    def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Named, already-weighted regularisers added to the task loss this step."""
+        return {}
+
+    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        """Called after ``optimizer.step()`` and before ``zero_grad()``."""
+
+    # --- evaluation -----------------------------------------------------------------------
+    def begin_evaluation(self, model: nn.Module) -> None:
+        """Reset per-evaluation statistics (gate counts, FLOPs, budget violations)."""
+
+    def end_evaluation(self, model: nn.Module) -> dict[str, Any]:
+        """Statistics gathered during the evaluation pass, merged into the eval metrics."""
+        return {}
+
+    # --- outputs and resume ---------------------------------------------------------------
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        """Write method-specific files into ``run_dir``; return summary metrics."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that is not in the model's parameters (for exact resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+def zero_loss(model: nn.Module) -> torch.Tensor:
+    """A scalar zero on the model's device (for regularisers that are off)."""
+    p = next(model.parameters())
+    return torch.zeros((), device=p.device, dtype=torch.float32)
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def classifier_head_names() -> tuple[str, ...]:
+    """Module-name fragments of sequence-classification heads (kept trainable)."""
+    return ("classifier", "pooler", "score")
+
+
+def unfreeze_head(model: nn.Module) -> None:
+    """Make the classification head (and pooler, as PEFT's SEQ_CLS does) trainable."""
+    for name, p in model.named_parameters():
+        if any(part in name.split(".") for part in classifier_head_names()):
+            p.requires_grad_(True)

