@@ -302,6 +302,12 @@ class RunConfig:
                 "model.importance_weighted_regularisation.enabled",
                 f"IW regularisation needs model.adapter.type: lora, got {self.adapter_type!r}",
             )
+        from rankwise.methods import registered_methods
+
+        if self.algorithm not in registered_methods():
+            key = ("model.importance_weighted_regularisation.enabled" if self.algorithm == "iw_lora"
+                   else "model.adapter.type")
+            raise ConfigError(key, f"method {self.algorithm!r} is not available in this build")
         from rankwise.metrics import metric_names_for
 
         names = metric_names_for(self.dataset.name, self.dataset.subset)

@@ -1,0 +1,1 @@
+"""Run configuration: typed schema, YAML composition and CLI overrides."""

@@ -1,0 +1,168 @@
+"""Compose a job from ``configs/config.yaml``, one run file and CLI overrides.
+
+CLI arguments use Hydra's override grammar (parsed by Hydra's own parser), e.g.::
+
+    python -m rankwise.main run=<run_id|path.yaml> results_dir=R mode=trial \
+        model.name=minilm dataset.subset=rte 'training.seeds=[1,2,3]'
+
+Keys whose first component is a run-schema section (``run_id``, ``method``, ``model``,
+``dataset``, ``training``, ``optuna``) override the run file; the others are job keys
+(``run``, ``results_dir``, ``mode``, ``resume``, ``device``, ``wandb.*``). The composed plain
+dicts go through OmegaConf (interpolation, merging) and then the typed schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+
+from rankwise.config.schema import RunConfig, parse_run_config
+from rankwise.config.typed import did_you_mean, from_mapping
+from rankwise.errors import ConfigError
+
+RUN_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "rankwise"
+    entity: str | None = None
+
+
+@dataclass
+class JobConfig:
+    run: str
+    results_dir: str = "results"
+    mode: Literal["trial", "full"] = "full"
+    resume: Literal["auto", True, False] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Job:
+    job: JobConfig
+    run: RunConfig
+    run_dict: dict[str, Any]  # validated-by-schema plain dict (for search and for config.yaml)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.job.results_dir) / self.run.run_id
+
+
+def packaged_configs() -> Path:
+    return Path(str(resources.files("rankwise") / "configs"))
+
+
+def available_runs() -> list[str]:
+    return sorted(p.stem for p in (packaged_configs() / "runs").glob("*.yaml"))
+
+
+def read_yaml(path: Path, key: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(key, f"{path} is not valid YAML ({problem}{where})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"{path} must hold a mapping at top level")
+    return data
+
+
+def locate_run_file(run: str) -> Path:
+    if run.endswith((".yaml", ".yml")) or "/" in run:
+        path = Path(run).expanduser()
+        if not path.is_file():
+            raise ConfigError("run", f"run config file {run!r} does not exist")
+        return path
+    path = packaged_configs() / "runs" / f"{run}.yaml"
+    if not path.is_file():
+        runs = available_runs()
+        raise ConfigError("run", f"no run config named {run!r}{did_you_mean(run, runs)} "
+                                 f"({len(runs)} shipped; see configs/runs/)")
+    return path
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any, bool]]:
+    """Hydra-grammar ``key=value`` strings -> (key, python value, is_delete)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in argv:
+        try:
+            (ov,) = parser.parse_overrides([arg])
+        except HydraException as exc:
+            key = arg.split("=", 1)[0].lstrip("+~") if "=" in arg else arg
+            msg = str(exc).strip().splitlines()[0]
+            raise ConfigError(key or "<cli>", f"cannot parse override {arg!r}: {msg}") from None
+        value = None if ov.is_delete() else ov.value()
+        parsed.append((ov.key_or_group, _plain(value), ov.is_delete()))
+    return parsed
+
+
+def _plain(value: Any) -> Any:
+    """Hydra's parsed values -> plain python (lists/dicts)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(cfg: dict, key: str, value: Any, delete: bool) -> None:
+    conf = OmegaConf.create(cfg)
+    if delete:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(conf, parent_key) if parent_key else conf
+        if parent is None or leaf not in parent:
+            raise ConfigError(key, "cannot delete a key that is not set")
+        del parent[leaf]
+    else:
+        OmegaConf.update(conf, key, value, merge=True, force_add=True)
+    cfg.clear()
+    cfg.update(OmegaConf.to_container(conf, resolve=False))
+
+
+def _resolve(cfg: dict, key: str) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except Exception as exc:  # interpolation errors
+        raise ConfigError(getattr(exc, "full_key", None) or key, str(exc).splitlines()[0]) from None
+
+
+def load_job(argv: list[str]) -> Job:
+    """Parse CLI args into a validated Job, before any heavy work. Raises ConfigError."""
+    overrides = parse_overrides(argv)
+    job_dict = read_yaml(packaged_configs() / "config.yaml", "config.yaml")
+    run_overrides = []
+    for key, value, delete in overrides:
+        head = key.split(".", 1)[0]
+        if head in RUN_SECTIONS:
+            run_overrides.append((key, value, delete))
+        elif head in job_dict:
+            _set_dotted(job_dict, key, value, delete)
+        else:
+            known = list(job_dict) + list(RUN_SECTIONS)
+            raise ConfigError(key, f"unknown key{did_you_mean(head, known)}")
+    if job_dict.get("run") in (None, "???"):
+        raise ConfigError("run", "required: run=<run_id> or run=<path/to/run.yaml>")
+    job_dict["run"] = str(job_dict["run"])
+    job = from_mapping(JobConfig, _resolve(job_dict, "config"), "")
+
+    run_dict = read_yaml(locate_run_file(job.run), "run")
+    for key, value, delete in run_overrides:
+        _set_dotted(run_dict, key, value, delete)
+    run_dict = _resolve(run_dict, "run")
+    run_cfg = parse_run_config(run_dict)
+    return Job(job=job, run=run_cfg, run_dict=run_dict)

@@ -1,0 +1,199 @@
+"""From a validated run config to tokenised train/eval sets and batch loaders.
+
+Rows are selected (``max_train_samples`` / ``max_eval_samples``, or the trial-mode cap)
+*before* tokenising, so a trial run on MNLI never tokenises 393k rows. Tokenised sets are
+cached on disk (``datasets`` arrow cache keyed by source, selection, tokenizer, length).
+Batches are always padded dynamically to the longest sequence in the batch (masked padding
+does not change an encoder's outputs; see tests/test_padding.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from rankwise.config.schema import DatasetConfig
+from rankwise.data import glue
+from rankwise.data.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class EvalSplit:
+    name: str  # e.g. "validation", "validation_mismatched"
+    data: datasets.Dataset  # tokenised, with "labels" and "idx"
+
+
+@dataclass
+class TaskData:
+    task: TaskSpec
+    train: datasets.Dataset
+    evals: list[EvalSplit]
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    return _fingerprint(type(tokenizer).__name__, len(vocab), sorted(vocab.items())[:50],
+                        getattr(tokenizer, "name_or_path", ""))
+
+
+def _select(ds: datasets.Dataset, n: int | None, shuffle_seed: int | None) -> datasets.Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    if shuffle_seed is not None:
+        # a seeded random subset (e.g. 4,000 SST-2 examples), independent of the run seed
+        idx = np.random.default_rng(shuffle_seed).permutation(len(ds))[:n]
+        return ds.select(np.sort(idx))
+    return ds.select(range(n))
+
+
+def _raw_split(cfg: DatasetConfig, split: str, cache_dir: Path) -> datasets.Dataset:
+    if cfg.name == "glue":
+        return glue.load_glue_split(cfg.subset, split, cfg.data_dir, cache_dir)
+    from rankwise.data.listops import load_listops
+
+    splits = load_listops(cfg.listops, cache_dir=cache_dir / "listops")
+    if split not in splits:
+        from rankwise.errors import DataError
+
+        raise DataError(f"dataset.splits: ListOps has no split {split!r} (have: {', '.join(splits)})")
+    return splits[split]
+
+
+def _tokenise(ds: datasets.Dataset, task: TaskSpec, cfg: DatasetConfig, tokenizer, split: str,
+              cache_dir: Path) -> datasets.Dataset:
+    key = _fingerprint(cfg.name, cfg.subset, split, ds._fingerprint, tokenizer_fingerprint(tokenizer),
+                       cfg.max_seq_length, cfg.preprocessing.truncation)
+    cache_file = cache_dir / "tokenised" / f"{cfg.name}-{cfg.subset}-{split}-{key}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.name == "lra":
+        from rankwise.data.listops import encode_listops
+
+        def encode(batch):
+            return encode_listops(batch["source"], tokenizer, cfg.max_seq_length, cfg.preprocessing.truncation)
+    else:
+        def encode(batch):
+            texts = [batch[c] for c in task.text_columns]
+            return tokenizer(*texts, truncation=cfg.preprocessing.truncation,
+                             max_length=cfg.max_seq_length, padding=False)
+
+    if "idx" not in ds.column_names:
+        ds = ds.add_column("idx", list(range(len(ds))))
+    keep = {"idx", "label"}
+    out = ds.map(encode, batched=True, cache_file_name=str(cache_file), load_from_cache_file=True,
+                 remove_columns=[c for c in ds.column_names if c not in keep],
+                 desc=f"tokenising {split}")
+    out = out.rename_column("label", "labels")
+    if not cfg.preprocessing.truncation:
+        too_long = [i for i, ids in enumerate(out["input_ids"]) if len(ids) > cfg.max_seq_length]
+        if too_long:
+            from rankwise.errors import DataError
+
+            raise DataError(f"{split}: row {too_long[0]}, column 'input_ids': length exceeds "
+                            f"dataset.max_seq_length={cfg.max_seq_length} with truncation off")
+    return out
+
+
+def load_task_data(cfg: DatasetConfig, tokenizer, cache_dir: Path, max_train: int | None = None,
+                   max_eval: int | None = None, subset_seed: int = 0) -> TaskData:
+    """Tokenised training set and evaluation splits for one run."""
+    task = get_task(cfg.name, cfg.subset)
+    if cfg.preprocessing.padding == "max_length":
+        log.info("dataset.preprocessing.padding=max_length: batches are padded dynamically to the "
+                 "longest sequence instead (identical outputs, less compute)")
+    n_train = min(x for x in (cfg.max_train_samples, max_train, 10**12) if x is not None)
+    n_eval = min(x for x in (cfg.max_eval_samples, max_eval, 10**12) if x is not None)
+
+    def prepared(split: str, n: int, shuffle: bool) -> datasets.Dataset:
+        raw = _raw_split(cfg, split, cache_dir)
+        raw = _select(raw, n if n < 10**12 else None, subset_seed if shuffle else None)
+        if cfg.name == "glue":
+            glue.validate_rows(raw, task, split)
+        return _tokenise(raw, task, cfg, tokenizer, split, cache_dir)
+
+    train = prepared(cfg.splits.train, n_train, shuffle=True)
+    eval_names = [cfg.splits.validation]
+    extra = cfg.splits.extra_validation
+    if extra is None:  # task default, only where the source has it (the local mirror may not)
+        for name in task.extra_validation:
+            if cfg.name == "glue" and glue.has_split(cfg.subset, name, cfg.data_dir):
+                eval_names.append(name)
+            else:
+                log.info("extra evaluation split %s of %s not available in this source; skipped",
+                         name, cfg.subset)
+    else:
+        eval_names += list(extra)
+    evals = [EvalSplit(_eval_split_name(cfg, task, name), prepared(name, n_eval, shuffle=False))
+             for name in eval_names]
+    return TaskData(task, train, evals)
+
+
+def _eval_split_name(cfg: DatasetConfig, task: TaskSpec, split: str) -> str:
+    """Metric prefix of an eval split: the configured validation split is 'validation'."""
+    if split == cfg.splits.validation:
+        return "validation"
+    return split
+
+
+class DynamicPaddingCollator:
+    """Pad a list of tokenised rows to the longest in the batch; labels as a tensor."""
+
+    def __init__(self, pad_token_id: int, regression: bool):
+        self.pad_token_id = pad_token_id
+        self.regression = regression
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        batch: dict[str, torch.Tensor] = {}
+        for key in MODEL_INPUTS:
+            if key not in rows[0]:
+                continue
+            fill = self.pad_token_id if key == "input_ids" else 0
+            out = torch.full((len(rows), longest), fill, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, : len(r[key])] = torch.as_tensor(r[key], dtype=torch.long)
+            batch[key] = out
+        labels = [r["labels"] for r in rows]
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
+        batch["idx"] = torch.tensor([r["idx"] for r in rows], dtype=torch.long)
+        return batch
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The training order of one epoch: a pure function of (seed, epoch), so resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate, start: int = 0,
+            limit: int | None = None):
+    """Yield collated batches of ``ds`` in ``order``, from batch ``start`` (resume), at most ``limit``."""
+    n_batches = (len(order) + batch_size - 1) // batch_size
+    stop = n_batches if limit is None else min(n_batches, limit)
+    columns = [c for c in (*MODEL_INPUTS, "labels", "idx") if c in ds.column_names]
+    view = ds.select_columns(columns)
+    for b in range(start, stop):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        chunk = view[idx]
+        rows = [{k: chunk[k][i] for k in columns} for i in range(len(idx))]
+        yield collate(rows)
+
+
+def n_batches(n: int, batch_size: int, limit: int | None = None) -> int:
+    total = (n + batch_size - 1) // batch_size
+    return total if limit is None else min(total, limit)

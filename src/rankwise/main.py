@@ -1,0 +1,104 @@
+"""``python -m rankwise.main run=<run_id|path.yaml> results_dir=<dir> mode=trial|full [overrides]``
+
+Validates the whole config before any heavy work (exit 2 naming the dotted key, nothing
+written), then trains (one run per seed; an Optuna search first when ``mode=full`` and
+``optuna.n_trials > 0``), evaluates and writes ``<results_dir>/<run_id>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rankwise.config.loader import Job, load_job
+from rankwise.config.typed import to_plain
+from rankwise.errors import RankwiseError
+from rankwise.results import (atomic_write_json, provenance, read_json, write_yaml)
+
+log = logging.getLogger("rankwise")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("datasets", "transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_status(run_dir: Path) -> str | None:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path).get("status")
+    except (OSError, ValueError):
+        return "corrupt"
+
+
+def prepare_run_dir(job: Job) -> bool:
+    """Create the run folder; return whether to resume from its checkpoints.
+
+    ``resume=auto`` continues a folder whose run did not complete and has a checkpoint;
+    ``resume=true`` requires one; ``resume=false`` (or a complete run) starts over.
+    """
+    from rankwise.training.checkpoint import list_checkpoints
+
+    run_dir = job.run_dir
+    status = run_status(run_dir)
+    has_ckpt = any(list_checkpoints(p / "checkpoints") for p in run_dir.glob("seed*")) if run_dir.exists() else False
+    resume = job.job.resume
+    if resume is True and not has_ckpt:
+        raise RankwiseError(f"resume=true but {run_dir} has no checkpoint to resume from")
+    if resume in (True, "auto") and has_ckpt and status != "complete":
+        log.info("resuming incomplete run in %s (status %s)", run_dir, status)
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return False
+
+
+def write_status(job: Job, status: str, extra: dict[str, Any] | None = None) -> None:
+    path = job.run_dir / "metrics.json"
+    data = read_json(path) if path.is_file() else {}
+    data.update({"run_id": job.run.run_id, "method": job.run.method, "algorithm": job.run.algorithm,
+                 "status": status, **(extra or {})})
+    atomic_write_json(path, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    job: Job | None = None
+    try:
+        job = load_job(argv)  # exit 2 on any config error, before anything is written
+        from rankwise.runner import execute
+
+        summary = execute(job, prepare_run_dir)
+    except RankwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if job is not None and job.run_dir.is_dir() and exc.exit_code != 2:
+            from rankwise.training.loop import RunInterrupted
+
+            write_status(job, "interrupted" if isinstance(exc, RunInterrupted) else "failed",
+                         {"error": str(exc)})
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        if job is not None and job.run_dir.is_dir():
+            write_status(job, "interrupted", {"error": "KeyboardInterrupt"})
+        return 130
+    except Exception as exc:
+        if job is not None and job.run_dir.is_dir():
+            write_status(job, "failed", {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    print(f"run {job.run.run_id} complete: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: optimiser/schedule, checkpoints, the training loop."""

@@ -1,0 +1,451 @@
+"""The training loop: calibrate → for each batch: forward, task loss, + regularisers,
+backward, step, (method hook), log → evaluate → save. One call trains one seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rankwise.config.loader import Job
+from rankwise.data.loading import (DynamicPaddingCollator, TaskData, batches, epoch_permutation,
+                                   load_task_data, n_batches)
+from rankwise.errors import NonFiniteLossError, RankwiseError
+from rankwise.methods import build_method
+from rankwise.methods.base import FineTuningMethod
+from rankwise.methods.targets import resolve_target_modules
+from rankwise.metrics import compute_metrics
+from rankwise.models import default_cache_dir, load_backbone
+from rankwise.results import append_jsonl
+from rankwise.training import checkpoint as ckpt
+from rankwise.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+TRIAL_MAX_BATCHES = 2
+
+
+class RunInterrupted(RankwiseError):
+    """SIGINT/SIGTERM: a checkpoint was saved at the step boundary; exit non-zero."""
+
+    exit_code = 130
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    final: dict[str, float]
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    predictions: dict[str, dict[str, list]]  # split -> {"idx", "label", "prediction"}
+    params: dict[str, Any]
+    wall_time_s: dict[str, float]
+    step_time_s: float | None
+    peak_memory_mb: float | None
+    method_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from rankwise.errors import ConfigError
+
+            raise ConfigError("device", "cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(job: Job, device: torch.device) -> torch.dtype | None:
+    t = job.run.training
+    if not (t.fp16 or t.bf16):
+        return None
+    if device.type != "cuda":
+        log.info("training.%s=true needs CUDA; running in float32 on %s",
+                 "fp16" if t.fp16 else "bf16", device.type)
+        return None
+    return torch.float16 if t.fp16 else torch.bfloat16
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+
+@contextmanager
+def stop_on_signals():
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame):
+        flag.signal = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "idx")}
+
+
+def count_params(model: torch.nn.Module) -> dict[str, Any]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+class Trainer:
+    """Trains one seed of one run. ``reporter(value, epoch)`` feeds Optuna's pruner."""
+
+    def __init__(self, job: Job, seed: int, seed_dir: Path, reporter: Callable | None = None,
+                 data: TaskData | None = None):
+        self.job, self.cfg, self.seed, self.seed_dir = job, job.run, seed, seed_dir
+        self.t = job.run.training
+        self.trial = job.job.mode == "trial"
+        self.reporter = reporter
+        self.device = resolve_device(job.job.device)
+        self.amp_dtype = autocast_dtype(job, self.device)
+        seed_everything(seed, self.t.deterministic)
+        task_num_labels = None
+        from rankwise.data.tasks import get_task
+
+        self.task = get_task(self.cfg.dataset.name, self.cfg.dataset.subset)
+        task_num_labels = self.task.num_labels
+        self.backbone, self.tokenizer = load_backbone(
+            self.cfg.model.name, task_num_labels,
+            problem_type="regression" if self.task.is_regression else "single_label_classification",
+            tokenizer_name=self.cfg.model.tokenizer)
+        self._check_lengths()
+        cap = TRIAL_MAX_BATCHES if self.trial else None
+        eval_bs = self.t.eval_batch_size or self.t.batch_size
+        self.data = data or load_task_data(
+            self.cfg.dataset, self.tokenizer, default_cache_dir(),
+            max_train=cap * self.t.batch_size * self.t.gradient_accumulation_steps if cap else None,
+            max_eval=cap * eval_bs if cap else None)
+        self.collate = DynamicPaddingCollator(self.tokenizer.pad_token_id, self.task.is_regression)
+        self.method: FineTuningMethod = build_method(self.cfg)
+        patterns = getattr(self.cfg.model.adapter, "target_modules", None) or self.cfg.model.target_modules
+        try:
+            targets = resolve_target_modules(self.backbone, patterns)
+        except ValueError as exc:
+            from rankwise.errors import ConfigError
+
+            raise ConfigError("model.adapter.target_modules", str(exc)) from None
+        self.model = self.method.wrap(self.backbone, targets).to(self.device)
+        self.epochs = 1 if self.trial else self.t.epochs
+        self.batches_per_epoch = n_batches(len(self.data.train), self.t.batch_size, cap)
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.t.gradient_accumulation_steps))
+        self.total_steps = self.steps_per_epoch * self.epochs
+        if self.t.max_steps is not None and not self.trial:
+            self.total_steps = min(self.total_steps, self.t.max_steps)
+        self.optimizer = build_optimizer(self.model, self.t)
+        self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.wall = {"calibration": 0.0, "training": 0.0, "evaluation": 0.0}
+        self.step_times: list[float] = []
+        self.calibration_metrics: dict[str, Any] = {}
+        self.calibrated = False
+        self.history_file = seed_dir / "history.jsonl"
+
+    # --- setup helpers ----------------------------------------------------------------------
+    def _check_lengths(self) -> None:
+        limit = getattr(self.backbone.config, "max_position_embeddings", None)
+        rel = getattr(self.backbone.config, "relative_attention", False) and not getattr(
+            self.backbone.config, "position_biased_input", True)
+        if limit and not rel and self.cfg.dataset.max_seq_length > limit:
+            from rankwise.errors import ConfigError
+
+            raise ConfigError("dataset.max_seq_length",
+                              f"{self.cfg.dataset.max_seq_length} exceeds the model's position "
+                              f"limit ({limit})")
+
+    def calibration_batches(self):
+        """Training batches in an order drawn from the run's seed; cycles as needed."""
+        order = epoch_permutation(len(self.data.train), self.seed, epoch=-1)
+        while True:
+            yield from batches(self.data.train, order, self.t.batch_size, self.collate)
+
+    def loss_fn(self, model, batch) -> torch.Tensor:
+        with self._autocast():
+            logits = model(**model_inputs(batch, self.device)).logits
+        return task_loss(logits, batch["labels"].to(self.device), self.task.is_regression)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.seed_dir / "checkpoints"
+
+    def save(self) -> Path:
+        payload = {
+            "model": ckpt.trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "history": self.history, "best": self.best, "wall": self.wall,
+            "step_times": self.step_times, "calibrated": self.calibrated,
+            "calibration_metrics": self.calibration_metrics,
+            "method": self.method.state_dict(),
+        }
+        return ckpt.save_checkpoint(self.checkpoint_dir, self.global_step, payload, self.t.save_total_limit)
+
+    def try_resume(self) -> bool:
+        found = ckpt.latest_valid_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return False
+        path, state = found
+        ckpt.load_trainable_state(self.model, state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for key in ("global_step", "epoch", "batch_in_epoch", "history", "best", "wall", "step_times",
+                    "calibrated", "calibration_metrics"):
+            setattr(self, key, state[key])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", path.name, self.global_step,
+                 self.epoch, self.batch_in_epoch)
+        return True
+
+    # --- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        metrics: dict[str, float] = {}
+        predictions: dict[str, dict[str, list]] = {}
+        eval_bs = self.t.eval_batch_size or self.t.batch_size
+        cap = TRIAL_MAX_BATCHES if self.trial else None
+        for split in self.data.evals:
+            self.method.begin_evaluation(self.model)
+            losses, preds, labels, idxs = [], [], [], []
+            order = list(range(len(split.data)))
+            for batch in batches(split.data, order, eval_bs, self.collate, limit=cap):
+                with self._autocast():
+                    logits = self.model(**model_inputs(batch, self.device)).logits.float()
+                y = batch["labels"].to(self.device)
+                losses.append(task_loss(logits, y, self.task.is_regression).item() * len(y))
+                p = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+                preds.append(p.cpu().numpy())
+                labels.append(batch["labels"].numpy())
+                idxs.append(batch["idx"].numpy())
+            p_all, y_all = np.concatenate(preds), np.concatenate(labels)
+            m = compute_metrics(self.cfg.dataset.name, self.cfg.dataset.subset, p_all, y_all)
+            m["loss"] = float(np.sum(losses) / len(y_all))
+            m.update(self.method.end_evaluation(self.model))
+            metrics.update({f"{split.name}_{k}": v for k, v in m.items()})
+            predictions[split.name] = {"idx": np.concatenate(idxs).tolist(), "label": y_all.tolist(),
+                                       "prediction": p_all.tolist()}
+        if was_training:
+            self.model.train()
+        self.wall["evaluation"] += time.perf_counter() - t0
+        return metrics, predictions
+
+    # --- training ---------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        append_jsonl(self.history_file, record)
+
+    def _nonfinite(self, what: str, terms: dict[str, torch.Tensor]) -> None:
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        self.save_last_good()
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch + 1}): "
+            f"term(s) {', '.join(bad) or 'unknown'}; last good state saved in "
+            f"{self.checkpoint_dir}")
+
+    def save_last_good(self) -> None:
+        """Checkpoint of the state before the failing step (parameters are not yet updated)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.save()
+
+    def run(self, resume: bool, stop: StopFlag | None = None) -> SeedResult:
+        self.seed_dir.mkdir(parents=True, exist_ok=True)
+        resumed = resume and self.try_resume()
+        if not resumed and self.history_file.exists():
+            self.history_file.unlink()
+        if not self.calibrated:
+            t0 = time.perf_counter()
+            self.calibration_metrics = self.method.calibrate(self.model, self.calibration_batches(), self.loss_fn)
+            self.wall["calibration"] = time.perf_counter() - t0
+            self.calibrated = True
+        self.method.prepare_training(self.model, self.total_steps)
+        final_predictions: dict[str, dict[str, list]] = {}
+        self.model.train()
+        accum = self.t.gradient_accumulation_steps
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{self.cfg.run_id} seed {self.seed}",
+                        unit="step", dynamic_ncols=True, mininterval=1.0, leave=False)
+        anomaly = torch.autograd.set_detect_anomaly(True) if self.t.detect_anomaly else nullcontext()
+        last_eval: dict[str, float] = {}
+        with anomaly:
+            while self.epoch < self.epochs and self.global_step < self.total_steps:
+                order = epoch_permutation(len(self.data.train), self.seed, self.epoch)
+                cap = TRIAL_MAX_BATCHES if self.trial else None
+                running: dict[str, float] = {}
+                n_running = 0
+                t_step = time.perf_counter()
+                for batch in batches(self.data.train, order, self.t.batch_size, self.collate,
+                                     start=self.batch_in_epoch, limit=cap):
+                    t0 = time.perf_counter()
+                    logits = None
+                    with self._autocast():
+                        logits = self.model(**model_inputs(batch, self.device)).logits
+                    terms = {"task_loss": task_loss(logits, batch["labels"].to(self.device),
+                                                    self.task.is_regression)}
+                    for name, value in self.method.regularization_losses(self.model).items():
+                        terms[f"reg/{name}"] = value
+                    loss = sum(terms.values())
+                    if not torch.isfinite(loss):
+                        self._nonfinite("loss", terms)
+                    self.scaler.scale(loss / accum).backward()
+                    for k, v in terms.items():
+                        running[k] = running.get(k, 0.0) + float(v.detach())
+                    n_running += 1
+                    self.batch_in_epoch += 1
+                    end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
+                    self.wall["training"] += time.perf_counter() - t0
+                    if self.batch_in_epoch % accum and not end_of_epoch:
+                        continue
+                    t0 = time.perf_counter()
+                    self._optimizer_step()
+                    self.global_step += 1
+                    self.wall["training"] += time.perf_counter() - t0
+                    self.step_times.append(time.perf_counter() - t_step)
+                    t_step = time.perf_counter()
+                    progress.update(1)
+                    if self.global_step % self.t.log_every_n_steps == 0 or self.global_step == self.total_steps:
+                        rec = {"step": self.global_step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
+                               "loss": sum(running.values()) / n_running,
+                               **{k: v / n_running for k, v in running.items()},
+                               "lr": self.scheduler.get_last_lr()[0]}
+                        self._log(rec)
+                        progress.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+                        running, n_running = {}, 0
+                    if (self.t.evaluation_strategy == "steps" and not self.trial
+                            and self.global_step % self.t.eval_every_n_steps == 0):
+                        last_eval, final_predictions = self._evaluate_and_record()
+                    if (self.t.save_strategy == "steps" or self.t.save_every_n_steps) and not self.trial:
+                        every = self.t.save_every_n_steps
+                        if every and self.global_step % every == 0:
+                            self.save()
+                    if stop is not None and stop.signal is not None:
+                        self.save()
+                        raise RunInterrupted(f"stopped by signal {stop.signal} at step {self.global_step}; "
+                                             f"checkpoint saved, continue with resume=true")
+                    if self.global_step >= self.total_steps or end_of_epoch:
+                        break
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if self.t.evaluation_strategy == "epoch" or self.trial:
+                    last_eval, final_predictions = self._evaluate_and_record()
+                    if self.reporter is not None:
+                        self.reporter(last_eval.get(self.cfg.optuna.metric_name), self.epoch)
+                if self.t.save_strategy == "epoch" and not self.trial:
+                    self.save()
+        progress.close()
+        if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
+            last_eval, final_predictions = self._evaluate_and_record()
+        return SeedResult(
+            seed=self.seed, final=last_eval, best=self.best, history=self.history,
+            predictions=final_predictions, params=count_params(self.model),
+            wall_time_s={**self.wall, "total": sum(self.wall.values())},
+            step_time_s=float(np.mean(self.step_times)) if self.step_times else None,
+            peak_memory_mb=peak_memory_mb(self.device),
+            method_metrics={**self.calibration_metrics,
+                            **self.method.write_artifacts(self.model, self.seed_dir)})
+
+    def _optimizer_step(self) -> None:
+        if self.t.max_grad_norm is not None or self.amp_dtype == torch.float16:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.t.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if not torch.isfinite(norm) and not self.scaler.is_enabled():
+            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            self.save_last_good()
+            raise NonFiniteLossError(f"non-finite gradient at step {self.global_step + 1}: "
+                                     f"parameter {bad[0] if bad else '?'}; last good state saved")
+        self.scaler.step(self.optimizer)  # skipped by the scaler on fp16 overflow
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.on_optimizer_step(self.model, self.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _evaluate_and_record(self):
+        metrics, predictions = self.evaluate()
+        rec = {"type": "eval", "step": self.global_step, "epoch": self.epoch, **metrics}
+        self._log(rec)
+        key = self.primary_key
+        value = metrics.get(key)
+        if value is not None and (not self.best or value > self.best.get(key, -math.inf)):
+            self.best = {**metrics, "epoch": self.epoch, "step": self.global_step}
+        log.info("eval step %d: %s", self.global_step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return metrics, predictions
+
+    @property
+    def primary_key(self) -> str:
+        return f"validation_{self.task.primary_metric}"

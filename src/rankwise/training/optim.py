@@ -1,0 +1,55 @@
+"""AdamW (no decay on bias/LayerNorm) and the linear/cosine/constant warm-up schedules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.config.schema import TrainingConfig
+
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias", "norm.weight")
+
+
+def parameter_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
+    """Trainable parameters split into decay / no-decay groups (and a head group when
+    ``head_learning_rate`` is set)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS)
+        head = cfg.head_learning_rate is not None and ("classifier" in name or "score" in name)
+        groups.setdefault((no_decay, head), []).append(p)
+    out = []
+    for (no_decay, head), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+        if head:
+            group["lr"] = cfg.head_learning_rate
+        out.append(group)
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    kwargs = {} if cfg.optimizer == "adamw" else {}
+    return cls(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+               eps=cfg.adam_epsilon, **kwargs)
+
+
+def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    """``warmup_ratio`` (if set) wins over ``warmup_steps``; capped at the total step count."""
+    steps = round(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+    return min(steps, total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                         num_training_steps=total_steps)
