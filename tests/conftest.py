@@ -48,3 +48,37 @@ def tiny_bert():
 def tiny_deberta():
     """(model, tokenizer): 2-layer hidden-32 random DeBERTa-v2."""
     return _tiny("tiny-deberta")
+
+
+WORDS = ["the", "a", "movie", "is", "good", "bad", "not", "it", "was", "and", "of", "to", "in"]
+
+
+def write_fake_glue(root: Path, task: str, split: str, n: int, seed: int = 0, num_labels: int = 2,
+                    columns=("sentence1", "sentence2")) -> Path:
+    """A small GLUE-layout parquet file whose label is learnable from the text."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = int(rng.integers(num_labels))
+        cue = ["bad", "good", "movie"][label]
+        texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) + f" {cue}" for _ in columns]
+        rows.append({**dict(zip(columns, texts)), "label": label, "idx": i})
+    path = root / task / f"{split}-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_glue(tmp_path_factory):
+    """Local GLUE mirror with small fake rte, sst2 and mnli (incl. both MNLI dev splits)."""
+    root = tmp_path_factory.mktemp("glue")
+    for split, n in (("train", 96), ("validation", 40)):
+        write_fake_glue(root, "rte", split, n, seed=hash(split) % 100)
+        write_fake_glue(root, "sst2", split, n, seed=hash(split) % 100 + 1, columns=("sentence",))
+    for split, n in (("train", 96), ("validation_matched", 40), ("validation_mismatched", 40)):
+        write_fake_glue(root, "mnli", split, n, seed=len(split), num_labels=3, columns=("premise", "hypothesis"))
+    return root

@@ -1,0 +1,110 @@
+"""Every shipped config validates; broken configs fail with the dotted key, exit 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from rankwise.config.loader import available_runs, load_job
+from rankwise.errors import ConfigError
+
+REF_PROPOSED = "proposed-DeBERTaV3-base-86-M--GLUE-MNLI"
+REF_COMPARATIVE = "comparative-1-DeBERTaV3-base-86-M--GLUE-MNLI"
+
+
+@pytest.mark.parametrize("run_id", available_runs())
+def test_every_shipped_run_config_validates(run_id):
+    job = load_job([f"run={run_id}"])
+    assert job.run.run_id == run_id
+    assert job.run.algorithm
+
+
+def test_reference_configs_resolve_algorithms_and_strings():
+    proposed = load_job([f"run={REF_PROPOSED}"]).run
+    comparative = load_job([f"run={REF_COMPARATIVE}"]).run
+    assert proposed.algorithm == "iw_lora" and comparative.algorithm == "lora"
+    # PyYAML reads '1e-4' as a string: the schema accepts it as a float
+    assert proposed.model.importance_weighted_regularisation.reg_alpha == pytest.approx(1e-4)
+    assert proposed.optuna.search_space["learning_rate"].low == pytest.approx(1e-5)
+    assert proposed.dataset.splits.validation == "validation_matched"
+
+
+def test_overrides_reach_the_run_and_job():
+    job = load_job([f"run={REF_COMPARATIVE}", "mode=trial", "model.name=minilm",
+                    "training.seeds=[1,2,3]", "model.adapter.rank=4"])
+    assert job.job.mode == "trial"
+    assert job.run.model.name == "minilm"
+    assert job.run.training.seed_list() == [1, 2, 3]
+    assert job.run.model.adapter.rank == 4
+
+
+def test_run_from_path(tmp_path):
+    src = load_job([f"run={REF_COMPARATIVE}"]).run_dict
+    import yaml
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({**src, "run_id": "mine"}))
+    assert load_job([f"run={path}"]).run.run_id == "mine"
+
+
+BROKEN = [
+    (["training.lerning_rate=1e-4"], "training.lerning_rate", "did you mean 'learning_rate'"),
+    (["training.learning_rate=-1"], "training.learning_rate", "> 0"),
+    (["training.learning_rate=abc"], "training.learning_rate", "number"),
+    (["training.batch_size=0"], "training.batch_size", ">= 1"),
+    (["training.epochs=1.5"], "training.epochs", "integer"),
+    (["training.fp16=maybe"], "training.fp16", "true/false"),
+    (["training.lr_scheduler=cosin"], "training.lr_scheduler", "did you mean 'cosine'"),
+    (["training.warmup_ratio=1.5"], "training.warmup_ratio", "[0, 1)"),
+    (["model.adapter.rank=0"], "model.adapter.rank", ">= 1"),
+    (["model.adapter.type=lorra"], "model.adapter.type", "did you mean 'lora'"),
+    (["model.adapter.dropout=1.0"], "model.adapter.dropout", "[0, 1)"),
+    (["model.adapter.ranks=8"], "model.adapter.ranks", "did you mean 'rank'"),
+    (["model.importance_weighted_regularisation.beta=-1"], "model.importance_weighted_regularisation.beta", ">= 0"),
+    (["model.importance_weighted_regularisation.enabled=true", "model.adapter.type=full"],
+     "model.importance_weighted_regularisation.enabled", "lora"),
+    (["dataset.subset=mnlii"], "dataset.subset", "did you mean 'mnli'"),
+    (["dataset.name=imdb"], "dataset.name", "choose from"),
+    (["dataset.max_train_samples=0"], "dataset.max_train_samples", ">= 1"),
+    (["optuna.metric_name=validation_mcc"], "optuna.metric_name", "not produced"),
+    (["optuna.direction=up"], "optuna.direction", "choose from"),
+    (["optuna.n_trials=-3"], "optuna.n_trials", ">= 0"),
+    (["optuna.search_space.learning_rate.low=1e-2"], "optuna.search_space.learning_rate.low", "> high"),
+    (["optuna.search_space.learning_rate.type=gaussian"], "optuna.search_space.learning_rate.type", "choose from"),
+    (["method=winner"], "method", "role label"),
+    (["mdoe=trial"], "mdoe", "did you mean 'mode'"),
+    (["mode=fast"], "mode", "choose from"),
+    (["training.seeds=[1,1]"], "training.seeds", "distinct"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fragment", BROKEN, ids=[b[1] + ":" + b[0][0] for b in BROKEN])
+def test_broken_configs_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_job([f"run={REF_PROPOSED}", *overrides])
+    assert info.value.key == key
+    assert fragment in str(info.value)
+
+
+def test_broken_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_id: x\nmethod: proposed\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job([f"run={path}"])
+
+
+def test_unknown_run_id():
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_job(["run=proposed-DeBERTaV3-base-86-M--GLUE-MNLl"])
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rankwise.main", f"run={REF_PROPOSED}", f"results_dir={out}",
+         "training.lerning_rate=1e-4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines == [lines[-1]] and "training.lerning_rate" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,45 @@
+"""Task metrics against scikit-learn / scipy."""
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn import metrics as skm
+
+from rankwise.metrics import compute_metrics, metric_names_for
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classification_metrics_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 200)
+    p = np.where(rng.random(200) < 0.7, y, 1 - y)
+    m = compute_metrics("glue", "mrpc", p, y)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, p))
+    c = compute_metrics("glue", "cola", p, y)
+    assert c["matthews_correlation"] == pytest.approx(skm.matthews_corrcoef(y, p))
+    r = compute_metrics("glue", "rte", p, y)
+    assert set(r) == {"accuracy", "f1"}
+
+
+def test_regression_metrics_match_scipy():
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0, 5, 300)
+    p = y + rng.normal(0, 1, 300)
+    m = compute_metrics("glue", "stsb", p, y)
+    assert m["pearson"] == pytest.approx(stats.pearsonr(p, y)[0])
+    assert m["spearmanr"] == pytest.approx(stats.spearmanr(p, y)[0])
+
+
+def test_multiclass_accuracy_and_degenerate_cases():
+    y = np.array([0, 1, 2, 2, 1])
+    p = np.array([0, 2, 2, 2, 1])
+    assert compute_metrics("glue", "mnli", p, y)["accuracy"] == pytest.approx(0.8)
+    const = np.zeros(10, dtype=int)
+    assert compute_metrics("glue", "cola", const, const)["matthews_correlation"] == 0.0
+
+
+def test_reference_metric_name_resolves():
+    assert "validation_accuracy" in metric_names_for("glue", "mnli")
+    assert "validation_mismatched_accuracy" in metric_names_for("glue", "mnli")
+    assert "validation_f1" in metric_names_for("glue", "rte")
