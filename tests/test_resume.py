@@ -1,0 +1,108 @@
+"""Runs that survive: SIGKILL mid-run then resume is bit-identical; torn checkpoints; status."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankwise.training import checkpoint as ckpt
+
+RUN = "comparative-1-DeBERTaV3-base-86-M--GLUE-MNLI"
+
+# Slows each optimizer step a little so the test can kill the process mid-run; numerics unchanged.
+SLOW_MAIN = (
+    "import sys, time\n"
+    "from rankwise.training.loop import Trainer\n"
+    "orig = Trainer._optimizer_step\n"
+    "def slow(self):\n"
+    "    time.sleep(0.15)\n"
+    "    return orig(self)\n"
+    "Trainer._optimizer_step = slow\n"
+    "from rankwise.main import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def args(results, glue):
+    return [f"run={RUN}", f"results_dir={results}", "mode=full", "model.name=tiny-bert",
+            f"dataset.data_dir={glue}", "dataset.subset=rte", "dataset.splits.validation=validation",
+            "training.epochs=2", "training.batch_size=8", "training.warmup_steps=2",
+            "training.save_every_n_steps=1", "training.log_every_n_steps=1",
+            "training.fp16=false", "optuna.n_trials=0"]
+
+
+def final_weights(run_dir: Path):
+    path, state = ckpt.latest_valid_checkpoint(run_dir / "seed42" / "checkpoints")
+    return state["model"], state["global_step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fake_glue):
+    out = tmp_path_factory.mktemp("plain")
+    proc = subprocess.run([sys.executable, "-m", "rankwise.main", *args(out, fake_glue)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / RUN
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, fake_glue, uninterrupted):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", SLOW_MAIN, *args(out, fake_glue)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckdir = out / RUN / "seed42" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(int(p.stem.split("-")[1]) >= 5 for p in ckpt.list_checkpoints(ckdir)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.stem.split("-")[1]) for p in ckpt.list_checkpoints(ckdir))
+    assert 5 <= killed_at < 24, killed_at
+    assert json.loads((out / RUN / "metrics.json").read_text())["status"] == "running"
+
+    resumed = subprocess.run([sys.executable, "-m", "rankwise.main", *args(out, fake_glue)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming incomplete run" in resumed.stderr
+    a = json.loads((uninterrupted / "metrics.json").read_text())
+    b = json.loads((out / RUN / "metrics.json").read_text())
+    assert b["status"] == "complete"
+    assert a["final"] == b["final"]
+    wa, sa = final_weights(uninterrupted)
+    wb, sb = final_weights(out / RUN)
+    assert sa == sb == 24
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_torn_checkpoint_falls_back_to_previous(tmp_path):
+    d = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(d, 1, {"x": torch.ones(3)}, keep_last=3)
+    ckpt.save_checkpoint(d, 2, {"x": torch.full((3,), 2.0)}, keep_last=3)
+    newest = d / "step-2.pt"
+    newest.write_bytes(newest.read_bytes()[:-20])  # torn write
+    path, payload = ckpt.latest_valid_checkpoint(d)
+    assert path.name == "step-1.pt" and torch.equal(payload["x"], torch.ones(3))
+
+
+def test_keep_last_k(tmp_path):
+    d = tmp_path / "c"
+    for s in range(1, 6):
+        ckpt.save_checkpoint(d, s, {"s": s}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(d)] == ["step-4.pt", "step-5.pt"]
+
+
+def test_determinism_twice_in_a_row(tmp_path, fake_glue, uninterrupted):
+    out = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "rankwise.main", *args(out, fake_glue),
+                           "training.deterministic=true"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = json.loads((uninterrupted / "metrics.json").read_text())["final"]
+    b = json.loads((out / RUN / "metrics.json").read_text())["final"]
+    assert a == b
