@@ -23,6 +23,10 @@ log = logging.getLogger("rankwise")
 
 
 def setup_logging() -> None:
+    import warnings
+
+    # peft asks transformers a deprecated question on every wrap; not actionable here
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("datasets", "transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
