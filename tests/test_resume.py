@@ -106,3 +106,25 @@ def test_determinism_twice_in_a_row(tmp_path, fake_glue, uninterrupted):
     a = json.loads((uninterrupted / "metrics.json").read_text())["final"]
     b = json.loads((out / RUN / "metrics.json").read_text())["final"]
     assert a == b
+
+
+def test_sigterm_stops_at_step_boundary_and_marks_interrupted(tmp_path, fake_glue, uninterrupted):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *args(out, fake_glue)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckdir = out / RUN / "seed42" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.list_checkpoints(ckdir):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "checkpoint saved" in stderr.strip().splitlines()[-1]
+    metrics = json.loads((out / RUN / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    resumed = subprocess.run([sys.executable, "-m", "rankwise.main", *args(out, fake_glue), "resume=true"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = json.loads((out / RUN / "metrics.json").read_text())
+    assert final["status"] == "complete"
+    assert final["final"] == json.loads((uninterrupted / "metrics.json").read_text())["final"]
