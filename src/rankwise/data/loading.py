@@ -67,7 +67,7 @@ def _raw_split(cfg: DatasetConfig, split: str, cache_dir: Path) -> datasets.Data
         return glue.load_glue_split(cfg.subset, split, cfg.data_dir, cache_dir)
     from rankwise.data.listops import load_listops
 
-    splits = load_listops(cfg.listops, cache_dir=cache_dir / "listops")
+    splits = load_listops(cfg.listops, cache_dir=cache_dir)
     if split not in splits:
         from rankwise.errors import DataError
 

@@ -206,6 +206,10 @@ class Trainer:
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
         rel = getattr(self.backbone.config, "relative_attention", False) and not getattr(
             self.backbone.config, "position_biased_input", True)
+        if self.cfg.dataset.name == "lra" and limit:
+            from rankwise.data.listops import check_length_fits
+
+            check_length_fits(self.cfg.dataset.max_seq_length, limit, listops=self.cfg.dataset.listops)
         if limit and not rel and self.cfg.dataset.max_seq_length > limit:
             from rankwise.errors import ConfigError
 
