@@ -29,16 +29,9 @@ def rankwise_examples_per_s(job, data, steps: int, warmup: int) -> float:
 
     order = epoch_permutation(len(data.train), trainer.seed, 0)
     it = batches(data.train, order, trainer.t.batch_size, trainer.collate)
-    from rankwise.training.loop import model_inputs, task_loss
-
     def step():
         batch = next(it)
-        logits = trainer.model(**model_inputs(batch, trainer.device)).logits
-        loss = task_loss(logits, batch["labels"], False)
-        for v in trainer.method.regularization_losses(trainer.model).values():
-            loss = loss + v
-        loss.backward()
-        trainer._optimizer_step()
+        trainer.train_step(batch)
         return len(batch["labels"])
 
     for _ in range(warmup):

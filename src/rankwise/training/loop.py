@@ -352,17 +352,7 @@ class Trainer:
                 for batch in batches(self.data.train, order, self.t.batch_size, self.collate,
                                      start=self.batch_in_epoch, limit=cap):
                     t0 = time.perf_counter()
-                    logits = None
-                    with self._autocast():
-                        logits = self.model(**model_inputs(batch, self.device)).logits
-                    terms = {"task_loss": task_loss(logits, batch["labels"].to(self.device),
-                                                    self.task.is_regression)}
-                    for name, value in self.method.regularization_losses(self.model).items():
-                        terms[f"reg/{name}"] = value
-                    loss = sum(terms.values())
-                    if not torch.isfinite(loss):
-                        self._nonfinite("loss", terms)
-                    self.scaler.scale(loss / accum).backward()
+                    terms = self.forward_backward(batch)
                     for k, v in terms.items():
                         running[k] = running.get(k, 0.0) + float(v.detach())
                     n_running += 1
@@ -418,6 +408,29 @@ class Trainer:
             peak_memory_mb=peak_memory_mb(self.device),
             method_metrics={**self.calibration_metrics,
                             **self.method.write_artifacts(self.model, self.seed_dir)})
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward, task loss + each regulariser, backward (scaled for accumulation).
+
+        Returns the detached loss terms; raises NonFiniteLossError naming the bad term.
+        """
+        with self._autocast():
+            logits = self.model(**model_inputs(batch, self.device)).logits
+        terms = {"task_loss": task_loss(logits, batch["labels"].to(self.device), self.task.is_regression)}
+        for name, value in self.method.regularization_losses(self.model).items():
+            terms[f"reg/{name}"] = value
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            self._nonfinite("loss", terms)
+        self.scaler.scale(loss / self.t.gradient_accumulation_steps).backward()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One full optimizer step on one batch (no accumulation): used by benchmarks."""
+        terms = self.forward_backward(batch)
+        self._optimizer_step()
+        self.global_step += 1
+        return terms
 
     def _optimizer_step(self) -> None:
         if self.t.max_grad_norm is not None or self.amp_dtype == torch.float16:
