@@ -1,0 +1,1 @@
+"""Benchmarks that write JSON: ``python -m rankwise.bench <overhead|inference> run=<id> ...``."""
