@@ -61,7 +61,7 @@ BROKEN = [
     (["model.adapter.dropout=1.0"], "model.adapter.dropout", "[0, 1)"),
     (["model.adapter.ranks=8"], "model.adapter.ranks", "did you mean 'rank'"),
     (["model.importance_weighted_regularisation.beta=-1"], "model.importance_weighted_regularisation.beta", ">= 0"),
-    (["model.importance_weighted_regularisation.enabled=true", "model.adapter.type=full"],
+    (["model.importance_weighted_regularisation.enabled=true", "model.adapter=null"],
      "model.importance_weighted_regularisation.enabled", "lora"),
     (["dataset.subset=mnlii"], "dataset.subset", "did you mean 'mnli'"),
     (["dataset.name=imdb"], "dataset.name", "choose from"),

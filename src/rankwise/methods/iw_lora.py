@@ -1,0 +1,198 @@
+"""IW-LoRA — Importance-Weighted LoRA (methods.md §4): LoRA plus a per-matrix weighted L2.
+
+1. Calibration (before training, nothing updated): for N_cal = ``sensitivity_warmup_steps``
+   training batches record, for every target matrix k, the exact gradient of the task loss
+   with respect to the frozen *base* weight W_k and keep
+
+       s_k = mean over batches of ||∂L_task/∂W_k||_F        (``sensitivity: grad_norm``)
+       s_k = mean over batches of ||∂L_task/∂W_k||_F²       (``sensitivity: grad_sq``)
+
+   (∂L/∂A_k is identically 0 under LoRA's B = 0 init, so it cannot serve as a proxy.)
+   The gradient is computed by temporarily enabling ``requires_grad`` on the base weights;
+   per-batch values go into a ring buffer of ``sensitivity_buffer_size`` entries and s_k is
+   the buffer mean. Calibration runs the model in eval mode (no dropout: the sensitivity of
+   the deterministic network), inside a forked RNG, and restores every ``requires_grad`` flag
+   and ``.grad``, so training afterwards is bit-identical to LoRA's when α = 0.
+   ``freeze_lora_during_warmup: true`` keeps the LoRA factors out of the calibration graph;
+   ``false`` lets their gradients be computed too (and discarded): nothing is updated either way.
+2. Importance weights w_k = s_k / Σ_j s_j (``normalise: sum``) or s_k / max_j s_j (``max``),
+   coefficient c_k = (1 − w_k)^β.
+3. Objective L_task + α Σ_k c_k ||Δ_k||_F² with Δ_k = scale·B_k A_k, computed as
+   scale² Σ((B_kᵀB_k) ⊙ (A_k A_kᵀ)) in O(r²(d_in + d_out)) — Δ_k is never materialised.
+   ``penalty_on: factors`` uses ||A_k||_F² + ||B_k||_F² instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.methods.lora import LoRA
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """peft LoRA layers by module name (those with ``lora_A['default']``), in model order."""
+    return {name: m for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}) and hasattr(m, "base_layer")}
+
+
+def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """||scale · B A||_F² = scale² Σ((BᵀB) ⊙ (AAᵀ)), A: (r, d_in), B: (d_out, r)."""
+    return scale**2 * ((b.T @ b) * (a @ a.T)).sum()
+
+
+def matrix_kind(name: str) -> str:
+    for pattern, kind in ((r"query", "query"), (r"key", "key"), (r"value", "value"),
+                          (r"attention\.output", "attn_out"), (r"intermediate", "intermediate"),
+                          (r"output\.dense", "output"), (r"in_proj", "in_proj")):
+        if re.search(pattern, name):
+            return kind
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    m = re.search(r"layer\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+class IWLoRA(LoRA):
+    name = "iw_lora"
+
+    def __init__(self, config: Any, run_cfg: Any):
+        super().__init__(config, run_cfg)
+        self.iw = run_cfg.model.importance_weighted_regularisation
+        self.names: list[str] = []
+        self.sensitivity: torch.Tensor | None = None
+        self.importance: torch.Tensor | None = None
+        self.coefficients: torch.Tensor | None = None
+
+    def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:
+        model = super().wrap(backbone, target_modules)
+        self.names = list(lora_layers(model))
+        return model
+
+    # --- 1. calibration -------------------------------------------------------------------
+    def calibrate(self, model, batches, task_loss_fn) -> dict[str, Any]:
+        layers = lora_layers(model)
+        weights = [layers[n].base_layer.weight for n in self.names]
+        flags = {p: p.requires_grad for p in model.parameters()}
+        grads = {p: p.grad for p in model.parameters()}
+        was_training = model.training
+        buffers = [deque(maxlen=self.iw.sensitivity_buffer_size) for _ in weights]
+        n_batches = 0
+        try:
+            with torch.random.fork_rng(devices=[w.device for w in weights if w.is_cuda] or []):
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                    p.grad = None
+                if not self.iw.freeze_lora_during_warmup:
+                    for layer in layers.values():
+                        for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                            p.requires_grad_(True)
+                for w in weights:
+                    w.requires_grad_(True)
+                for batch in batches:
+                    if n_batches >= self.iw.sensitivity_warmup_steps:
+                        break
+                    loss = task_loss_fn(model, batch)
+                    g = torch.autograd.grad(loss, weights)
+                    for buf, gk in zip(buffers, g):
+                        norm = gk.float().norm()
+                        buf.append(float(norm**2 if self.iw.sensitivity == "grad_sq" else norm))
+                    n_batches += 1
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = grads[p]
+            model.train(was_training)
+        if n_batches == 0:
+            raise ValueError("IW-LoRA calibration received no batches")
+        s = torch.tensor([sum(b) / len(b) for b in buffers], dtype=torch.float64)
+        self.set_sensitivity(s)
+        return {"iw_calibration_batches": n_batches}
+
+    # --- 2. importance weights ------------------------------------------------------------
+    def set_sensitivity(self, s: torch.Tensor) -> None:
+        self.sensitivity = s
+        denom = s.sum() if self.iw.normalise == "sum" else s.max()
+        self.importance = s / denom if denom > 0 else torch.full_like(s, 1.0 / len(s))
+        self.coefficients = (1.0 - self.importance).clamp_min(0.0) ** self.iw.beta
+
+    # --- 3. weighted L2 -------------------------------------------------------------------
+    def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        layers = lora_layers(model)
+        device = next(iter(layers.values())).lora_A["default"].weight.device
+        if self.iw.reg_alpha == 0 or self.coefficients is None:
+            return {"iw_reg": torch.zeros((), device=device)}
+        total = torch.zeros((), device=device)
+        for name, c in zip(self.names, self.coefficients.tolist()):
+            layer = layers[name]
+            a = layer.lora_A["default"].weight
+            b = layer.lora_B["default"].weight
+            if self.iw.penalty_on == "factors":
+                term = a.pow(2).sum() + b.pow(2).sum()
+            else:
+                term = delta_sq_norm(a, b, layer.scaling["default"])
+            total = total + c * term
+        return {"iw_reg": self.iw.reg_alpha * total}
+
+    # --- outputs and resume ---------------------------------------------------------------
+    def table(self) -> list[dict[str, Any]]:
+        return [{"name": n, "layer": layer_index(n), "kind": matrix_kind(n), "s_k": float(s),
+                 "w_k": float(w), "coefficient": float(c)}
+                for n, s, w, c in zip(self.names, self.sensitivity, self.importance, self.coefficients)]
+
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        if self.coefficients is None:
+            return {}
+        rows = self.table()
+        (run_dir / "importance.json").write_text(json.dumps(
+            {"sensitivity": self.iw.sensitivity, "normalise": self.iw.normalise, "beta": self.iw.beta,
+             "reg_alpha": self.iw.reg_alpha, "matrices": rows}, indent=2))
+        self._heatmap(rows, run_dir)
+        c = self.coefficients
+        return {"iw_coef_min": float(c.min()), "iw_coef_max": float(c.max()),
+                "iw_coef_spread": float(c.max() - c.min()), "iw_w_min": float(self.importance.min()),
+                "iw_w_max": float(self.importance.max()), "iw_n_matrices": len(rows)}
+
+    @staticmethod
+    def _heatmap(rows: list[dict[str, Any]], run_dir: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        kinds = list(dict.fromkeys(r["kind"] for r in rows))
+        layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+        grid = np.full((len(layers), len(kinds)), np.nan)
+        for r in rows:
+            if r["layer"] is not None:
+                grid[layers.index(r["layer"]), kinds.index(r["kind"])] = r["w_k"]
+        fig, ax = plt.subplots(figsize=(1.2 * len(kinds) + 2, 0.4 * len(layers) + 1.5))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_xlabel("matrix")
+        ax.set_ylabel("layer")
+        ax.set_title("IW-LoRA importance weights $w_k$")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        for ext in ("png", "pdf"):
+            fig.savefig(run_dir / f"importance_heatmap.{ext}")
+        plt.close(fig)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"names": self.names, "sensitivity": self.sensitivity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("sensitivity") is not None:
+            self.names = state["names"]
+            self.set_sensitivity(state["sensitivity"])
