@@ -59,3 +59,36 @@ def test_trial_run_of_proposed_logs_the_regulariser(trial_results):
                (out / REFS[0] / "seed42" / "history.jsonl").read_text().splitlines()]
     steps = [h for h in history if "task_loss" in h]
     assert steps and all("reg/iw_reg" in h for h in steps)
+
+
+def test_evaluate_two_trial_runs(trial_results):
+    out, procs = trial_results
+    proc = run_cli("rankwise.evaluate", f"results_dir={out}", f"run_ids=[{REFS[0]},{REFS[1]}]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    agg = json.loads((out / "comparison" / "aggregated_metrics.json").read_text())
+    for key in ("primary_metric", "metrics", "best_proposed", "best_baseline", "gap", "significance"):
+        assert key in agg, key
+    assert agg["primary_metric"] == "validation_accuracy"
+    assert set(agg["metrics"]["validation_accuracy"]) == set(REFS)
+    assert agg["best_proposed"]["run_id"] == REFS[0] and agg["best_baseline"]["run_id"] == REFS[1]
+    assert agg["significance"]["test"] == "mcnemar_exact" and 0 <= agg["significance"]["p_value"] <= 1
+    summary = (out / "comparison" / "summary.md").read_text()
+    assert REFS[0] in summary and "±" in summary
+    for name in ("comparison_validation_accuracy.png", "comparison_validation_accuracy.pdf", "learning_curves.png"):
+        assert (out / "comparison" / name).stat().st_size > 0
+
+
+def test_evaluate_refuses_incomplete_run(trial_results, tmp_path):
+    import shutil
+
+    out, _ = trial_results
+    shutil.copytree(out / REFS[1], tmp_path / REFS[1])
+    m = json.loads((tmp_path / REFS[1] / "metrics.json").read_text())
+    m["status"] = "interrupted"
+    (tmp_path / REFS[1] / "metrics.json").write_text(json.dumps(m))
+    proc = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", f"run_ids=[{REFS[1]}]")
+    assert proc.returncode == 2 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    ok = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", f"run_ids=[{REFS[1]}]", "allow_incomplete=true")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    missing = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", "run_ids=[nope]")
+    assert missing.returncode == 2 and "nope" in missing.stderr

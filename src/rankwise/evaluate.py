@@ -1,0 +1,183 @@
+"""``python -m rankwise.evaluate results_dir=<dir> run_ids='["a","b"]' [allow_incomplete=true]``
+
+Reads each run's ``metrics.json`` and predictions and writes ``<results_dir>/comparison/``:
+``aggregated_metrics.json`` (``primary_metric``, ``metrics{metric:{run_id:value}}``, ``std``,
+``best_proposed``, ``best_baseline``, ``gap``, ``significance``, ``pairwise``),
+``summary.md`` and figures (``comparison_<metric>.png/.pdf``, ``learning_curves.png/.pdf``).
+
+Significance: the best proposed run against every other non-ablation run on the primary
+metric's split, paired per example on predictions pooled over the seeds both runs share —
+exact McNemar for classification, paired bootstrap (10k resamples) for regression.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rankwise.errors import RankwiseError
+from rankwise.metrics import METRIC_FNS, is_lower_better
+from rankwise.results import atomic_write_json, read_json
+from rankwise.stats import mcnemar_test, paired_bootstrap
+
+ALPHA = 0.05
+
+
+class EvaluationError(RankwiseError):
+    exit_code = 2
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    from rankwise.config.loader import parse_overrides
+    from rankwise.config.typed import did_you_mean
+
+    known = {"results_dir": None, "run_ids": None, "allow_incomplete": False}
+    for key, value, _ in parse_overrides(argv):
+        if key not in known:
+            raise EvaluationError(f"unknown argument '{key}'{did_you_mean(key, known)}")
+        known[key] = value
+    if not known["results_dir"]:
+        raise EvaluationError("results_dir=<dir> is required")
+    if not isinstance(known["run_ids"], list) or not known["run_ids"]:
+        raise EvaluationError("run_ids='[\"id1\",\"id2\"]' (a non-empty list) is required")
+    return known
+
+
+def load_run(results_dir: Path, run_id: str, allow_incomplete: bool) -> dict[str, Any]:
+    path = results_dir / run_id / "metrics.json"
+    if not path.is_file():
+        raise EvaluationError(f"run '{run_id}': no metrics.json in {results_dir / run_id}")
+    data = read_json(path)
+    if data.get("status") != "complete" and not allow_incomplete:
+        raise EvaluationError(f"run '{run_id}' has status '{data.get('status')}', not complete "
+                              "(pass allow_incomplete=true to include it)")
+    data.setdefault("final", {})
+    return data
+
+
+def load_predictions(results_dir: Path, run_id: str, split: str) -> dict[int, dict[int, tuple]]:
+    """seed -> {idx: (label, prediction)}."""
+    out = {}
+    for f in sorted((results_dir / run_id / "predictions" / split).glob("seed*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[int(f.stem[4:])] = {r["idx"]: (r["label"], r["prediction"]) for r in rows}
+    return out
+
+
+def paired_test(results_dir: Path, a: str, b: str, split: str, metric: str, regression: bool) -> dict:
+    pa, pb = load_predictions(results_dir, a, split), load_predictions(results_dir, b, split)
+    seeds = sorted(set(pa) & set(pb)) or ([min(pa)] if pa and pb else [])
+    if not seeds or not (pa and pb):
+        return {"runs": [a, b], "test": None, "reason": "predictions missing"}
+    seed_pairs = list(zip(seeds, seeds)) if set(pa) & set(pb) else [(min(pa), min(pb))]
+    ya, xa, xb = [], [], []
+    for sa, sb in seed_pairs:
+        common = sorted(set(pa[sa]) & set(pb[sb]))
+        ya += [pa[sa][i][0] for i in common]
+        xa += [pa[sa][i][1] for i in common]
+        xb += [pb[sb][i][1] for i in common]
+    y, xa, xb = map(np.asarray, (ya, xa, xb))
+    if regression:
+        fn = METRIC_FNS.get(metric.split("_", 1)[-1], METRIC_FNS["pearson"])
+        res = paired_bootstrap(xa, xb, y, fn)
+    else:
+        res = mcnemar_test(xa == y, xb == y)
+    res.update({"runs": [a, b], "seeds": [s for s, _ in seed_pairs], "alpha": ALPHA,
+                "significant": res["p_value"] < ALPHA})
+    return res
+
+
+def best_of(runs: list[dict], metric: str) -> dict | None:
+    scored = [r for r in runs if isinstance(r["final"].get(metric), (int, float))]
+    if not scored:
+        return None
+    pick = (min if is_lower_better(metric) else max)(scored, key=lambda r: r["final"][metric])
+    return {"run_id": pick["run_id"], "value": pick["final"][metric]}
+
+
+def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = False) -> dict[str, Any]:
+    runs = [load_run(results_dir, r, allow_incomplete) for r in run_ids]
+    primary = runs[0].get("task", {}).get("primary_metric", "validation_accuracy")
+    regression = bool(runs[0].get("task", {}).get("is_regression", False))
+    metric_names = sorted({k for r in runs for k, v in r["final"].items() if isinstance(v, (int, float))})
+    metrics = {m: {r["run_id"]: r["final"][m] for r in runs if m in r["final"]} for m in metric_names}
+    std = {m: {r["run_id"]: r.get("std", {}).get(m, 0.0) for r in runs if m in r["final"]} for m in metric_names}
+    proposed = [r for r in runs if r.get("method") == "proposed"]
+    baselines = [r for r in runs if r.get("method") != "proposed" and not str(r.get("method")).startswith("ablation")]
+    baselines = baselines or [r for r in runs if r.get("method") != "proposed"]
+    bp, bb = best_of(proposed, primary), best_of(baselines, primary)
+    gap = None
+    if bp and bb and bb["value"] != 0:
+        gap = 100.0 * (bp["value"] - bb["value"]) / abs(bb["value"])
+        gap = -gap if is_lower_better(primary) else gap
+    split = primary.split("_")[0]
+    significance = paired_test(results_dir, bp["run_id"], bb["run_id"], split, primary, regression) if bp and bb else None
+    pairwise = [paired_test(results_dir, bp["run_id"], r["run_id"], split, primary, regression)
+                for r in runs if bp and r["run_id"] != bp["run_id"] and r.get("method") != "proposed"]
+    report = {"primary_metric": primary, "run_ids": run_ids, "metrics": metrics, "std": std,
+              "n_seeds": {r["run_id"]: len(r.get("seeds", [1])) for r in runs},
+              "roles": {r["run_id"]: r.get("method") for r in runs},
+              "algorithms": {r["run_id"]: r.get("algorithm") for r in runs},
+              "best_proposed": bp, "best_baseline": bb, "gap": gap,
+              "significance": significance, "pairwise": pairwise}
+    out = results_dir / "comparison"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "aggregated_metrics.json", report)
+    (out / "summary.md").write_text(summary_markdown(report, runs))
+    from rankwise.plots import comparison_bars, learning_curves
+
+    for m in metric_names:
+        if len(metrics[m]) > 1 or m == primary:
+            comparison_bars(metrics[m], std[m], m, out / f"comparison_{m}")
+    learning_curves(runs, primary, out / "learning_curves")
+    return report
+
+
+def summary_markdown(report: dict, runs: list[dict]) -> str:
+    primary = report["primary_metric"]
+    others = [m for m in report["metrics"] if m != primary and not m.endswith("_loss")]
+    head = ["run", "role", "algorithm", f"{primary} (mean ± std, n)"] + others + ["trainable params", "wall time (s)"]
+    lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        rid = r["run_id"]
+        val = report["metrics"].get(primary, {}).get(rid)
+        cell = "—" if val is None else f"{val:.4f} ± {report['std'][primary].get(rid, 0):.4f} ({report['n_seeds'][rid]})"
+        row = [rid, str(r.get("method")), str(r.get("algorithm")), cell]
+        row += [f"{report['metrics'][m][rid]:.4g}" if rid in report["metrics"][m] else "—" for m in others]
+        row += [f"{r.get('params', {}).get('trainable', '—'):,}" if r.get("params") else "—",
+                f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    gap = "n/a" if report["gap"] is None else f"{report['gap']:+.2f} %"
+    lines += ["", f"Best proposed: {report['best_proposed']}; best baseline: {report['best_baseline']}; "
+                  f"gap: {gap}", ""]
+    for t in report["pairwise"]:
+        if t.get("test") is None:
+            lines.append(f"- {t['runs'][0]} vs {t['runs'][1]}: no test ({t['reason']})")
+            continue
+        verdict = "significant" if t["significant"] else "**not significant**"
+        lines.append(f"- {t['runs'][0]} vs {t['runs'][1]}: {t['test']} p = {t['p_value']:.4g} "
+                     f"(n = {t['n_pairs']}, seeds {t['seeds']}) — {verdict} at α = {ALPHA}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        report = evaluate(Path(args["results_dir"]), [str(r) for r in args["run_ids"]],
+                          bool(args["allow_incomplete"]))
+    except RankwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    out = Path(args["results_dir"]) / "comparison"
+    print(f"wrote {out / 'aggregated_metrics.json'}, {out / 'summary.md'} "
+          f"(best proposed {report['best_proposed']}, best baseline {report['best_baseline']}, gap {report['gap']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
