@@ -10,14 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from rankwise.config.loader import Job, load_job
-from rankwise.config.typed import to_plain
 from rankwise.errors import RankwiseError
-from rankwise.results import (atomic_write_json, provenance, read_json, write_yaml)
+from rankwise.results import (atomic_write_json, read_json)
 
 log = logging.getLogger("rankwise")
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from rankwise.config.loader import Job
-from rankwise.config.schema import parse_run_config
-from rankwise.config.typed import to_plain
 from rankwise.data.tasks import get_task
 from rankwise.results import atomic_write_json, provenance, write_yaml
 
@@ -76,15 +73,19 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
 def execute(job: Job, prepare_run_dir: Callable[[Job], bool]) -> str:
     """Run the job; return the one-line summary printed by the CLI."""
     t_start = time.perf_counter()
+    if job.job.mode == "full" and job.run.optuna.n_trials > 0:
+        # The Optuna search engine is not part of this release yet: refuse before anything is
+        # written rather than silently training only the defaults.
+        from rankwise.errors import ConfigError
+
+        raise ConfigError("optuna.n_trials", f"{job.run.optuna.n_trials} trials requested, but this "
+                          "release has no Optuna search yet; set optuna.n_trials=0 (or use mode=trial)")
     resume = prepare_run_dir(job)
     run_dir = job.run_dir
     task = get_task(job.run.dataset.name, job.run.dataset.subset)
     from rankwise.training.loop import resolve_device
 
     device = resolve_device(job.job.device)
-    search_summary: dict[str, Any] = {}
-    if job.job.mode == "full" and job.run.optuna.n_trials > 0:
-        job, search_summary = run_optuna(job)
     base = {"run_id": job.run.run_id, "method": job.run.method, "algorithm": job.run.algorithm,
             "status": "running", "mode": job.job.mode,
             "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
@@ -111,7 +112,6 @@ def execute(job: Job, prepare_run_dir: Callable[[Job], bool]) -> str:
         "step_time_s": first.step_time_s, "peak_memory_mb": max((r.peak_memory_mb or 0) for r in results) or None,
         "method_metrics": first.method_metrics,
         "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},
-        **({"search": search_summary} if search_summary else {}),
     }
     tracker.summary(final)
     tracker.finish()
@@ -120,10 +120,3 @@ def execute(job: Job, prepare_run_dir: Callable[[Job], bool]) -> str:
     std = agg["std"].get(primary, 0.0)
     seeds = len(results)
     return f"{primary}={final.get(primary, float('nan')):.4f}" + (f" ± {std:.4f} over {seeds} seeds" if seeds > 1 else "") + f" -> {run_dir / 'metrics.json'}"
-
-
-def run_optuna(job: Job):
-    """Search, then return the job re-built with the best parameters (and a summary)."""
-    from rankwise.search import run_search
-
-    raise NotImplementedError  # replaced when the search module lands
