@@ -51,7 +51,9 @@ def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | N
     from rankwise.training.loop import Trainer
 
     workdir = workdir or Path(job.job.results_dir) / "bench-overhead"
-    kinds = ("lora", "iw_lora", "adalora")
+    from rankwise.methods import registered_methods
+
+    kinds = tuple(k for k in ("lora", "iw_lora", "adalora") if k in registered_methods())
     trainers: dict[str, Trainer] = {}
     data = None
     for kind in kinds:
