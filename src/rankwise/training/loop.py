@@ -331,7 +331,12 @@ class Trainer:
             self.history_file.unlink()
         if not self.calibrated:
             t0 = time.perf_counter()
-            self.calibration_metrics = self.method.calibrate(self.model, self.calibration_batches(), self.loss_fn)
+            cal = self.calibration_batches()
+            if self.trial:  # trial mode: calibration is capped like training
+                import itertools
+
+                cal = itertools.islice(cal, TRIAL_MAX_BATCHES)
+            self.calibration_metrics = self.method.calibrate(self.model, cal, self.loss_fn)
             self.wall["calibration"] = time.perf_counter() - t0
             self.calibrated = True
         self.method.prepare_training(self.model, self.total_steps)
