@@ -13,14 +13,9 @@ import numpy as np
 from rankwise.config.loader import Job
 from rankwise.data.tasks import get_task
 from rankwise.results import atomic_write_json, provenance, write_yaml
+from rankwise.stats import mean_std_ci95
 
 log = logging.getLogger(__name__)
-
-
-def _mean_std_ci95(values):
-    from rankwise.stats import mean_std_ci95
-
-    return mean_std_ci95(values)
 
 
 def write_predictions(run_dir: Path, seed: int, predictions: dict[str, dict[str, list]]) -> None:
@@ -39,7 +34,7 @@ def aggregate_seeds(results: list) -> dict[str, Any]:
     mean, std, ci = {}, {}, {}
     for k in keys:
         vals = [r.final[k] for r in results if isinstance(r.final.get(k), (int, float))]
-        m, s, (lo, hi) = _mean_std_ci95(vals)
+        m, s, (lo, hi) = mean_std_ci95(vals)
         mean[k], std[k], ci[k] = m, s, [lo, hi]
     return {"seeds": [r.seed for r in results], "per_seed": per_seed, "mean": mean, "std": std, "ci95": ci}
 

@@ -155,13 +155,11 @@ class Trainer:
         self.device = resolve_device(job.job.device)
         self.amp_dtype = autocast_dtype(job, self.device)
         seed_everything(seed, self.t.deterministic)
-        task_num_labels = None
         from rankwise.data.tasks import get_task
 
         self.task = get_task(self.cfg.dataset.name, self.cfg.dataset.subset)
-        task_num_labels = self.task.num_labels
         self.backbone, self.tokenizer = load_backbone(
-            self.cfg.model.name, task_num_labels,
+            self.cfg.model.name, self.task.num_labels,
             problem_type="regression" if self.task.is_regression else "single_label_classification",
             tokenizer_name=self.cfg.model.tokenizer)
         self._check_lengths()

@@ -36,9 +36,8 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimi
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    kwargs = {} if cfg.optimizer == "adamw" else {}
     return cls(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-               eps=cfg.adam_epsilon, **kwargs)
+               eps=cfg.adam_epsilon)
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
