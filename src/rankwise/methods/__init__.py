@@ -54,8 +54,9 @@ def _register_builtin_methods() -> None:
     if _BUILTINS_DONE:
         return
     _BUILTINS_DONE = True
-    from rankwise.methods import full_ft, iw_lora, lora
+    from rankwise.methods import adalora, full_ft, iw_lora, lora
 
     register_method("full_ft", full_ft.FullFineTuning, None)
     register_method("lora", lora.LoRA, lora.LoRAConfig)
     register_method("iw_lora", iw_lora.IWLoRA, lora.LoRAConfig)
+    register_method("adalora", adalora.AdaLoRA, adalora.AdaLoRAConfig)

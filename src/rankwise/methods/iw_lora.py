@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,12 @@ import torch
 from torch import nn
 
 from rankwise.methods.lora import LoRA
+from rankwise.methods.per_matrix_report import (
+    backbone_module_name,
+    layer_index,
+    matrix_kind,
+    write_layer_kind_heatmap,
+)
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -45,20 +50,6 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """||scale · B A||_F² = scale² Σ((BᵀB) ⊙ (AAᵀ)), A: (r, d_in), B: (d_out, r)."""
     return scale**2 * ((b.T @ b) * (a @ a.T)).sum()
-
-
-def matrix_kind(name: str) -> str:
-    for pattern, kind in ((r"query", "query"), (r"key", "key"), (r"value", "value"),
-                          (r"attention\.output", "attn_out"), (r"intermediate", "intermediate"),
-                          (r"output\.dense", "output"), (r"in_proj", "in_proj")):
-        if re.search(pattern, name):
-            return kind
-    return name.rsplit(".", 1)[-1]
-
-
-def layer_index(name: str) -> int | None:
-    m = re.search(r"layer\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 class IWLoRA(LoRA):
@@ -145,7 +136,7 @@ class IWLoRA(LoRA):
 
     # --- outputs and resume ---------------------------------------------------------------
     def table(self) -> list[dict[str, Any]]:
-        return [{"name": n, "layer": layer_index(n), "kind": matrix_kind(n), "s_k": float(s),
+        return [{"name": backbone_module_name(n), "layer": layer_index(n), "kind": matrix_kind(n), "s_k": float(s),
                  "w_k": float(w), "coefficient": float(c)}
                 for n, s, w, c in zip(self.names, self.sensitivity, self.importance, self.coefficients)]
 
@@ -156,38 +147,12 @@ class IWLoRA(LoRA):
         (run_dir / "importance.json").write_text(json.dumps(
             {"sensitivity": self.iw.sensitivity, "normalise": self.iw.normalise, "beta": self.iw.beta,
              "reg_alpha": self.iw.reg_alpha, "matrices": rows}, indent=2))
-        self._heatmap(rows, run_dir)
+        write_layer_kind_heatmap({r["name"]: r["w_k"] for r in rows}, run_dir / "importance_heatmap",
+                                 "IW-LoRA importance weights $w_k$", "$w_k$")
         c = self.coefficients
         return {"iw_coef_min": float(c.min()), "iw_coef_max": float(c.max()),
                 "iw_coef_spread": float(c.max() - c.min()), "iw_w_min": float(self.importance.min()),
                 "iw_w_max": float(self.importance.max()), "iw_n_matrices": len(rows)}
-
-    @staticmethod
-    def _heatmap(rows: list[dict[str, Any]], run_dir: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        kinds = list(dict.fromkeys(r["kind"] for r in rows))
-        layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
-        grid = np.full((len(layers), len(kinds)), np.nan)
-        for r in rows:
-            if r["layer"] is not None:
-                grid[layers.index(r["layer"]), kinds.index(r["kind"])] = r["w_k"]
-        fig, ax = plt.subplots(figsize=(1.2 * len(kinds) + 2, 0.4 * len(layers) + 1.5))
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(kinds)), kinds, rotation=30)
-        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-        ax.set_xlabel("matrix")
-        ax.set_ylabel("layer")
-        ax.set_title("IW-LoRA importance weights $w_k$")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        for ext in ("png", "pdf"):
-            fig.savefig(run_dir / f"importance_heatmap.{ext}")
-        plt.close(fig)
 
     def state_dict(self) -> dict[str, Any]:
         return {"names": self.names, "sensitivity": self.sensitivity}
