@@ -54,7 +54,11 @@ def _register_builtin_methods() -> None:
     if _BUILTINS_DONE:
         return
     _BUILTINS_DONE = True
-    from rankwise.methods import full_ft, lora
+    from rankwise.methods import full_ft, lora, spectral
 
     register_method("full_ft", full_ft.FullFineTuning, None)
     register_method("lora", lora.LoRA, lora.LoRAConfig)
+    register_method("spectral", spectral.SpectralAdapter, spectral.SpectralAdapterConfig)
+    register_method("bhsp", spectral.BHSP, spectral.BHSPConfig)
+    register_method("cbsp", spectral.CBSP, spectral.CBSPConfig)
+    register_method("tabs", spectral.TABS, spectral.TABSConfig)
