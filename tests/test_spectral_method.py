@@ -4,6 +4,7 @@ validation, penalties, evaluation statistics, artefacts and a short TABS trainin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -97,6 +98,26 @@ def test_ungated_model_equals_backbone_with_explicitly_merged_weights(backbone, 
                                    atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["bhsp", "cbsp", "tabs"])
+def test_sparse_and_dense_inference_paths_give_the_same_model(kind, tiny_deberta):
+    model, tokenizer = tiny_deberta
+    outputs = []
+    for path in ("sparse", "dense"):
+        config = dataclasses.replace(CONFIGS[kind], inference_path=path)
+        method, wrapped = wrap(kind, copy.deepcopy(model), config)
+        torch.manual_seed(3)
+        randomise_gate_sources(wrapped)
+        with torch.no_grad():
+            for layer in spectral_layers(wrapped).values():
+                layer.P_U.normal_(0, 0.2)
+                layer.P_V.normal_(0, 0.2)
+            assert all(layer.eval().uses_sparse_path() == (path == "sparse")
+                       for layer in spectral_layers(wrapped).values())
+            outputs.append(wrapped.eval()(**encode(tokenizer)).logits)
+    assert not torch.equal(outputs[0], model.eval()(**encode(tokenizer)).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_only_adapter_gates_and_head_are_trainable(kind, tiny_bert):
     model, _ = tiny_bert
@@ -148,6 +169,64 @@ def test_svd_factors_are_the_top_r_triplets_and_cached(tiny_bert, monkeypatch, t
         dict(other.named_modules())[name].weight.add_(1e-3)
     with pytest.raises(AssertionError, match="SVD recomputed"):
         wrap("tabs", other)
+
+
+@pytest.mark.parametrize("width", ["R", "d_in/4", 5])
+def test_controller_width_options(width, tiny_bert):
+    model, _ = tiny_bert
+    _, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=1.0, controller_hidden=width))
+    for layer in spectral_layers(wrapped).values():  # d_in is 32 or 64 in the tiny model
+        hidden = {"R": 4, "d_in/4": layer.d_in // 4, 5: 5}[width]
+        assert layer.gate_source.mlp.w1.weight.shape == (hidden, layer.d_in)
+        assert layer.gate_source.mlp.w2.weight.shape == (4, hidden)
+
+
+@pytest.mark.parametrize(("kind", "config"), [
+    ("cbsp", CBSPConfig(R=4, budget=2.0)),
+    ("tabs", TABSConfig(R=4, budget=2.0, gate_granularity="sequence")),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_sequence_gates_are_shared_across_tokens_in_the_model(kind, config, training, tiny_bert):
+    model, tokenizer = tiny_bert
+    _, wrapped = wrap(kind, model, config)
+    randomise_gate_sources(wrapped)
+    decisions = []
+    for layer in spectral_layers(wrapped).values():
+        original = layer.compute_gates
+
+        def recording(x, valid, original=original):
+            decisions.append(original(x, valid))
+            return decisions[-1]
+
+        layer.compute_gates = recording
+    batch = encode(tokenizer)
+    with torch.no_grad():
+        wrapped.train(training)(**batch)
+    mask = batch["attention_mask"].bool()
+    assert len(decisions) == 12
+    for decision in decisions:
+        for b in range(mask.shape[0]):
+            real = decision.gates[b, mask[b]]  # (T_valid, R)
+            assert torch.equal(real, real[:1].expand_as(real))
+            assert (decision.gates[b, ~mask[b]] == 0).all()
+    assert any(decision.gates.sum() > 0 for decision in decisions)
+
+
+def test_bfloat16_autocast_matches_float32(tiny_deberta):
+    model, tokenizer = tiny_deberta
+    _, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=1.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in spectral_layers(wrapped).values():
+            layer.P_U.normal_(0, 0.2)
+            layer.P_V.normal_(0, 0.2)
+    batch = encode(tokenizer)
+    with torch.no_grad():
+        reference = wrapped.eval()(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = wrapped(**batch).logits
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=2e-2, rtol=2e-2)
 
 
 def run_config(adapter: dict) -> dict:

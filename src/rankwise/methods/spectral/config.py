@@ -13,6 +13,11 @@ formula as written in methods.md (excess counted in pairs / gates). Because the 
 grows with T_valid (e.g. 5 directions over budget × 128 tokens = 640, squared ≈ 4·10^5 per
 target), ``per_token`` (CBSP/TABS: excess / T_valid) and ``per_target`` (BHSP: excess / |K|)
 measure it in directions instead, keeping the penalty on the scale of the task loss.
+
+``inference_path`` picks how gated layers run at evaluation: ``sparse`` (default, methods.md:
+only open (token, direction) pairs are computed) or ``dense`` (all pairs computed, closed ones
+multiplied by 0; same outputs to 1e-5). Counted FLOPs are the realised ones either way; which
+path is faster in wall time depends on sizes and hardware (see ``layer.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from rankwise.methods.spectral.budget_projection import SequenceBudget
 ControllerWidth = int | Literal["R", "d_in/4"]
 GateSourceKind = Literal["none", "static", "sequence", "token"]
 PenaltyKind = Literal["none", "static_total", "per_sequence"]
+InferencePath = Literal["sparse", "dense"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class SpectralRecipe:
     penalty_weight: float = 0.0
     normalised_penalty: bool = False
     static_budget_per_target: float | None = None  # BHSP's b
+    inference_path: InferencePath = "sparse"
 
 
 def _check_common(path: str, rank: int, scale: float) -> None:
@@ -98,6 +105,7 @@ class BHSPConfig:
     penalty_units: Literal["gates", "per_target"] = "gates"
     init_log_alpha: float = 1.0
     scale: float = 1.0
+    inference_path: InferencePath = "sparse"
     target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
@@ -110,7 +118,7 @@ class BHSPConfig:
             rank=self.R, scale=self.scale, gate_source="static", init_log_alpha=self.init_log_alpha,
             penalty="static_total", penalty_weight=self.penalty_weight,
             normalised_penalty=self.penalty_units == "per_target",
-            static_budget_per_target=self.budget,
+            static_budget_per_target=self.budget, inference_path=self.inference_path,
         )
 
 
@@ -129,6 +137,7 @@ class CBSPConfig:
     penalty_units: Literal["pairs", "per_token"] = "pairs"
     controller_hidden: ControllerWidth = "R"
     scale: float = 1.0
+    inference_path: InferencePath = "sparse"
     target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
@@ -140,7 +149,7 @@ class CBSPConfig:
     def recipe(self) -> SpectralRecipe:
         return SpectralRecipe(
             rank=self.R, scale=self.scale, gate_source="sequence",
-            controller_hidden=self.controller_hidden,
+            controller_hidden=self.controller_hidden, inference_path=self.inference_path,
             budget=SequenceBudget(per_token=self.budget), projection=False, penalty="per_sequence",
             penalty_weight=self.penalty_weight,
             normalised_penalty=self.penalty_units == "per_token",
@@ -166,6 +175,7 @@ class TABSConfig:
     projection: bool = True
     gate_granularity: Literal["token", "sequence"] = "token"
     scale: float = 1.0
+    inference_path: InferencePath = "sparse"
     target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
@@ -184,6 +194,7 @@ class TABSConfig:
             rank=self.R, scale=self.scale,
             gate_source="token" if self.gate_granularity == "token" else "sequence",
             controller_hidden=self.controller_hidden, budget=budget, projection=self.projection,
+            inference_path=self.inference_path,
             penalty="per_sequence", penalty_weight=self.penalty_weight,
             normalised_penalty=self.penalty_units == "per_token",
         )

@@ -99,6 +99,7 @@ class SpectralFamily(FineTuningMethod):
                 projection=TopLogitBudgetProjection() if self.recipe.projection else None,
                 target_name=name,
             )
+            layer.execution = "auto" if self.recipe.inference_path == "sparse" else "dense"
             setattr(parent, attr, layer)
         install_forward_context(backbone, self.context)
         unfreeze_head(backbone)

@@ -61,7 +61,10 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 def svd_cache_path(cache_dir: Path, model_id: str, digest: str, rank: int) -> Path:
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id).strip("_")[-60:] or "model"
+    # Last two path parts keep hub ids whole ("microsoft/deberta-v3-base") and local paths short;
+    # the digest, not the name, is what identifies the weights.
+    tail = "_".join(Path(model_id).parts[-2:])
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", tail).strip("_.")[:80] or "model"
     return cache_dir / "svd" / f"{readable}-R{rank}-{digest}.pt"
 
 
