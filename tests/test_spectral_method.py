@@ -413,6 +413,33 @@ def test_projection_off_can_violate_and_is_counted(tiny_bert):
     assert stats["spectral_budget_violations"] == expected
 
 
+@pytest.mark.parametrize("shift", [-1.0, 1.0])
+def test_bhsp_evaluation_reports_static_gates_and_the_global_budget(shift, tiny_bert, tmp_path):
+    model, tokenizer = tiny_bert
+    method, wrapped = wrap("bhsp", model, BHSPConfig(R=4, budget=2.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in spectral_layers(wrapped).values():
+            layer.gate_source.log_alpha.copy_(torch.randn(4) + shift)
+    log_alpha = torch.stack([layer.gate_source.log_alpha.detach()
+                             for layer in spectral_layers(wrapped).values()])
+    open_gates = int((log_alpha > 0).sum())
+    batch = encode(tokenizer)
+    method.begin_evaluation(wrapped)
+    with torch.no_grad():
+        wrapped.eval()(**batch)
+    stats = method.end_evaluation(wrapped)
+    assert stats["spectral_static_open_gates"] == open_gates
+    assert stats["spectral_budget_violations"] == int(open_gates > 2.0 * 12)
+    real_tokens = int(batch["attention_mask"].sum())
+    assert stats["spectral_open_gates_per_token"] == pytest.approx(open_gates / 12)
+    assert sum(stats[f"spectral_rank_hist_{j}"] for j in range(5)) == real_tokens * 12
+    summary = method.write_artifacts(wrapped, tmp_path)
+    assert summary["spectral_budget_violations"] == stats["spectral_budget_violations"]
+    static = json.loads((tmp_path / "gates.json").read_text())["static_gates"]
+    assert sum(sum(v["open_at_evaluation"]) for v in static.values()) == open_gates
+
+
 def test_deberta_position_projections_are_not_counted_as_tokens(tiny_deberta):
     model, _ = tiny_deberta
     method, wrapped = wrap("tabs", model)

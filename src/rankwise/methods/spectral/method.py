@@ -60,6 +60,7 @@ class SpectralFamily(FineTuningMethod):
         self.recipe: SpectralRecipe = config.recipe()
         self.context: ForwardContext | None = None
         self.last_statistics: GateStatistics | None = None
+        self.last_evaluation: dict[str, Any] = {}
         self.svd_info: dict[str, Any] = {}
 
     # --- building --------------------------------------------------------------------------
@@ -161,6 +162,7 @@ class SpectralFamily(FineTuningMethod):
                 total_open > self.recipe.static_budget_per_target * len(open_gates))
         elif self.recipe.budget is None:
             summary.pop(f"{PREFIX}budget_violations")  # ungated: there is no budget to violate
+        self.last_evaluation = summary
         return summary
 
     def _context(self, model: nn.Module) -> ForwardContext:
@@ -213,11 +215,10 @@ class SpectralFamily(FineTuningMethod):
             examples = detail.pop("examples")
             gates["last_evaluation"] = detail
             (run_dir / "flops_by_length.json").write_text(json.dumps({"examples": examples}))
-            stats_summary = self.last_statistics.summary()
             for key in ("open_gates_per_token", "budget_violations", "adapter_flops_per_example",
                         "controller_flops_per_example"):
-                if f"{PREFIX}{key}" in stats_summary:
-                    summary[f"{PREFIX}{key}"] = stats_summary[f"{PREFIX}{key}"]
+                if f"{PREFIX}{key}" in self.last_evaluation:
+                    summary[f"{PREFIX}{key}"] = self.last_evaluation[f"{PREFIX}{key}"]
         (run_dir / "gates.json").write_text(json.dumps(gates, indent=2))
         return summary
 
