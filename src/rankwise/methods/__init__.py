@@ -54,9 +54,13 @@ def _register_builtin_methods() -> None:
     if _BUILTINS_DONE:
         return
     _BUILTINS_DONE = True
-    from rankwise.methods import adalora, full_ft, iw_lora, lora
+    from rankwise.methods import adalora, full_ft, iw_lora, lora, spectral
 
     register_method("full_ft", full_ft.FullFineTuning, None)
     register_method("lora", lora.LoRA, lora.LoRAConfig)
     register_method("iw_lora", iw_lora.IWLoRA, lora.LoRAConfig)
     register_method("adalora", adalora.AdaLoRA, adalora.AdaLoRAConfig)
+    register_method("spectral", spectral.SpectralAdapter, spectral.SpectralAdapterConfig)
+    register_method("bhsp", spectral.BHSP, spectral.BHSPConfig)
+    register_method("cbsp", spectral.CBSP, spectral.CBSPConfig)
+    register_method("tabs", spectral.TABS, spectral.TABSConfig)

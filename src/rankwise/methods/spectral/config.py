@@ -1,0 +1,200 @@
+"""Config dataclasses of the spectral family (``model.adapter`` block), one per ``type``.
+
+Each validates its own ranges (ConfigError names the dotted key, e.g. ``model.adapter.R``)
+and translates itself into a :class:`SpectralRecipe`: which gate source, budget, projection
+and penalty the one :class:`~rankwise.methods.spectral.layer.SpectralLinear` layer gets.
+
+Budgets use methods.md's b: for CBSP/TABS open directions per real token (B_max = b·T_valid
+token-direction pairs per target and sequence), for BHSP expected open directions per target
+(summed over targets ≤ b·|K|).
+
+``penalty_units`` chooses the unit of the squared-hinge budget penalty. The default is the
+formula as written in methods.md (excess counted in pairs / gates). Because the excess in pairs
+grows with T_valid (e.g. 5 directions over budget × 128 tokens = 640, squared ≈ 4·10^5 per
+target), ``per_token`` (CBSP/TABS: excess / T_valid) and ``per_target`` (BHSP: excess / |K|)
+measure it in directions instead, keeping the penalty on the scale of the task loss.
+
+``inference_path`` picks how gated layers run at evaluation: ``sparse`` (default, methods.md:
+only open (token, direction) pairs are computed) or ``dense`` (all pairs computed, closed ones
+multiplied by 0; same outputs to 1e-5). Counted FLOPs are the realised ones either way; which
+path is faster in wall time depends on sizes and hardware (see ``layer.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rankwise.config.typed import join, require
+from rankwise.methods.spectral.budget_projection import SequenceBudget
+
+ControllerWidth = int | Literal["R", "d_in/4"]
+GateSourceKind = Literal["none", "static", "sequence", "token"]
+PenaltyKind = Literal["none", "static_total", "per_sequence"]
+InferencePath = Literal["sparse", "dense"]
+
+
+@dataclass(frozen=True)
+class SpectralRecipe:
+    """What every spectral layer of a run is built with (derived from a config)."""
+
+    rank: int
+    scale: float
+    gate_source: GateSourceKind
+    controller_hidden: ControllerWidth = "R"
+    init_log_alpha: float = 0.0
+    budget: SequenceBudget | None = None  # per-sequence B_max (CBSP, TABS)
+    projection: bool = False
+    penalty: PenaltyKind = "none"
+    penalty_weight: float = 0.0
+    normalised_penalty: bool = False
+    static_budget_per_target: float | None = None  # BHSP's b
+    inference_path: InferencePath = "sparse"
+
+
+def _check_common(path: str, rank: int, scale: float) -> None:
+    require(rank >= 1, join(path, "R"), f"must be >= 1, got {rank}")
+    require(scale > 0, join(path, "scale"), f"must be > 0, got {scale}")
+
+
+def _check_budget(path: str, budget: float, rank: int, what: str) -> None:
+    require(budget >= 0, join(path, "budget"), f"must be >= 0, got {budget}")
+    require(budget <= rank, join(path, "budget"),
+            f"must be <= R = {rank} (at most R directions can open per {what}), got {budget}")
+
+
+def _check_penalty_weight(path: str, weight: float) -> None:
+    require(weight >= 0, join(path, "penalty_weight"), f"must be >= 0, got {weight}")
+
+
+def _check_controller(path: str, width: ControllerWidth) -> None:
+    if isinstance(width, int):
+        require(width >= 1, join(path, "controller_hidden"),
+                f"must be >= 1, 'R' or 'd_in/4', got {width}")
+
+
+@dataclass
+class SpectralAdapterConfig:
+    """Spectral Adapter^A (ungated reference): g ≡ 1 on the top-R directions, R = r."""
+
+    type: Literal["spectral"] = "spectral"
+    R: int = 8
+    scale: float = 1.0
+    target_modules: list[str] | None = None
+
+    def validate(self, path: str) -> None:
+        _check_common(path, self.R, self.scale)
+
+    def recipe(self) -> SpectralRecipe:
+        return SpectralRecipe(rank=self.R, scale=self.scale, gate_source="none")
+
+
+@dataclass
+class BHSPConfig:
+    """BHSP: one static HardConcrete gate per (target, direction), trainable log α.
+
+    Penalty λ · max(0, Σ_k Σ_i P(g_ki ≠ 0) − b·|K|)² (``penalty_units: per_target`` divides
+    the excess by |K|). ``init_log_alpha`` = 1 starts with P(g ≠ 0) ≈ 0.93 and every gate open at
+    evaluation, so each direction gets gradient before the penalty closes some.
+    """
+
+    type: Literal["bhsp"] = "bhsp"
+    R: int = 16
+    budget: float = 8.0
+    penalty_weight: float = 0.05
+    penalty_units: Literal["gates", "per_target"] = "gates"
+    init_log_alpha: float = 1.0
+    scale: float = 1.0
+    inference_path: InferencePath = "sparse"
+    target_modules: list[str] | None = None
+
+    def validate(self, path: str) -> None:
+        _check_common(path, self.R, self.scale)
+        _check_budget(path, self.budget, self.R, "target")
+        _check_penalty_weight(path, self.penalty_weight)
+
+    def recipe(self) -> SpectralRecipe:
+        return SpectralRecipe(
+            rank=self.R, scale=self.scale, gate_source="static", init_log_alpha=self.init_log_alpha,
+            penalty="static_total", penalty_weight=self.penalty_weight,
+            normalised_penalty=self.penalty_units == "per_target",
+            static_budget_per_target=self.budget, inference_path=self.inference_path,
+        )
+
+
+@dataclass
+class CBSPConfig:
+    """CBSP: sequence-level controller on the masked mean of x_t; tokens share gates.
+
+    Average budget b directions per target and sequence (b·T_valid pairs), enforced by the
+    penalty only: λ · Σ_k mean_seq(max(0, T_valid · Σ_i P(g_i ≠ 0) − b·T_valid))².
+    """
+
+    type: Literal["cbsp"] = "cbsp"
+    R: int = 16
+    budget: float = 8.0
+    penalty_weight: float = 0.05
+    penalty_units: Literal["pairs", "per_token"] = "pairs"
+    controller_hidden: ControllerWidth = "R"
+    scale: float = 1.0
+    inference_path: InferencePath = "sparse"
+    target_modules: list[str] | None = None
+
+    def validate(self, path: str) -> None:
+        _check_common(path, self.R, self.scale)
+        _check_budget(path, self.budget, self.R, "token")
+        _check_penalty_weight(path, self.penalty_weight)
+        _check_controller(path, self.controller_hidden)
+
+    def recipe(self) -> SpectralRecipe:
+        return SpectralRecipe(
+            rank=self.R, scale=self.scale, gate_source="sequence",
+            controller_hidden=self.controller_hidden, inference_path=self.inference_path,
+            budget=SequenceBudget(per_token=self.budget), projection=False, penalty="per_sequence",
+            penalty_weight=self.penalty_weight,
+            normalised_penalty=self.penalty_units == "per_token",
+        )
+
+
+@dataclass
+class TABSConfig:
+    """TABS: token controller, HardConcrete gates, hard per-sequence budget with projection.
+
+    B_max = floor(b · T_valid) or the absolute ``budget_tokens``. Ablations:
+    ``projection: false`` (penalty only) and ``gate_granularity: sequence`` (CBSP's gates;
+    the projection then keeps the floor(B_max / T_valid) best directions).
+    """
+
+    type: Literal["tabs"] = "tabs"
+    R: int = 16
+    budget: float = 8.0
+    budget_tokens: int | None = None
+    penalty_weight: float = 0.05
+    penalty_units: Literal["pairs", "per_token"] = "pairs"
+    controller_hidden: ControllerWidth = "R"
+    projection: bool = True
+    gate_granularity: Literal["token", "sequence"] = "token"
+    scale: float = 1.0
+    inference_path: InferencePath = "sparse"
+    target_modules: list[str] | None = None
+
+    def validate(self, path: str) -> None:
+        _check_common(path, self.R, self.scale)
+        _check_budget(path, self.budget, self.R, "token")
+        if self.budget_tokens is not None:
+            require(self.budget_tokens >= 1, join(path, "budget_tokens"),
+                    f"must be >= 1 or null, got {self.budget_tokens}")
+        _check_penalty_weight(path, self.penalty_weight)
+        _check_controller(path, self.controller_hidden)
+
+    def recipe(self) -> SpectralRecipe:
+        budget = (SequenceBudget(budget_tokens=self.budget_tokens) if self.budget_tokens is not None
+                  else SequenceBudget(per_token=self.budget))
+        return SpectralRecipe(
+            rank=self.R, scale=self.scale,
+            gate_source="token" if self.gate_granularity == "token" else "sequence",
+            controller_hidden=self.controller_hidden, budget=budget, projection=self.projection,
+            inference_path=self.inference_path,
+            penalty="per_sequence", penalty_weight=self.penalty_weight,
+            normalised_penalty=self.penalty_units == "per_token",
+        )

@@ -1,0 +1,115 @@
+"""Gate sources: where a spectral layer's gate logits come from (a strategy per variant).
+
+Every source maps a layer input ``x`` (B, T, d_in) and its non-padding mask (B, T) to gate
+logits of shape (B, T, R) — token-level — or (B, 1, R) — one set of gates per sequence, shared
+by all its tokens. They are plugged into the one :class:`SpectralLinear` layer:
+
+=====================  =============================================  ==============
+source                 logits                                          used by
+=====================  =============================================  ==============
+``StaticGateLogits``   log α ∈ R^R, trainable, input-independent        BHSP
+``SequenceController`` W2 · ReLU(W1 · mean_{t valid} x_t)               CBSP
+``TokenController``    W2 · ReLU(W1 · x_t) for every token t            TABS
+=====================  =============================================  ==============
+
+(The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md §5:
+W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, no biases, default h = R.
+
+``flops(valid_tokens)`` counts the controller's matrix-multiply FLOPs per sequence
+(2 per multiply-add, as ``torch.utils.flop_counter`` counts them): the token controller runs
+on the T_valid real tokens, the sequence controller once on the pooled mean (the mean itself
+is additions, which FLOP counters of matmuls do not count either).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StaticGateLogits(nn.Module):
+    """One trainable log α per direction of this target (BHSP): (B, 1, R), the same for all."""
+
+    shares_gates_across_tokens = True
+    # Static gates are a property of the weight, so they also gate non-token inputs (e.g.
+    # DeBERTa's relative-position embeddings) exactly as a merged weight would.
+    gates_non_token_inputs = True
+
+    def __init__(self, rank: int, init_log_alpha: float):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((rank,), float(init_log_alpha)))
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # (R,) -> (B, 1, R)
+        return self.log_alpha.view(1, 1, -1).expand(x.shape[0], 1, -1)
+
+    def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(valid_tokens, dtype=torch.long)
+
+
+class ControllerMLP(nn.Module):
+    """logits = W2 · ReLU(W1 · z), W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md §5)."""
+
+    def __init__(self, d_in: int, hidden: int, rank: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_in, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, rank, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.relu(self.w1(z)))  # (..., d_in) -> (..., R)
+
+    def flops_per_input(self) -> int:
+        """Matmul FLOPs for one input row: 2·(d_in·h + h·R)."""
+        d_in, hidden, rank = self.w1.in_features, self.w1.out_features, self.w2.out_features
+        return 2 * (d_in * hidden + hidden * rank)
+
+
+class SequenceController(nn.Module):
+    """CBSP: R logits per sequence from the mean of x_t over its non-padding tokens."""
+
+    shares_gates_across_tokens = True
+    gates_non_token_inputs = False
+
+    def __init__(self, d_in: int, hidden: int, rank: int):
+        super().__init__()
+        self.mlp = ControllerMLP(d_in, hidden, rank)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        weights = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        count = weights.sum(dim=1).clamp(min=1.0)  # (B, 1); an all-padding row pools to 0
+        pooled = (x * weights).sum(dim=1) / count  # (B, d_in)
+        return self.mlp(pooled).unsqueeze(1)  # (B, 1, R)
+
+    def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(valid_tokens, self.mlp.flops_per_input(), dtype=torch.long)
+
+
+class TokenController(nn.Module):
+    """TABS: R logits for every token, logits_t = W2 · ReLU(W1 · x_t)."""
+
+    shares_gates_across_tokens = False
+    gates_non_token_inputs = False
+
+    def __init__(self, d_in: int, hidden: int, rank: int):
+        super().__init__()
+        self.mlp = ControllerMLP(d_in, hidden, rank)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)  # (B, T, R); padding rows are masked by the layer
+
+    def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
+        return valid_tokens.long() * self.mlp.flops_per_input()
+
+
+GateSource = StaticGateLogits | SequenceController | TokenController
+
+
+def controller_width(spec: int | str, d_in: int, rank: int) -> int:
+    """Hidden width h of a controller: an int, ``"R"`` (default) or ``"d_in/4"``."""
+    if isinstance(spec, int):
+        return spec
+    if spec == "R":
+        return rank
+    if spec == "d_in/4":
+        return max(1, d_in // 4)
+    raise ValueError(f"controller width must be an int, 'R' or 'd_in/4', got {spec!r}")

@@ -1,0 +1,251 @@
+"""The spectral family as FineTuningMethods: Spectral Adapter, BHSP, CBSP, TABS (methods.md §5).
+
+One method class does the work; the four registered names differ only in their config, whose
+:class:`~rankwise.methods.spectral.config.SpectralRecipe` says which gate source, budget,
+projection and penalty the layers get. ``wrap``:
+
+1. freezes the backbone and takes the top-R SVD of every target (``svd_cache``: once per
+   weights and R, then read from disk),
+2. replaces each target ``nn.Linear`` by a :class:`SpectralLinear` around it (P_U, P_V zero,
+   so the step-0 model equals the backbone),
+3. hooks the model so the layers see the attention mask (``context.py``),
+4. leaves the classification head and pooler trainable.
+
+The loop then adds ``regularization_losses`` (``budget_penalty``, already × λ) to the task loss.
+For CBSP/TABS the penalty uses the E[r_seq] of the most recent training forward (the loop
+calls it right after the forward), λ · Σ_k mean_seq(max(0, E[r_seq] − B_max))²; for BHSP it is
+computed from the gate parameters, λ · max(0, Σ_k Σ_i P(g_ki ≠ 0) − b·|K|)².
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.errors import ConfigError
+from rankwise.methods.base import FineTuningMethod, freeze, unfreeze_head
+from rankwise.methods.spectral.budget_projection import TopLogitBudgetProjection
+from rankwise.methods.spectral.config import SpectralRecipe
+from rankwise.methods.spectral.context import ForwardContext, install_forward_context
+from rankwise.methods.spectral.controllers import (
+    GateSource,
+    SequenceController,
+    StaticGateLogits,
+    TokenController,
+    controller_width,
+)
+from rankwise.methods.spectral.gates import HardConcreteGate
+from rankwise.methods.spectral.layer import SpectralLinear
+from rankwise.methods.spectral.statistics import PREFIX, GateStatistics
+from rankwise.methods.spectral.svd_cache import load_or_compute_factors
+
+
+def spectral_layers(model: nn.Module) -> dict[str, SpectralLinear]:
+    """The model's spectral layers by target name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SpectralLinear)}
+
+
+class SpectralFamily(FineTuningMethod):
+    """Shared implementation; subclasses only set ``name`` (the registry key)."""
+
+    name = "spectral_family"
+
+    def __init__(self, config: Any, run_cfg: Any):
+        super().__init__(config, run_cfg)
+        self.recipe: SpectralRecipe = config.recipe()
+        self.context: ForwardContext | None = None
+        self.last_statistics: GateStatistics | None = None
+        self.last_evaluation: dict[str, Any] = {}
+        self.svd_info: dict[str, Any] = {}
+
+    # --- building --------------------------------------------------------------------------
+    def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:
+        from rankwise.models import default_cache_dir
+
+        rank = self.recipe.rank
+        modules = dict(backbone.named_modules())
+        for name in target_modules:
+            linear = modules.get(name)
+            if not isinstance(linear, nn.Linear):
+                raise ConfigError("model.adapter.target_modules", f"{name!r} is not an nn.Linear")
+            if rank > min(linear.in_features, linear.out_features):
+                raise ConfigError(
+                    "model.adapter.R",
+                    f"R = {rank} exceeds min(d_in, d_out) = "
+                    f"{min(linear.in_features, linear.out_features)} of target {name!r}",
+                )
+        freeze(backbone)
+        start = time.perf_counter()
+        factors, hit, path = load_or_compute_factors(
+            backbone, target_modules, rank, default_cache_dir()
+        )
+        seconds = time.perf_counter() - start
+        self.svd_info = {"cache_hit": hit, "file": path.name, "seconds": seconds}
+
+        self.context = ForwardContext()
+        for name in target_modules:
+            linear = modules[name]
+            parent_name, _, attr = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else backbone
+            layer = SpectralLinear(
+                linear, factors[name], self.context, scale=self.recipe.scale,
+                gate_source=self._gate_source(linear),
+                gate=HardConcreteGate() if self.recipe.gate_source != "none" else None,
+                budget=self.recipe.budget,
+                projection=TopLogitBudgetProjection() if self.recipe.projection else None,
+                target_name=name,
+            )
+            layer.execution = "auto" if self.recipe.inference_path == "sparse" else "dense"
+            setattr(parent, attr, layer)
+        install_forward_context(backbone, self.context)
+        unfreeze_head(backbone)
+        return backbone
+
+    def _gate_source(self, linear: nn.Linear) -> GateSource | None:
+        r = self.recipe
+        device = linear.weight.device
+        if r.gate_source == "none":
+            return None
+        if r.gate_source == "static":
+            return StaticGateLogits(r.rank, r.init_log_alpha).to(device)
+        hidden = controller_width(r.controller_hidden, linear.in_features, r.rank)
+        cls = SequenceController if r.gate_source == "sequence" else TokenController
+        return cls(linear.in_features, hidden, r.rank).to(device)
+
+    # --- training --------------------------------------------------------------------------
+    def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        r = self.recipe
+        layers = list(spectral_layers(model).values())
+        if r.penalty == "none" or not layers:
+            return {}
+        if r.penalty == "static_total":
+            expected = sum(
+                layer.gate.prob_open(layer.gate_source.log_alpha).sum() for layer in layers
+            )
+            excess = torch.relu(expected - r.static_budget_per_target * len(layers))
+            if r.normalised_penalty:
+                excess = excess / len(layers)
+            return {"budget_penalty": r.penalty_weight * excess.square()}
+        total = torch.zeros((), device=layers[0].P_U.device)
+        for layer in layers:
+            terms, layer.pending_budget_terms = layer.pending_budget_terms, None
+            if terms is None:  # no training forward since the last call
+                continue
+            excess = torch.relu(terms.expected_open_pairs - terms.max_open_pairs)  # (B,)
+            if r.normalised_penalty:
+                excess = excess / terms.valid_tokens.clamp(min=1)
+            total = total + excess.square().mean()
+        return {"budget_penalty": r.penalty_weight * total}
+
+    # --- evaluation ------------------------------------------------------------------------
+    def begin_evaluation(self, model: nn.Module) -> None:
+        self._context(model).statistics = GateStatistics()
+
+    def end_evaluation(self, model: nn.Module) -> dict[str, Any]:
+        context = self._context(model)
+        stats, context.statistics = context.statistics, None
+        if stats is None:
+            return {}
+        self.last_statistics = stats
+        summary = stats.summary()
+        if self.recipe.penalty == "static_total":
+            open_gates = self._static_open_gates(model)
+            total_open = sum(sum(v) for v in open_gates.values())
+            summary[f"{PREFIX}static_open_gates"] = total_open
+            # BHSP's budget is global: Σ_k (open directions of k) ≤ b·|K|.
+            summary[f"{PREFIX}budget_violations"] = int(
+                total_open > self.recipe.static_budget_per_target * len(open_gates))
+        elif self.recipe.budget is None:
+            summary.pop(f"{PREFIX}budget_violations")  # ungated: there is no budget to violate
+        self.last_evaluation = summary
+        return summary
+
+    def _context(self, model: nn.Module) -> ForwardContext:
+        layers = spectral_layers(model)
+        if not layers:
+            raise RuntimeError("the model has no spectral layers: call wrap() first")
+        return next(iter(layers.values())).context
+
+    @staticmethod
+    def _static_open_gates(model: nn.Module) -> dict[str, list[int]]:
+        return {
+            name: HardConcreteGate.decide(layer.gate_source.log_alpha).int().tolist()
+            for name, layer in spectral_layers(model).items()
+        }
+
+    # --- outputs and resume ----------------------------------------------------------------
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        layers = spectral_layers(model)
+        r = self.recipe
+        gates: dict[str, Any] = {
+            "method": self.name,
+            "R": r.rank,
+            "gate_source": r.gate_source,
+            "budget": r.budget.describe() if r.budget is not None else None,
+            "projection": r.projection,
+            "svd": self.svd_info,
+            "cost_per_pair": {name: layer.cost_per_pair for name, layer in layers.items()},
+        }
+        if r.gate_source == "static":
+            gates["static_gates"] = {}
+            for name, layer in layers.items():
+                log_alpha = layer.gate_source.log_alpha.detach().cpu()
+                gates["static_gates"][name] = {
+                    "log_alpha": log_alpha.tolist(),
+                    "prob_open": layer.gate.prob_open(log_alpha).tolist(),
+                    "open_at_evaluation": HardConcreteGate.decide(log_alpha).int().tolist(),
+                }
+        summary: dict[str, Any] = {
+            f"{PREFIX}svd_cache_hit": int(bool(self.svd_info.get("cache_hit")))
+        }
+        controller_params = sum(
+            p.numel() for layer in layers.values() if layer.gate_source is not None
+            for p in layer.gate_source.parameters()
+        )
+        summary[f"{PREFIX}gate_params"] = controller_params
+        if self.last_statistics is not None:
+            detail = self.last_statistics.to_json()
+            examples = detail.pop("examples")
+            gates["last_evaluation"] = detail
+            (run_dir / "flops_by_length.json").write_text(json.dumps({"examples": examples}))
+            for key in ("open_gates_per_token", "budget_violations", "adapter_flops_per_example",
+                        "controller_flops_per_example"):
+                if f"{PREFIX}{key}" in self.last_evaluation:
+                    summary[f"{PREFIX}{key}"] = self.last_evaluation[f"{PREFIX}{key}"]
+        (run_dir / "gates.json").write_text(json.dumps(gates, indent=2))
+        return summary
+
+    def state_dict(self) -> dict[str, Any]:
+        # Parameters (P_U, P_V, controllers, log α) are in the model; the frozen factors are
+        # rebuilt from the SVD cache. Record which factors, so a resume cannot silently mix.
+        return {"R": self.recipe.rank, "svd_file": self.svd_info.get("file")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("R") != self.recipe.rank or state.get("svd_file") != self.svd_info.get("file"):
+            raise ValueError(
+                f"checkpoint was made with R={state.get('R')} and SVD {state.get('svd_file')}, "
+                f"this run has R={self.recipe.rank} and SVD {self.svd_info.get('file')}"
+            )
+
+
+class SpectralAdapter(SpectralFamily):
+    name = "spectral"
+
+
+class BHSP(SpectralFamily):
+    name = "bhsp"
+
+
+class CBSP(SpectralFamily):
+    name = "cbsp"
+
+
+class TABS(SpectralFamily):
+    name = "tabs"
