@@ -204,7 +204,7 @@ class Trainer:
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
         rel = getattr(self.backbone.config, "relative_attention", False) and not getattr(
             self.backbone.config, "position_biased_input", True)
-        if self.cfg.dataset.name == "lra" and limit:
+        if self.cfg.dataset.name == "lra" and limit and not rel:
             from rankwise.data.listops import check_length_fits
 
             check_length_fits(self.cfg.dataset.max_seq_length, limit, listops=self.cfg.dataset.listops)
