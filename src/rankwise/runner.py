@@ -55,7 +55,7 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
     data = None
     with stop_on_signals() as stop:
         seeds = job.run.training.seed_list()
-        for seed in seeds[:1] if job.mode == "trial" else seeds:  # trial: a smoke run, one seed
+        for seed in seeds[:1] if job.job.mode == "trial" else seeds:  # trial: a smoke run, one seed
             seed_dir = job.run_dir / f"seed{seed}"
             trainer = Trainer(job, seed, seed_dir, reporter=reporter, data=data)
             data = trainer.data  # same tokenised data for every seed
