@@ -221,11 +221,11 @@ def experiment_2() -> dict[str, tuple[str, dict]]:
                            cfg)
 
     cpu = {
-        "sst2": dict(data=dataset_block("sst2", 64, max_train_samples=2000), lr=1e-3, epochs=2, batch=32),
-        "rte": dict(data=dataset_block("rte", 128, max_train_samples=1000), lr=5e-4, epochs=2, batch=16),
-        "listops": dict(data=dataset_block("listops", 256, listops={
-            "min_length": 20, "max_length": 200, "n_train": 3000, "n_validation": 500, "n_test": 500}),
-            lr=1e-3, epochs=3, batch=32),
+        "sst2": dict(data=dataset_block("sst2", 64, max_train_samples=1000), lr=1e-3, epochs=2, batch=16),
+        "rte": dict(data=dataset_block("rte", 128, max_train_samples=600), lr=5e-4, epochs=2, batch=16),
+        "listops": dict(data=dataset_block("listops", 128, listops={
+            "min_length": 20, "max_length": 100, "n_train": 1000, "n_validation": 300, "n_test": 300}),
+            lr=1e-3, epochs=2, batch=16),
     }
     for task, c in cpu.items():
         for role, algo in EXP2_ROLES.items():
