@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import ticker
 
 from rankwise.plots import plt, save_figure
 
@@ -73,6 +74,14 @@ def _by_variant(report: dict[str, Any], batch_size: int, key) -> dict[str, tuple
     return dict(series)
 
 
+def _length_axis(ax, report: dict[str, Any]) -> None:
+    lengths = sorted({row["length"] for row in report["results"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("sequence length (tokens)")
+
+
 def bench_flops_vs_length(report: dict[str, Any], stem: Path) -> None:
     """Per variant: extra (adapter + controller) and total MFLOPs per example vs length."""
     batch = min(row["batch_size"] for row in report["results"])
@@ -90,8 +99,7 @@ def bench_flops_vs_length(report: dict[str, Any], stem: Path) -> None:
     right.set_ylabel("MFLOPs")
     right.set_yscale("log")
     for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length (tokens)")
+        _length_axis(ax, report)
         ax.legend(fontsize=7)
     save_figure(fig, stem)
 
@@ -113,9 +121,10 @@ def bench_latency_vs_length(report: dict[str, Any], stem: Path) -> None:
             ax.vlines(x, [r["latency_ms"]["p50_ms"] for r in rows],
                       [r["latency_ms"]["p99_ms"] for r in rows], color=line.get_color(), lw=2,
                       alpha=0.5)
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length (tokens)")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        _length_axis(ax, report)
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"batch size {batch}: mean (line), p50–p99 (bar)", fontsize=9)
         ax.legend(fontsize=7)
