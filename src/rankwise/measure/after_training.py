@@ -54,6 +54,8 @@ HEADLINE_KEYS = (
     "latency_ms_mean", "latency_ms_p50", "latency_ms_p99", "adapter_mflops_per_example",
     "controller_mflops_per_example", "budget_violations", "trainable_params_incl_controllers",
 )
+# Wall-clock numbers: the only headline keys that differ between two identical runs.
+TIMING_KEYS = ("latency_ms_mean", "latency_ms_p50", "latency_ms_p99")
 TRIAL_WARMUP, TRIAL_REPEATS = 1, 3
 
 
