@@ -24,6 +24,7 @@ from rankwise.config.loader import Job
 from rankwise.data.loading import (DynamicPaddingCollator, TaskData, batches, epoch_permutation,
                                    load_task_data, n_batches)
 from rankwise.errors import NonFiniteLossError, RankwiseError
+from rankwise.measure.after_training import measure_trained_model
 from rankwise.methods import build_method
 from rankwise.methods.base import FineTuningMethod
 from rankwise.methods.targets import resolve_target_modules
@@ -403,6 +404,7 @@ class Trainer:
         progress.close()
         if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
             last_eval, final_predictions = self._evaluate_and_record()
+        last_eval = {**last_eval, **measure_trained_model(self, last_eval)}
         return SeedResult(
             seed=self.seed, final=last_eval, best=self.best, history=self.history,
             predictions=final_predictions, params=count_params(self.model),
