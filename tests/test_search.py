@@ -294,6 +294,21 @@ def test_direction_must_agree_with_the_metric(comparative):
     assert err.value.key == "optuna.direction"
 
 
+@pytest.mark.parametrize(
+    "block, key",
+    [
+        ({"heartbeat_interval": 30, "grace_period": 30}, "optuna.grace_period"),
+        ({"pruner_percentile": 100}, "optuna.pruner_percentile"),
+        ({"pruner_warmup_epochs": -1}, "optuna.pruner_warmup_epochs"),
+        ({"timeout_s": 0}, "optuna.timeout_s"),
+    ],
+)
+def test_optuna_block_checks_name_their_key(block, key):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config(toy_config(1, **block))
+    assert err.value.key == key
+
+
 # --- one worker --------------------------------------------------------------------------
 
 
@@ -372,15 +387,15 @@ def test_same_seed_same_suggestions_and_resumed_study_does_not_repeat_them(tmp_p
             for t in sorted(stored_trials(study_dir), key=lambda t: t.number)
         ]
 
-    first = params_of(tmp_path / "a", 3)
-    assert params_of(tmp_path / "b", 3) == first
-    assert params_of(tmp_path / "c", 3, seed=4) != first
+    first = params_of(tmp_path / "a", 2)
+    assert params_of(tmp_path / "b", 2) == first
+    assert params_of(tmp_path / "c", 2, seed=4) != first
     # Resume with a larger budget: two more trials, new parameters (one sampler seeded once per
     # process would replay trials 0 and 1 here), then nothing more to do.
-    extended = params_of(tmp_path / "a", 5)
-    assert extended[:3] == first and len(extended) == 5
-    assert len(set(extended)) == 5
-    assert params_of(tmp_path / "a", 5) == extended
+    extended = params_of(tmp_path / "a", 4)
+    assert extended[:2] == first and len(extended) == 4
+    assert len(set(extended)) == 4
+    assert params_of(tmp_path / "a", 4) == extended
 
 
 def test_resuming_with_another_search_space_is_refused(tmp_path):

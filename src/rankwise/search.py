@@ -746,6 +746,7 @@ def _log_progress(
     finished = [t for t in trials if t.state in FINISHED_STATES]
     durations = [d for d in map(_duration_s, finished) if d is not None]
     remaining = max(0, optuna_cfg.n_trials - len(finished))
+    # As if this worker ran the rest alone; with k busy workers divide by k.
     eta = _format_seconds(float(np.mean(durations)) * remaining) if durations else "?"
     if trial.state == TrialState.COMPLETE:
         outcome = f"{optuna_cfg.metric_name}={trial.value:.4g}"
