@@ -5,7 +5,9 @@ Spec keys: run_id, storage, study_dir, n_trials, heartbeat_interval, grace_perio
 trial_seconds (sleep per trial), record (file: one "<pid> <trial number>" line per trial the
 objective ran), and optionally hang_on_trial (sleep forever in that trial after touching
 ``<record>.hanging``) and ready/go (touch ``ready`` once imported, then wait for ``go`` so
-that several workers start their search together).
+that several workers start their search together) and partner_record (a file the other
+worker writes when its first trial starts: this worker's first trial waits for it, so that
+under load one worker cannot run every trial before the other has opened the study).
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def toy_metric(trial_cfg: dict) -> float:
     return 1.0 - (math.log10(training["learning_rate"]) + 3.0) ** 2 / 10 - training["weight_decay"]
 
 
+def wait_for_file(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s} s")
+        time.sleep(0.02)
+
+
 def main(spec: dict) -> None:
     from rankwise.config.schema import parse_run_config
     from rankwise.search import run_search
@@ -59,9 +69,14 @@ def main(spec: dict) -> None:
         while not Path(spec["go"]).exists():
             time.sleep(0.02)
 
+    trials_run = []
+
     def objective(trial_cfg: dict, reporter) -> float:
         with record.open("a") as f:
             f.write(f"{os.getpid()} {reporter.trial_number}\n")
+        trials_run.append(reporter.trial_number)
+        if spec.get("partner_record") and len(trials_run) == 1:
+            wait_for_file(Path(spec["partner_record"]), timeout_s=60.0)
         if reporter.trial_number == spec.get("hang_on_trial"):
             Path(f"{record}.hanging").touch()
             time.sleep(3600)

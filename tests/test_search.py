@@ -357,6 +357,14 @@ def test_four_trial_study_writes_best_params_and_trials_csv(tmp_path, caplog):
 
     log = caplog.text
     assert "trial 4/4" in log and "ETA" in log
+    for number, lr, wd, _, _ in seen:  # one line as each trial starts, with its parameters
+        assert f"trial #{number} started" in log and f"learning_rate={lr:.4g}" in log
+    md = (tmp_path / "top_trials.md").read_text().splitlines()
+    table_rows = [line.split("|")[1:-1] for line in md if line.startswith("| ")][1:]
+    assert [int(cells[1]) for cells in table_rows] == [
+        s[0] for s in sorted(seen, key=lambda s: (-s[4], s[0]))
+    ]
+    assert "4 complete, 0 pruned, 0 fail" in "\n".join(md)
     table = log[log.index("top trials") :]
     ranked = [s[0] for s in sorted(seen, key=lambda s: -s[4])]
     positions = [table.index(f"{v:.4g}") for v in sorted((s[4] for s in seen), reverse=True)]
@@ -597,7 +605,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried_on_restart(tmp_path):
 def run_two_workers(tmp_path: Path, url: str, run_id: str, n_trials: int) -> None:
     """One worker in a subprocess and one in this process, released together."""
     study_dir = tmp_path / "optuna"
-    sub_record, own_record = tmp_path / "sub.txt", []
+    sub_record, own_record, own_file = tmp_path / "sub.txt", [], tmp_path / "own.txt"
     ready, go = tmp_path / "ready", tmp_path / "go"
     proc = spawn_worker(
         run_id=run_id,
@@ -610,6 +618,7 @@ def run_two_workers(tmp_path: Path, url: str, run_id: str, n_trials: int) -> Non
         record=str(sub_record),
         ready=str(ready),
         go=str(go),
+        partner_record=str(own_file),
     )
     try:
         wait_for(ready, proc)
@@ -618,6 +627,9 @@ def run_two_workers(tmp_path: Path, url: str, run_id: str, n_trials: int) -> Non
 
         def objective(trial_cfg, reporter):
             own_record.append(reporter.trial_number)
+            own_file.touch()
+            if len(own_record) == 1:  # both workers hold a trial before either goes on
+                wait_for(sub_record, proc, timeout_s=60.0)
             time.sleep(0.3)
             return toy_metric(trial_cfg)
 

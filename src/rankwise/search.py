@@ -133,6 +133,12 @@ class SearchResult:
     wall_time_s: float  # this worker's
     best_trial_number: int | None = None
     n_cancelled: int = 0
+    storage: str = ""  # the study's storage URL, password masked
+    timed_out: bool = False  # optuna.timeout_s ended this worker's search before n_trials
+
+    @property
+    def n_finished(self) -> int:
+        return self.n_complete + self.n_pruned
 
 
 class TrialReporter:
@@ -337,6 +343,13 @@ def run_search(
                 raise _NoSlotLeft(CANCELLED_NOTE)
             study.sampler = _sampler_for_trial(sampler_seed, trial.number)
             params = suggest_params(trial, optuna_cfg.search_space)
+            logger.info(
+                "trial #%d started (%d/%d finished so far): %s",
+                trial.number,
+                _count(study.get_trials(deepcopy=False), FINISHED_STATES),
+                n_trials,
+                _format_params(params),
+            )
             trial.set_user_attr("seed", seed)
             trial_cfg = apply_params(run_cfg_dict, params)
             trial_cfg.setdefault("training", {})["seed"] = seed
@@ -357,6 +370,7 @@ def run_search(
 
         poll_s = min(1.0, float(optuna_cfg.heartbeat_interval))
         waiting_logged = False
+        timed_out = False
         t_loop = time.perf_counter()  # timeout_s counts from here, as Optuna's own timeout does
         try:
             while True:
@@ -380,6 +394,7 @@ def run_search(
                         finished,
                         n_trials,
                     )
+                    timed_out = True
                     break
                 if finished + _count(trials, (TrialState.RUNNING,)) >= n_trials:
                     # The remaining slots are held by running trials (other workers', or a dead
@@ -427,6 +442,8 @@ def run_search(
         wall_time_s=time.perf_counter() - t_start,
         best_trial_number=best.number if best else None,
         n_cancelled=sum("cancelled" in t.user_attrs for t in trials),
+        storage=_masked(url),
+        timed_out=timed_out,
     )
 
 
@@ -718,6 +735,7 @@ class _StudyOutputs:
             "n_failed": sum(_is_failure(t) for t in trials),
         }
         _atomic_write(self.study_dir / "best_params.json", json.dumps(summary, indent=2) + "\n")
+        _atomic_write(self.study_dir / "top_trials.md", _top_trials_markdown(trials, self.cfg))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -779,8 +797,10 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _top_trials_table(trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig) -> str:
-    """The best completed trials as a table (rich when installed, plain text otherwise)."""
+def _top_trial_rows(
+    trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the best completed trials, best first (ties: lower number)."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     sign = -1.0 if optuna_cfg.direction == "maximize" else 1.0
     top = sorted(complete, key=lambda t: (sign * t.value, t.number))[:TOP_TRIALS_SHOWN]
@@ -801,6 +821,13 @@ def _top_trials_table(trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig) -
         ]
         for rank, t in enumerate(top, start=1)
     ]
+    return header, rows
+
+
+def _top_trials_table(trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig) -> str:
+    """The best completed trials as a table (rich when installed, plain text otherwise)."""
+    header, rows = _top_trial_rows(trials, optuna_cfg)
+    n_complete = _count(trials, (TrialState.COMPLETE,))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -809,7 +836,7 @@ def _top_trials_table(trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig) -
         return "\n".join(
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows]
         )
-    table = Table(title=f"top {len(top)} of {len(complete)} completed trials")
+    table = Table(title=f"top {len(rows)} of {n_complete} completed trials")
     for column in header:
         table.add_column(column, justify="right" if column != "trial" else "left")
     for row in rows:
@@ -817,3 +844,22 @@ def _top_trials_table(trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig) -
     console = Console(file=io.StringIO(), width=160, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()
+
+
+def _top_trials_markdown(trials: Sequence[FrozenTrial], optuna_cfg: OptunaConfig) -> str:
+    """``top_trials.md``: the same table as the log's, with the study's trial counts."""
+    header, rows = _top_trial_rows(trials, optuna_cfg)
+    counts = ", ".join(
+        f"{_count(trials, (state,))} {state.name.lower()}"
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    )
+    lines = [
+        f"# Top trials by {optuna_cfg.metric_name} ({optuna_cfg.direction})",
+        "",
+        f"n_trials = {optuna_cfg.n_trials}; in storage: {counts}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return "\n".join(lines) + "\n"
