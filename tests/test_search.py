@@ -662,19 +662,9 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
 
 
 @pytest.mark.postgres
-def test_two_worker_processes_share_one_postgres_study(tmp_path):
-    url = os.environ.get("RANKWISE_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("RANKWISE_TEST_POSTGRES_URL is not set")
-    import sqlalchemy
-
-    try:
-        with sqlalchemy.create_engine(url).connect():
-            pass
-    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:  # no driver / no server
-        pytest.skip(f"PostgreSQL at RANKWISE_TEST_POSTGRES_URL unavailable: {exc}")
+def test_two_worker_processes_share_one_postgres_study(tmp_path, postgres_url):
     run_id = f"toy-{uuid.uuid4().hex[:8]}"
     try:
-        run_two_workers(tmp_path, url, run_id, n_trials=8)
+        run_two_workers(tmp_path, postgres_url, run_id, n_trials=8)
     finally:
-        optuna.delete_study(study_name=run_id, storage=url)
+        optuna.delete_study(study_name=run_id, storage=postgres_url)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -252,3 +253,22 @@ def test_sigkilled_search_resumes_to_exactly_n_trials(tmp_path, fake_glue):
     assert retry.state in FINISHED and retry.params == dead.params
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["search"]["states"]["failed"] == 1
+
+
+@pytest.mark.postgres
+def test_search_on_a_postgres_storage(tmp_path, fake_glue, postgres_url):
+    from rankwise.main import main
+
+    run_id = f"pg-{uuid.uuid4().hex[:8]}"  # the study's name on a server other tests may share
+    try:
+        args = search_args(tmp_path, fake_glue, 2, f"run_id={run_id}", f"optuna.storage={postgres_url}")
+        assert main(args) == 0
+        trials = optuna.load_study(study_name=run_id, storage=postgres_url).get_trials()
+        assert sum(t.state in FINISHED for t in trials) == 2
+        metrics = json.loads((tmp_path / run_id / "metrics.json").read_text())
+        assert metrics["status"] == "complete"
+        assert metrics["search"]["storage"].startswith("postgresql")
+        assert not (tmp_path / run_id / "optuna" / "study.db").exists()
+        assert (tmp_path / run_id / "optuna" / "trials.csv").is_file()
+    finally:
+        optuna.delete_study(study_name=run_id, storage=postgres_url)
