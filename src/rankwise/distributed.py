@@ -24,6 +24,9 @@ Parallel Training"):
 - method hooks (calibration, IW-LoRA's penalty, AdaLoRA's allocation, spectral statistics)
   always see the unwrapped module; with identical averaged gradients they stay identical on
   every rank;
+- what is random per example (dropout, the spectral family's sampled gates) is drawn per
+  rank, and a penalty computed from the batch (the spectral budget terms) is averaged over the
+  shares weighted by examples: such runs match one process statistically, not to rounding;
 - evaluation runs in full on every rank (hooks that change state while evaluating stay in
   step everywhere; rank 0 alone would take as long); only rank 0 writes files.
 """
