@@ -113,7 +113,7 @@ def postgres_url():
     env = {**os.environ, "RANKWISE_PG_DIR": pg_dir, "RANKWISE_PG_PORT": str(port)}
     try:
         started = subprocess.run(["bash", str(POSTGRES_SCRIPT), "start"], env=env,
-                                 capture_output=True, text=True, timeout=180)
+                                 capture_output=True, text=True, timeout=180, check=False)
     except subprocess.TimeoutExpired:
         started = None
     try:
@@ -122,6 +122,6 @@ def postgres_url():
             pytest.skip(f"cannot start a local PostgreSQL server: {why}")
         yield started.stdout.strip().splitlines()[-1]
     finally:
-        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop"], env=env, capture_output=True,
+        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop"], env=env, capture_output=True, check=False,
                        timeout=120)
         shutil.rmtree(pg_dir, ignore_errors=True)

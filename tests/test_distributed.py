@@ -101,7 +101,7 @@ def test_two_gloo_processes_train_like_one(tmp_path, fake_glue):
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", "-m", "rankwise.main",
                           *run_args(tmp_path / "two", fake_glue)],
-                         capture_output=True, text=True, timeout=300, env=env)
+                         capture_output=True, text=True, timeout=300, env=env, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("complete:") == 1  # rank 0 alone reports
 

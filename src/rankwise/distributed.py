@@ -34,9 +34,9 @@ Parallel Training"):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,9 @@ class DistributedContext:
         return DistributedDataParallel(model, device_ids=device_ids)
 
     # --- communication ---------------------------------------------------------------------
-    def mean_of_weighted(self, terms: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+    def mean_of_weighted(
+        self, terms: dict[str, torch.Tensor], weight: float
+    ) -> dict[str, torch.Tensor]:
         """Σ_r w_r·term_r / K per term: the global-batch mean of per-rank loss terms."""
         if not self.enabled:
             return terms

@@ -70,9 +70,12 @@ together make one of them record a ``cancelled`` trial. A retry still queued whe
 reaches ``n_trials`` stays WAITING in storage (the dashboard shows it; it never runs).
 
 Outputs in ``study_dir`` (rewritten after every trial and at the end, atomically):
-``best_params.json`` (best value, parameters, overrides by dotted path, trial number) and
-``trials.csv`` (number, state, value, duration_s, seed, params_<name>..., note). Watch a
-study live with::
+``best_params.json`` (best value, parameters, overrides by dotted path, trial number),
+``trials.csv`` (number, state, value, duration_s, seed, params_<name>..., note) and
+``top_trials.md`` (the best completed trials, as in the table logged at the end). A line is
+logged as each trial starts and as it ends (n/N finished, value, best so far, ETA). The
+runner (:mod:`rankwise.runner`) supplies the objective and trains the final configuration.
+Watch a study live with::
 
     optuna-dashboard sqlite:///<results>/<run_id>/optuna/study.db
 """
@@ -677,7 +680,8 @@ def _trial_notes(trials: Sequence[FrozenTrial], metric_name: str) -> dict[int, s
 
 
 class _StudyOutputs:
-    """``best_params.json`` and ``trials.csv`` for the whole study (all workers' trials)."""
+    """``best_params.json``, ``trials.csv`` and ``top_trials.md`` for the whole study (all
+    workers' trials)."""
 
     def __init__(self, study: optuna.Study, optuna_cfg: OptunaConfig, url: str, study_dir: Path):
         self.study = study
