@@ -84,7 +84,7 @@ def two_workers(tmp_path_factory, fake_glue):
     args = search_args(out, fake_glue, 4)
     ready = [out / "ready0", out / "ready1"]
     go = out / "go"
-    procs = [start_worker(args, 0.05, r, go) for r in ready]
+    procs = [start_worker(args, 0.1, r, go) for r in ready]
     try:
         deadline = time.monotonic() + 120
         while not all(r.exists() for r in ready):

@@ -227,7 +227,8 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
     """Train the configuration once per seed and write the run folder (rank 0 under torchrun)."""
     ctx = distributed.current()
     # Rank 0 alone decides and clears the folder (a search's optuna/ stays); the others wait.
-    resume = prepare_run_dir(job, keep=("optuna",)) if ctx.is_main else None
+    keep = ("optuna",) if search is not None else ()
+    resume = prepare_run_dir(job, keep=keep) if ctx.is_main else None
     resume = ctx.broadcast(resume)
     run_dir = job.run_dir
     task = get_task(job.run.dataset.name, job.run.dataset.subset)
