@@ -82,3 +82,46 @@ def fake_glue(tmp_path_factory):
     for split, n in (("train", 96), ("validation_matched", 40), ("validation_mismatched", 40)):
         write_fake_glue(root, "mnli", split, n, seed=len(split), num_labels=3, columns=("premise", "hypothesis"))
     return root
+
+
+POSTGRES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "postgres_local.sh"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL storage URL: ``$RANKWISE_TEST_POSTGRES_URL``, else a throwaway server on
+    127.0.0.1 started by scripts/postgres_local.sh (skips, saying why, when none can start)."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("no PostgreSQL driver: pip install -e '.[postgres]'")
+    url = os.environ.get("RANKWISE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    with socket.socket() as s:  # a free port on the loopback interface
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Under /tmp rather than pytest's private tmp folder: as root the server runs as another
+    # user, who must be able to reach it.
+    pg_dir = tempfile.mkdtemp(prefix="rankwise-pg-")
+    env = {**os.environ, "RANKWISE_PG_DIR": pg_dir, "RANKWISE_PG_PORT": str(port)}
+    try:
+        started = subprocess.run(["bash", str(POSTGRES_SCRIPT), "start"], env=env,
+                                 capture_output=True, text=True, timeout=180, check=False)
+    except subprocess.TimeoutExpired:
+        started = None
+    try:
+        if started is None or started.returncode != 0:
+            why = "timed out" if started is None else (started.stderr.strip() or "no message")
+            pytest.skip(f"cannot start a local PostgreSQL server: {why}")
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop"], env=env, capture_output=True, check=False,
+                       timeout=120)
+        shutil.rmtree(pg_dir, ignore_errors=True)

@@ -41,11 +41,12 @@ def run_status(run_dir: Path) -> str | None:
         return "corrupt"
 
 
-def prepare_run_dir(job: Job) -> bool:
+def prepare_run_dir(job: Job, keep: tuple[str, ...] = ()) -> bool:
     """Create the run folder; return whether to resume from its checkpoints.
 
     ``resume=auto`` continues a folder whose run did not complete and has a checkpoint;
-    ``resume=true`` requires one; ``resume=false`` (or a complete run) starts over.
+    ``resume=true`` requires one; ``resume=false`` (or a complete run) starts over. Entries
+    named in ``keep`` (a search's ``optuna/``) survive a start-over.
     """
     from rankwise.training.checkpoint import list_checkpoints
 
@@ -58,9 +59,14 @@ def prepare_run_dir(job: Job) -> bool:
     if resume in (True, "auto") and has_ckpt and status != "complete":
         log.info("resuming incomplete run in %s (status %s)", run_dir, status)
         return True
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for entry in run_dir.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     return False
 
 
@@ -76,14 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     job: Job | None = None
+    from rankwise import distributed
+
+    reports = True  # False on torchrun's ranks > 0: rank 0 alone logs progress and writes files
+
+    def writes_status() -> bool:
+        return reports and job is not None and job.run_dir.is_dir()
+
     try:
         job = load_job(argv)  # exit 2 on any config error, before anything is written
+        reports = distributed.init_from_env(job.job.device).is_main
+        if not reports:
+            logging.getLogger().setLevel(logging.WARNING)
         from rankwise.runner import execute
 
         summary = execute(job, prepare_run_dir)
     except RankwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if job is not None and job.run_dir.is_dir() and exc.exit_code != 2:
+        if writes_status() and exc.exit_code != 2:
             from rankwise.training.loop import RunInterrupted
 
             write_status(job, "interrupted" if isinstance(exc, RunInterrupted) else "failed",
@@ -91,14 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        if job is not None and job.run_dir.is_dir():
+        if writes_status():
             write_status(job, "interrupted", {"error": "KeyboardInterrupt"})
         return 130
     except Exception as exc:
-        if job is not None and job.run_dir.is_dir():
+        if writes_status():
             write_status(job, "failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
-    print(f"run {job.run.run_id} complete: {summary}")
+    finally:
+        distributed.shutdown()
+    if reports:
+        print(f"run {job.run.run_id} complete: {summary}")
     return 0
 
 

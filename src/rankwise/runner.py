@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from rankwise import distributed
 from rankwise.config.loader import Job
 from rankwise.data.tasks import get_task
-from rankwise.results import atomic_write_json, provenance, write_yaml
+from rankwise.errors import ConfigError
+from rankwise.results import atomic_write_json, provenance, read_json, write_yaml
 from rankwise.stats import mean_std_ci95
 
 log = logging.getLogger(__name__)
@@ -51,13 +56,15 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
     """Train the job's configuration once per seed; return the SeedResults."""
     from rankwise.training.loop import Trainer, stop_on_signals
 
+    ctx = distributed.current()
     results = []
     data = None
     with stop_on_signals() as stop:
         seeds = job.run.training.seed_list()
         for seed in seeds[:1] if job.job.mode == "trial" else seeds:  # trial: a smoke run, one seed
             seed_dir = job.run_dir / f"seed{seed}"
-            trainer = Trainer(job, seed, seed_dir, reporter=reporter, data=data)
+            with ctx.main_first():  # under torchrun rank 0 fills the data and model caches
+                trainer = Trainer(job, seed, seed_dir, reporter=reporter, data=data)
             data = trainer.data  # same tokenised data for every seed
             result = trainer.run(resume=resume, stop=stop)
             if write_outputs:
@@ -66,17 +73,164 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
     return results
 
 
-def execute(job: Job, prepare_run_dir: Callable[[Job], bool]) -> str:
-    """Run the job; return the one-line summary printed by the CLI."""
+def execute(job: Job, prepare_run_dir: Callable[..., bool]) -> str:
+    """Run the job (search first when it asks for one); return the CLI's one-line summary."""
     t_start = time.perf_counter()
     if job.job.mode == "full" and job.run.optuna.n_trials > 0:
-        # The Optuna search engine is not part of this release yet: refuse before anything is
-        # written rather than silently training only the defaults.
-        from rankwise.errors import ConfigError
+        return search_then_final_run(job, prepare_run_dir, t_start)
+    return train_and_write(job, prepare_run_dir, t_start)
 
-        raise ConfigError("optuna.n_trials", f"{job.run.optuna.n_trials} trials requested, but this "
-                          "release has no Optuna search yet; set optuna.n_trials=0 (or use mode=trial)")
-    resume = prepare_run_dir(job)
+
+# --- search ------------------------------------------------------------------------------
+
+
+def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_start: float) -> str:
+    """Optuna search over the run's ``optuna`` block, then the final run with the best params.
+
+    Workers: every process started with the same command and storage joins the one study
+    (named ``run_id``) and runs trials until ``n_trials`` are COMPLETE or PRUNED. Then the
+    final run: the process that takes ``<run_dir>/optuna/final.lock`` trains the best
+    configuration once per seed, exactly as a run without search would; a process that finds
+    the lock held leaves the final run to its holder and exits 0, and one that finds a complete
+    final run of the same finished study keeps it (``resume=false`` retrains it). The lock is
+    an OS file lock: it is released when its holder exits or dies, so re-running the command
+    resumes an interrupted final run from its checkpoints.
+    """
+    from rankwise.search import SearchAborted, run_search, validate_search_space
+
+    if distributed.launched_by_torchrun():
+        raise ConfigError("optuna.n_trials", "a search is not run under torchrun: start workers as "
+                          "separate processes sharing optuna.storage, or set optuna.n_trials=0")
+    # Before anything is written: a bad search space exits 2 naming optuna.search_space.<name>.
+    validate_search_space(job.run_dict, job.run.optuna)
+    study_dir = job.run_dir / "optuna"
+    seed = job.run.training.seed
+    result = run_search(job.run.run_id, job.run_dict, job.run.optuna, seed, study_dir,
+                        trial_objective(job, seed))
+    metric = job.run.optuna.metric_name
+    if result.best_value is None:
+        raise SearchAborted(f"search {job.run.run_id}: no trial completed, so there is no best "
+                            f"configuration; see {study_dir / 'trials.csv'}")
+    search = search_summary(job, result)
+    best = f"best {metric}={result.best_value:.4f} (trial #{result.best_trial_number})"
+    with final_run_lock(study_dir) as held:
+        if not held:
+            log.info("search %s finished; another worker holds %s and writes the final run",
+                     job.run.run_id, study_dir / "final.lock")
+            return f"search finished, {best}; the final run is written by another worker -> {job.run_dir}"
+        if job.job.resume is not False and final_run_is_complete(job.run_dir, search):
+            log.info("final run of this study already complete in %s; kept (resume=false retrains it)",
+                     job.run_dir)
+            return f"search finished, {best}; final run already complete -> {job.run_dir / 'metrics.json'}"
+        final_job = with_params(job, result.best_params)
+        log.info("final run with the best parameters: %s",
+                 ", ".join(f"{k}={v}" for k, v in search["best_overrides"].items()))
+        return train_and_write(final_job, prepare_run_dir, t_start, search=search)
+
+
+def trial_objective(job: Job, seed: int) -> Callable:
+    """``objective(trial_cfg, reporter)`` for :func:`rankwise.search.run_search`: trains one
+    Trainer on the trial's config in ``<run_dir>/optuna/trials/<number>/`` and returns the final
+    ``optuna.metric_name``; each epoch's value goes to the pruner through ``reporter``."""
+    from rankwise.config.schema import parse_run_config
+    from rankwise.errors import RankwiseError
+    from rankwise.training.loop import Trainer, stop_on_signals
+
+    metric = job.run.optuna.metric_name
+    data_by_source: dict[str, Any] = {}
+
+    def objective(trial_cfg: dict, reporter) -> float:
+        # A trial is never resumed (a dead one is retried from scratch), so it saves nothing.
+        trial_cfg.setdefault("training", {}).update(save_strategy="no", save_every_n_steps=None)
+        trial_job = Job(job=job.job, run=parse_run_config(trial_cfg), run_dict=trial_cfg)
+        model = trial_job.run.model
+        source = json.dumps([trial_cfg.get("dataset"), model.name, model.tokenizer], sort_keys=True,
+                            default=str)
+        trial_dir = job.run_dir / "optuna" / "trials" / str(reporter.trial_number)
+        trainer = Trainer(trial_job, seed, trial_dir, reporter=reporter.report,
+                          data=data_by_source.get(source))
+        data_by_source[source] = trainer.data  # trials that share data tokenise it once
+        with stop_on_signals() as stop:
+            result = trainer.run(resume=False, stop=stop)
+        if result.final.get(metric) is None:
+            raise RankwiseError(f"trial #{reporter.trial_number} produced no {metric} "
+                                f"(got {', '.join(result.final)})")
+        return float(result.final[metric])
+
+    return objective
+
+
+def with_params(job: Job, params: dict[str, Any]) -> Job:
+    """The job with search parameters written into its run config (and re-validated)."""
+    from rankwise.config.schema import parse_run_config
+    from rankwise.search import apply_params
+
+    run_dict = apply_params(job.run_dict, params)
+    return Job(job=job.job, run=parse_run_config(run_dict), run_dict=run_dict)
+
+
+def search_summary(job: Job, result) -> dict[str, Any]:
+    """The ``search`` block of metrics.json."""
+    from rankwise.config.search_aliases import resolve_search_key
+
+    cfg = job.run.optuna
+    return {
+        "study_name": job.run.run_id, "storage": result.storage, "study_dir": "optuna",
+        "metric_name": cfg.metric_name, "direction": cfg.direction, "n_trials": cfg.n_trials,
+        "n_finished": result.n_finished, "timed_out": result.timed_out,
+        "best_value": result.best_value, "best_trial_number": result.best_trial_number,
+        "best_params": result.best_params,
+        "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in result.best_params.items()},
+        "states": {"complete": result.n_complete, "pruned": result.n_pruned,
+                   "failed": result.n_failed, "cancelled": result.n_cancelled},
+        "wall_time_s": result.wall_time_s,
+    }
+
+
+def final_run_is_complete(run_dir: Path, search: dict[str, Any]) -> bool:
+    """Whether ``run_dir`` holds a complete final run of this very study result."""
+    try:
+        metrics = read_json(run_dir / "metrics.json")
+    except (OSError, ValueError):
+        return False
+    done = metrics.get("search") or {}
+    same = ("storage", "n_trials", "best_trial_number", "best_params")
+    return metrics.get("status") == "complete" and all(done.get(k) == search[k] for k in same)
+
+
+@contextmanager
+def final_run_lock(study_dir: Path) -> Iterator[bool]:
+    """Yield whether this process holds ``final.lock`` (non-blocking; released on exit)."""
+    import fcntl
+
+    fd = os.open(study_dir / "final.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# --- one configuration -------------------------------------------------------------------
+
+
+def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: float,
+                    search: dict[str, Any] | None = None) -> str:
+    """Train the configuration once per seed and write the run folder (rank 0 under torchrun)."""
+    ctx = distributed.current()
+    # Rank 0 alone decides and clears the folder (a search's optuna/ stays); the others wait.
+    keep = ("optuna",) if search is not None else ()
+    resume = prepare_run_dir(job, keep=keep) if ctx.is_main else None
+    resume = ctx.broadcast(resume)
     run_dir = job.run_dir
     task = get_task(job.run.dataset.name, job.run.dataset.subset)
     from rankwise.training.loop import resolve_device
@@ -87,14 +241,17 @@ def execute(job: Job, prepare_run_dir: Callable[[Job], bool]) -> str:
             "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
                      "primary_metric": f"validation_{task.primary_metric}",
                      "is_regression": task.is_regression},
-            "config": job.run_dict, "provenance": provenance(device)}
-    atomic_write_json(run_dir / "metrics.json", base)
-    write_yaml(run_dir / "config.yaml", job.run_dict)
+            "config": job.run_dict, "provenance": provenance(device),
+            **({"processes": ctx.world_size} if ctx.enabled else {}),
+            **({"search": search} if search is not None else {})}
+    if ctx.is_main:
+        atomic_write_json(run_dir / "metrics.json", base)
+        write_yaml(run_dir / "config.yaml", job.run_dict)
     from rankwise.tracking import start_tracker
 
     tracker = start_tracker(job.job.wandb, job.run.run_id, job.run_dict, run_dir,
-                            enabled=job.job.mode == "full")
-    results = train_seeds(job, resume)
+                            enabled=job.job.mode == "full" and ctx.is_main)
+    results = train_seeds(job, resume, write_outputs=ctx.is_main)
     first = results[0]
     agg = aggregate_seeds(results)
     final = {**agg["mean"], **glue_average(job.run.dataset.name, job.run.dataset.subset, agg["mean"])}
@@ -111,7 +268,8 @@ def execute(job: Job, prepare_run_dir: Callable[[Job], bool]) -> str:
     }
     tracker.summary(final)
     tracker.finish()
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    if ctx.is_main:
+        atomic_write_json(run_dir / "metrics.json", metrics)
     primary = metrics["task"]["primary_metric"]
     std = agg["std"].get(primary, 0.0)
     seeds = len(results)

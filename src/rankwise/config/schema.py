@@ -299,15 +299,26 @@ class OptunaConfig:
     storage: str | None = None  # default: sqlite file in the run's results folder
     sampler_seed: int | None = None  # default: training.seed
     pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
+    pruner_percentile: float = 25.0  # pruner: percentile keeps trials above this percentile
     pruner_warmup_epochs: int = 0
     n_startup_trials: int = 5
     heartbeat_interval: int = 30
-    grace_period: int | None = None
+    grace_period: int | None = None  # default: 2 x heartbeat_interval
     timeout_s: float | None = None
 
     def validate(self, path: str) -> None:
         require(self.n_trials >= 0, join(path, "n_trials"), f"must be >= 0, got {self.n_trials}")
         require(self.heartbeat_interval >= 1, join(path, "heartbeat_interval"), "must be >= 1")
+        # A grace period shorter than the heartbeat interval declares live trials dead.
+        require(self.grace_period is None or self.grace_period > self.heartbeat_interval,
+                join(path, "grace_period"),
+                f"must exceed heartbeat_interval ({self.heartbeat_interval}), got {self.grace_period}")
+        require(0 < self.pruner_percentile < 100, join(path, "pruner_percentile"),
+                f"must be in (0, 100), got {self.pruner_percentile}")
+        require(self.pruner_warmup_epochs >= 0, join(path, "pruner_warmup_epochs"), "must be >= 0")
+        require(self.n_startup_trials >= 0, join(path, "n_startup_trials"), "must be >= 0")
+        require(self.timeout_s is None or self.timeout_s > 0, join(path, "timeout_s"),
+                "must be > 0 or null")
 
 
 @dataclass

@@ -181,17 +181,27 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate, start: int = 0,
-            limit: int | None = None):
-    """Yield collated batches of ``ds`` in ``order``, from batch ``start`` (resume), at most ``limit``."""
+            limit: int | None = None, shard=None):
+    """Yield collated batches of ``ds`` in ``order``, from batch ``start`` (resume), at most ``limit``.
+
+    ``shard(indices) -> (own_indices, loss_weight)`` keeps one process's share of each global
+    batch (see :mod:`rankwise.distributed`); its batches carry ``loss_weight``.
+    """
     n_batches = (len(order) + batch_size - 1) // batch_size
     stop = n_batches if limit is None else min(n_batches, limit)
     columns = [c for c in (*MODEL_INPUTS, "labels", "idx") if c in ds.column_names]
     view = ds.select_columns(columns)
     for b in range(start, stop):
         idx = order[b * batch_size : (b + 1) * batch_size]
+        weight = None
+        if shard is not None:
+            idx, weight = shard(idx)
         chunk = view[idx]
         rows = [{k: chunk[k][i] for k in columns} for i in range(len(idx))]
-        yield collate(rows)
+        batch = collate(rows)
+        if weight is not None:
+            batch["loss_weight"] = weight
+        yield batch
 
 
 def n_batches(n: int, batch_size: int, limit: int | None = None) -> int:

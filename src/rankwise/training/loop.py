@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rankwise import distributed
 from rankwise.config.loader import Job
 from rankwise.data.loading import (DynamicPaddingCollator, TaskData, batches, epoch_permutation,
                                    load_task_data, n_batches)
@@ -37,6 +38,8 @@ from rankwise.training.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 TRIAL_MAX_BATCHES = 2
+# Batch entries that are not model inputs (``loss_weight``: a process's share, see distributed).
+NOT_MODEL_INPUTS = ("labels", "idx", "loss_weight")
 
 
 class RunInterrupted(RankwiseError):
@@ -124,7 +127,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "idx")}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 def count_params(model: torch.nn.Module) -> dict[str, Any]:
@@ -153,6 +156,7 @@ class Trainer:
         self.t = job.run.training
         self.trial = job.job.mode == "trial"
         self.reporter = reporter
+        self.dist = distributed.current()  # one process unless launched by torchrun
         self.device = resolve_device(job.job.device)
         self.amp_dtype = autocast_dtype(job, self.device)
         seed_everything(seed, self.t.deterministic)
@@ -180,6 +184,9 @@ class Trainer:
 
             raise ConfigError("model.adapter.target_modules", str(exc)) from None
         self.model = self.method.wrap(self.backbone, targets).to(self.device)
+        # The training forward runs through this (DDP under torchrun); everything else,
+        # method hooks included, sees the unwrapped ``self.model``.
+        self.train_model = self.model
         self.epochs = 1 if self.trial else self.t.epochs
         self.batches_per_epoch = n_batches(len(self.data.train), self.t.batch_size, cap)
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.t.gradient_accumulation_steps))
@@ -237,7 +244,9 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.seed_dir / "checkpoints"
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.dist.is_main:  # rank 0 holds the same state and writes it
+            return None
         payload = {
             "model": ckpt.trainable_state(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -308,7 +317,8 @@ class Trainer:
     # --- training ---------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        append_jsonl(self.history_file, record)
+        if self.dist.is_main:
+            append_jsonl(self.history_file, record)
 
     def _nonfinite(self, what: str, terms: dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
@@ -326,7 +336,7 @@ class Trainer:
     def run(self, resume: bool, stop: StopFlag | None = None) -> SeedResult:
         self.seed_dir.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.try_resume()
-        if not resumed and self.history_file.exists():
+        if not resumed and self.history_file.exists() and self.dist.is_main:
             self.history_file.unlink()
         if not self.calibrated:
             t0 = time.perf_counter()
@@ -339,11 +349,13 @@ class Trainer:
             self.wall["calibration"] = time.perf_counter() - t0
             self.calibrated = True
         self.method.prepare_training(self.model, self.total_steps)
+        self.train_model = self.dist.wrap(self.model)  # after hooks that set requires_grad
         final_predictions: dict[str, dict[str, list]] = {}
         self.model.train()
         accum = self.t.gradient_accumulation_steps
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{self.cfg.run_id} seed {self.seed}",
-                        unit="step", dynamic_ncols=True, mininterval=1.0, leave=False)
+                        unit="step", dynamic_ncols=True, mininterval=1.0, leave=False,
+                        disable=not self.dist.is_main)
         anomaly = torch.autograd.set_detect_anomaly(True) if self.t.detect_anomaly else nullcontext()
         last_eval: dict[str, float] = {}
         with anomaly:
@@ -354,7 +366,8 @@ class Trainer:
                 n_running = 0
                 t_step = time.perf_counter()
                 for batch in batches(self.data.train, order, self.t.batch_size, self.collate,
-                                     start=self.batch_in_epoch, limit=cap):
+                                     start=self.batch_in_epoch, limit=cap,
+                                     shard=self.dist.shard if self.dist.enabled else None):
                     t0 = time.perf_counter()
                     terms = self.forward_backward(batch)
                     for k, v in terms.items():
@@ -387,10 +400,11 @@ class Trainer:
                         every = self.t.save_every_n_steps
                         if every and self.global_step % every == 0:
                             self.save()
-                    if stop is not None and stop.signal is not None:
+                    if stop is not None and self.dist.any_rank(stop.signal is not None):
                         self.save()
-                        raise RunInterrupted(f"stopped by signal {stop.signal} at step {self.global_step}; "
-                                             f"checkpoint saved, continue with resume=true")
+                        raise RunInterrupted(f"stopped by signal {stop.signal or '(on another rank)'} at "
+                                             f"step {self.global_step}; checkpoint saved, continue with "
+                                             f"resume=true")
                     if self.global_step >= self.total_steps or end_of_epoch:
                         break
                 self.epoch += 1
@@ -412,23 +426,29 @@ class Trainer:
             step_time_s=float(np.mean(self.step_times)) if self.step_times else None,
             peak_memory_mb=peak_memory_mb(self.device),
             method_metrics={**self.calibration_metrics,
-                            **self.method.write_artifacts(self.model, self.seed_dir)})
+                            **(self.method.write_artifacts(self.model, self.seed_dir)
+                               if self.dist.is_main else {})})
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward, task loss + each regulariser, backward (scaled for accumulation).
 
-        Returns the detached loss terms; raises NonFiniteLossError naming the bad term.
+        Returns the detached loss terms (of the global batch under torchrun); raises
+        NonFiniteLossError naming the bad term.
         """
         with self._autocast():
-            logits = self.model(**model_inputs(batch, self.device)).logits
+            logits = self.train_model(**model_inputs(batch, self.device)).logits
         terms = {"task_loss": task_loss(logits, batch["labels"].to(self.device), self.task.is_regression)}
         for name, value in self.method.regularization_losses(self.model).items():
             terms[f"reg/{name}"] = value
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            self._nonfinite("loss", terms)
+        weight = batch.get("loss_weight", 1.0)  # this process's share of the global batch
+        logged = self.dist.mean_of_weighted(terms, weight)  # the terms themselves for one process
+        if not torch.isfinite(sum(logged.values())):  # every rank sees the same verdict
+            self._nonfinite("loss", logged)
+        if weight != 1.0:
+            loss = loss * weight
         self.scaler.scale(loss / self.t.gradient_accumulation_steps).backward()
-        return {k: v.detach() for k, v in terms.items()}
+        return {k: v.detach() for k, v in logged.items()}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One full optimizer step on one batch (no accumulation): used by benchmarks."""
