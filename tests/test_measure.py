@@ -264,6 +264,30 @@ def test_post_training_measurement_writes_the_documented_keys(run_id, trained, f
         assert gates["last_evaluation"]["histogram"] == report["gate_histogram"]["counts"]
 
 
+@pytest.mark.parametrize(("adapter", "per_token"), [
+    (None, 0),  # full fine-tuning: no adapter compute
+    ({"type": "adalora", "target_r": 2, "init_r": 3}, 2 * 2 * 3 * (4 * 64 + 96 + 96)),
+])
+def test_post_training_measurement_of_full_ft_and_adalora(adapter, per_token, tmp_path, fake_glue):
+    from rankwise.main import main
+
+    path = run_file(tmp_path, "tiny-other", adapter)
+    assert main([f"run={path}", f"results_dir={tmp_path / 'r'}", "mode=trial",
+                 f"dataset.data_dir={fake_glue}", "training.inference_measurement.lengths=[16]"]) == 0
+    metrics = json.loads((tmp_path / "r" / "tiny-other" / "metrics.json").read_text())
+    final = metrics["final"]
+    assert set(HEADLINE_KEYS) - {"budget_violations"} <= set(final)
+    assert "budget_violations" not in final
+    assert final["adapter_mflops_per_example"] == pytest.approx(
+        per_token * np.mean(eval_lengths(fake_glue)) / 1e6)  # trial: 2 batches of 32 ≥ 40 rows
+    report = json.loads((tmp_path / "r" / "tiny-other" / "seed42" / "inference.json").read_text())
+    assert [(s["batch_size"], s["length"], s["latency_ms"]["n"]) for s in report["shapes"]] == [
+        (32, 16, 3)]  # trial mode caps the timed passes at 3
+    assert report["evaluation"]["source"] == ("none" if adapter is None else "analytic")
+    assert (tmp_path / "r" / "tiny-other" / "seed42" / "flops_vs_length.png").exists() == (
+        adapter is not None)
+
+
 def test_measurement_can_be_disabled(tmp_path, fake_glue):
     from rankwise.main import main
 
