@@ -264,6 +264,30 @@ def test_post_training_measurement_writes_the_documented_keys(run_id, trained, f
         assert gates["last_evaluation"]["histogram"] == report["gate_histogram"]["counts"]
 
 
+@pytest.mark.parametrize(("adapter", "per_token"), [
+    (None, 0),  # full fine-tuning: no adapter compute
+    ({"type": "adalora", "target_r": 2, "init_r": 3}, 2 * 2 * 3 * (4 * 64 + 96 + 96)),
+])
+def test_post_training_measurement_of_full_ft_and_adalora(adapter, per_token, tmp_path, fake_glue):
+    from rankwise.main import main
+
+    path = run_file(tmp_path, "tiny-other", adapter)
+    assert main([f"run={path}", f"results_dir={tmp_path / 'r'}", "mode=trial",
+                 f"dataset.data_dir={fake_glue}", "training.inference_measurement.lengths=[16]"]) == 0
+    metrics = json.loads((tmp_path / "r" / "tiny-other" / "metrics.json").read_text())
+    final = metrics["final"]
+    assert set(HEADLINE_KEYS) - {"budget_violations"} <= set(final)
+    assert "budget_violations" not in final
+    assert final["adapter_mflops_per_example"] == pytest.approx(
+        per_token * np.mean(eval_lengths(fake_glue)) / 1e6)  # trial: 2 batches of 32 ≥ 40 rows
+    report = json.loads((tmp_path / "r" / "tiny-other" / "seed42" / "inference.json").read_text())
+    assert [(s["batch_size"], s["length"], s["latency_ms"]["n"]) for s in report["shapes"]] == [
+        (32, 16, 3)]  # trial mode caps the timed passes at 3
+    assert report["evaluation"]["source"] == ("none" if adapter is None else "analytic")
+    assert (tmp_path / "r" / "tiny-other" / "seed42" / "flops_vs_length.png").exists() == (
+        adapter is not None)
+
+
 def test_measurement_can_be_disabled(tmp_path, fake_glue):
     from rankwise.main import main
 
@@ -287,7 +311,8 @@ BENCH_KEYS = {"benchmark", "runs", "options", "reference", "variants", "position
 ROW_KEYS = {"variant", "algorithm", "merged", "batch_size", "length", "latency_ms",
             "adapter_flops_per_example", "controller_flops_per_example", "extra_flops_per_example",
             "backbone_flops_per_example", "total_flops_per_example", "budget_violations",
-            "open_gates_per_token", "flop_counter", "source", "examples"}
+            "open_gates_per_token", "flop_counter", "source", "examples", "spectral_inference_path",
+            "open_pair_flops_per_example"}
 
 
 def test_bench_inference_on_trained_runs(trained, tmp_path):
@@ -329,10 +354,12 @@ def test_bench_inference_on_trained_runs(trained, tmp_path):
 def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
     out = tmp_path / "bench"
     assert bench("run=minilm-sst2-lora", "adapters=[tabs,cbsp,bhsp,lora]", "model.name=tiny-deberta",
-                 "lengths=[16,600]", "batch_sizes=[1]", "warmup=0", "repeats=1",
+                 "lengths=[16,600]", "batch_sizes=[1]", "warmup=0", "repeats=1", "spectral_path=both",
                  "reference=tabs", "lora_merge=unmerged", "device=cpu", f"out={out}") == 0
     report = json.loads((out / "inference.json").read_text())
-    assert list(report["variants"]) == ["tabs", "cbsp", "bhsp", "lora"]
+    assert list(report["variants"]) == ["tabs", "tabs+dense", "cbsp", "cbsp+dense", "bhsp",
+                                        "bhsp+dense", "lora"]
+    assert report["variants"]["tabs+dense"]["spectral_inference_path"] == "dense"
     assert report["position_limit"] is None and report["skipped"] == []  # relative positions only
     assert all(v["weights"]["source"] == "fresh" for v in report["variants"].values())
     rows = {(r["variant"], r["length"]): r for r in report["results"]}
@@ -341,10 +368,17 @@ def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
     assert rows[("tabs", 600)]["open_gates_per_token"] <= 8
     for length in (16, 600):
         for kind in ("tabs", "cbsp"):  # token-level gates leave the position projections alone
-            assert rows[(kind, length)]["flop_counter"]["agrees"]
+            sparse, dense = rows[(kind, length)], rows[(f"{kind}+dense", length)]
+            assert sparse["flop_counter"]["agrees"] and dense["flop_counter"]["agrees"]
+            # same gates; the sparse path runs the open pairs, the dense one all R per token
+            assert sparse["open_pair_flops_per_example"] == dense["open_pair_flops_per_example"]
+            assert sparse["adapter_flops_per_example"] == sparse["open_pair_flops_per_example"]
+            assert dense["adapter_flops_per_example"] == dense["extra_flops_per_example"] - dense[
+                "controller_flops_per_example"] > sparse["adapter_flops_per_example"]
         for kind in ("bhsp", "lora"):  # DeBERTa's shared position rows pass through their q/k
             check = rows[(kind, length)]["flop_counter"]
             assert check["extra_flops_per_example"] > rows[(kind, length)]["extra_flops_per_example"]
+    assert rows[("lora", 16)]["open_pair_flops_per_example"] is None
 
 
 @pytest.mark.parametrize(("args", "key"), [

@@ -4,7 +4,8 @@
     Per-step cost of LoRA, IW-LoRA and AdaLoRA (``overhead.py``).
 ``python -m rankwise.bench inference run=<id|yaml> [run=...] [lengths=[...]] [batch_sizes=[...]]
 [max_tokens=N] [warmup=N] [repeats=N] [lora_merge=both|merged|unmerged] [weights=auto|trained|fresh]
-[reference=LABEL] [adapters=[...]] [input_seed=N] [out=DIR] [overrides]``
+[spectral_path=config|sparse|dense|both] [reference=LABEL] [adapters=[...]] [input_seed=N]
+[out=DIR] [overrides]``
     Latency and adapter FLOPs vs sequence length for several runs side by side (``inference.py``).
 
 Benchmark arguments are taken out; everything else is a run/job override as for
@@ -24,7 +25,8 @@ USAGE = (
     "usage: python -m rankwise.bench overhead run=<id> [steps=N] [warmup=N] [out=FILE] [overrides...]\n"
     "       python -m rankwise.bench inference run=<id|yaml> [run=...] [lengths=[128,...,4096]] "
     "[batch_sizes=[1,8]] [max_tokens=N] [warmup=N] [repeats=N] [lora_merge=both|merged|unmerged] "
-    "[weights=auto|trained|fresh] [reference=LABEL] [adapters=[tabs,cbsp,lora]] [out=DIR] "
+    "[weights=auto|trained|fresh] [spectral_path=config|sparse|dense|both] [reference=LABEL] "
+    "[adapters=[tabs,cbsp,lora]] [out=DIR] "
     "[overrides...]"
 )
 

@@ -24,6 +24,11 @@ every model of a shape. Models:
   ``merge_and_unload``: no adapter compute left); ``merged`` / ``unmerged`` keep one.
 - ``adapters=[tabs,cbsp,lora]`` measures one run (``run=``) with its adapter replaced by each
   listed type at that type's default config (labels = type names).
+- ``spectral_path=config|sparse|dense|both`` (default ``config``): the inference path of gated
+  spectral models — sparse (only open (token, direction) pairs are computed) or dense-masked
+  (all R directions, closed ones multiplied by 0); ``both`` adds ``<label>+<other path>``.
+  Their adapter FLOPs are the ones the path executes; ``open_pair_flops_per_example`` is the
+  realised count either way.
 
 FLOPs (``measure.adapter_flops``): extra FLOPs per example — analytic for the LoRA family,
 realised from the open gates for the spectral family (plus their controllers), 0 for full
@@ -73,10 +78,11 @@ class InferenceBenchOptions:
 
     lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    max_tokens: int = 8192  # batch × length cap for batch sizes > 1 (CPU-sized default)
+    max_tokens: int = 4096  # batch × length cap for batch sizes > 1 (CPU-sized default)
     warmup: int = 1
-    repeats: int = 5
+    repeats: int = 3
     lora_merge: Literal["both", "merged", "unmerged"] = "both"
+    spectral_path: Literal["config", "sparse", "dense", "both"] = "config"
     weights: Literal["auto", "trained", "fresh"] = "auto"
     reference: str | None = None  # label of the model the ratios are taken of (default: first)
     adapters: list[str] | None = None
@@ -111,6 +117,7 @@ class Variant:
     trainable_params: int
     controller_params: int
     amp_dtype: torch.dtype | None
+    execution: str | None = None  # gated spectral models: "sparse" | "dense" inference path
 
     def describe(self) -> dict[str, Any]:
         costs = lora_target_costs(self.model)
@@ -122,6 +129,7 @@ class Variant:
             "controller_params": self.controller_params,
             "lora_ranks": sorted({c.rank for c in costs.values()}) or None,
             "autocast": str(self.amp_dtype) if self.amp_dtype is not None else None,
+            "spectral_inference_path": self.execution,
         }
 
 
@@ -200,7 +208,7 @@ def realistic_fresh_gates(method: Any, model: nn.Module) -> dict[str, Any]:
         return info
     recipe = method.recipe
     if recipe.gate_source == "static":
-        n_open = int(math.floor(recipe.static_budget_per_target))
+        n_open = math.floor(recipe.static_budget_per_target)
         with torch.no_grad():
             for layer in spectral_layers(model).values():
                 log_alpha = layer.gate_source.log_alpha
@@ -236,16 +244,48 @@ def build_variants(jobs: list[Job], options: InferenceBenchOptions, device: torc
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         controller = sum(p.numel() for n, p in model.named_parameters()
                          if p.requires_grad and ".gate_source." in n)
-        common = dict(job=job, method=method, tokenizer=tokenizer, weights=weights,
-                      trainable_params=trainable, controller_params=controller,
-                      amp_dtype=autocast_dtype(job, device))
+        common = {"job": job, "method": method, "tokenizer": tokenizer, "weights": weights,
+                  "trainable_params": trainable, "controller_params": controller,
+                  "amp_dtype": autocast_dtype(job, device)}
         is_lora = bool(lora_target_costs(model)) and hasattr(model, "merge_and_unload")
+        paths = spectral_paths(method, model, options.spectral_path)
+        if paths:
+            for i, (path, suffix) in enumerate(paths):
+                copy_i = model if i == 0 else copy.deepcopy(model)
+                set_spectral_path(copy_i, path)
+                variants.append(Variant(label=label + suffix, model=copy_i, merged=False,
+                                        execution=path, **common))
+            continue
         if not is_lora or options.lora_merge != "merged":
             variants.append(Variant(label=label, model=model, merged=False, **common))
         if is_lora and options.lora_merge != "unmerged":
             merged = copy.deepcopy(model).merge_and_unload().eval()
             variants.append(Variant(label=f"{label}+merged", model=merged, merged=True, **common))
     return variants
+
+
+def spectral_paths(method: Any, model: nn.Module, choice: str) -> list[tuple[str, str]]:
+    """(inference path, label suffix) per variant of a gated spectral model; [] otherwise.
+
+    The run's configured path keeps the plain label; the other one gets ``+<path>``.
+    """
+    from rankwise.methods.spectral import SpectralFamily, spectral_layers
+
+    layers = spectral_layers(model).values()
+    if not isinstance(method, SpectralFamily) or not any(l.gate_source is not None for l in layers):
+        return []
+    configured = method.recipe.inference_path
+    other = "dense" if configured == "sparse" else "sparse"
+    wanted = {"config": [configured], "both": [configured, other]}.get(choice, [choice])
+    return [(path, "" if path == configured else f"+{path}") for path in wanted]
+
+
+def set_spectral_path(model: nn.Module, path: str) -> None:
+    """Evaluate gated layers on the sparse (open pairs only) or the dense-masked path."""
+    from rankwise.methods.spectral import spectral_layers
+
+    for layer in spectral_layers(model).values():
+        layer.execution = "auto" if path == "sparse" else "dense"  # auto = sparse in eval
 
 
 # --- the sweep --------------------------------------------------------------------------------
@@ -284,8 +324,8 @@ def backbone_flops(jobs: list[Job], lengths: list[int], tokenizers: dict[str, An
             inputs = {k: v.to(device) for k, v in
                       random_token_batch(tokenizers[name], 1, length, seed).items()}
             with torch.no_grad():
-                out[name][length] = measured_flops(backbone, lambda: backbone(**inputs))
-        del backbone
+                out[name][length] = measured_flops(
+                    backbone, lambda backbone=backbone, inputs=inputs: backbone(**inputs))
     return out
 
 
@@ -345,18 +385,26 @@ def run(jobs: list[Job], options: InferenceBenchOptions) -> dict[str, Any]:
                 forward = forwards[v.label] = _forward(v, inputs, device)
                 counted: dict[str, int] = {}
 
-                def instrumented(v=v, forward=forward, counted=counted):
-                    if batch == smallest_batch:
+                def instrumented(v=v, forward=forward, counted=counted, count=batch == smallest_batch):
+                    if count:
                         counted["flops"] = measured_flops(v.model, forward)
                     else:
                         forward()
 
                 cost = forward_cost(v.model, v.method, instrumented, inputs["attention_mask"])
+                summary = cost.summary()
+                open_pairs = summary["adapter_flops_per_example"] if v.execution else None
+                if v.execution == "dense":  # executes all R directions of every token
+                    summary["adapter_flops_per_example"] = cost.detail["dense_adapter_flops_per_example"]
+                    summary["extra_flops_per_example"] = (summary["adapter_flops_per_example"]
+                                                          + summary["controller_flops_per_example"])
                 backbone = base_flops[v.job.run.model.name][length]
                 row = {"variant": v.label, "algorithm": v.job.run.algorithm, "merged": v.merged,
-                       "batch_size": batch, "length": length, **cost.summary(),
+                       "spectral_inference_path": v.execution,
+                       "batch_size": batch, "length": length, **summary,
+                       "open_pair_flops_per_example": open_pairs,
                        "backbone_flops_per_example": backbone,
-                       "total_flops_per_example": backbone + cost.extra_flops_per_example,
+                       "total_flops_per_example": backbone + summary["extra_flops_per_example"],
                        "flop_counter": None}
                 if "flops" in counted:
                     per_example = counted["flops"] / batch
@@ -364,7 +412,7 @@ def run(jobs: list[Job], options: InferenceBenchOptions) -> dict[str, Any]:
                     row["flop_counter"] = {
                         "model_flops_per_example": per_example,
                         "extra_flops_per_example": measured_extra,
-                        "agrees": math.isclose(measured_extra, cost.extra_flops_per_example,
+                        "agrees": math.isclose(measured_extra, summary["extra_flops_per_example"],
                                                rel_tol=0, abs_tol=0.5),
                     }
                 rows[v.label] = row
@@ -400,7 +448,9 @@ def run(jobs: list[Job], options: InferenceBenchOptions) -> dict[str, Any]:
 NOTES = {
     "flops": "2 FLOPs per multiply-add (torch.utils.flop_counter convention); per example, real "
              "tokens only; extra = adapter + controller; total = backbone (FlopCounterMode, eager "
-             "attention, batch 1) + extra",
+             "attention, batch 1) + extra; spectral adapter FLOPs are those the inference path "
+             "executes: open pairs on the sparse path (= open_pair_flops_per_example), all R "
+             "directions of every token on the dense-masked path",
     "ratios": "reference / other, per (batch size, length); extra_flops is null where the "
               "other model has no adapter compute (merged LoRA, full fine-tuning)",
     "latency": "eval mode, no_grad, synchronised on CUDA; percentiles interpolate linearly, so "

@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rankwise.measure.adapter_flops import (NONE, REALISED, ForwardCost, analytic_cost,
-                                            forward_cost)
+from rankwise.measure.adapter_flops import NONE, REALISED, ForwardCost, analytic_cost, forward_cost
 from rankwise.measure.inputs import max_input_length, token_stream_batch
 from rankwise.measure.latency import measure_latency, synchronizer
 from rankwise.results import atomic_write_json
