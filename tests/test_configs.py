@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,34 @@ def test_every_shipped_run_config_validates(run_id):
     job = load_job([f"run={run_id}"])
     assert job.run.run_id == run_id
     assert job.run.algorithm
+
+
+def test_experiment_configs_are_generated_and_cover_both_experiments():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "make_experiment_configs.py"), "--check"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    runs = set(available_runs())
+    algorithms = {}
+    for task in ("MNLI", "SST-2", "RTE"):
+        for role, algo in (("proposed", "iw_lora"), ("comparative-1", "lora"), ("comparative-2", "adalora"),
+                           ("baseline", "full_ft")):
+            run_id = f"{role}-DeBERTaV3-base-86-M--GLUE-{task}"
+            assert run_id in runs
+            algorithms[run_id] = load_job([f"run={run_id}"]).run.algorithm == algo
+    for task in ("CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "ListOps"):
+        for role, algo in (("proposed", "tabs"), ("comparative-1", "lora"), ("comparative-2", "bhsp"),
+                           ("comparative-3", "cbsp"), ("ablation-no-projection", "tabs"),
+                           ("ablation-shared-gates", "tabs")):
+            run_id = f"tabs-{role}-DeBERTaV3-base-86-M--{task}"
+            algorithms[run_id] = run_id in runs and load_job([f"run={run_id}"]).run.algorithm == algo
+    assert all(algorithms.values()), [k for k, ok in algorithms.items() if not ok]
+    no_proj = load_job(["run=tabs-ablation-no-projection-DeBERTaV3-base-86-M--RTE"]).run.model.adapter
+    shared = load_job(["run=tabs-ablation-shared-gates-DeBERTaV3-base-86-M--RTE"]).run.model.adapter
+    assert not no_proj.projection and shared.gate_granularity == "sequence"
+    twins = [r for r in runs if r.startswith("cpu-")]
+    assert len(twins) == 4 * 2 + 6 * 3
+    assert all(load_job([f"run={r}"]).run.model.name == "minilm" for r in twins)
 
 
 def test_reference_configs_resolve_algorithms_and_strings():

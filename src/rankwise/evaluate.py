@@ -5,9 +5,13 @@ Reads each run's ``metrics.json`` and predictions and writes ``<results_dir>/com
 ``best_proposed``, ``best_baseline``, ``gap``, ``significance``, ``pairwise``),
 ``summary.md`` and figures (``comparison_<metric>.png/.pdf``, ``learning_curves.png/.pdf``).
 
-Significance: the best proposed run against every other non-ablation run on the primary
-metric's split, paired per example on predictions pooled over the seeds both runs share —
-exact McNemar for classification, paired bootstrap (10k resamples) for regression.
+Significance (``pairwise``): every proposed run against every other run of the same task on
+the primary metric's split, paired per example on predictions pooled over the seeds both runs
+share — exact McNemar for classification, paired bootstrap (10k resamples) for regression;
+``significance`` is the best proposed vs the best baseline. Differences with p >= 0.05 are
+marked **not significant** in ``summary.md``. The summary table shows mean ± std over seeds per
+task metric and, where the runs measured them, adapter FLOPs per example, mean and p99 latency
+and budget violations.
 """
 
 from __future__ import annotations
@@ -91,6 +95,11 @@ def paired_test(results_dir: Path, a: str, b: str, split: str, metric: str, regr
     return res
 
 
+def task_of(run: dict) -> tuple[str, str]:
+    task = run.get("task", {})
+    return (str(task.get("dataset", "?")), str(task.get("subset", "?")))
+
+
 def best_of(runs: list[dict], metric: str) -> dict | None:
     scored = [r for r in runs if isinstance(r["final"].get(metric), (int, float))]
     if not scored:
@@ -115,9 +124,13 @@ def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = Fal
         gap = 100.0 * (bp["value"] - bb["value"]) / abs(bb["value"])
         gap = -gap if is_lower_better(primary) else gap
     split = primary.split("_")[0]
-    significance = paired_test(results_dir, bp["run_id"], bb["run_id"], split, primary, regression) if bp and bb else None
-    pairwise = [paired_test(results_dir, bp["run_id"], r["run_id"], split, primary, regression)
-                for r in runs if bp and r["run_id"] != bp["run_id"] and r.get("method") != "proposed"]
+    by_id = {r["run_id"]: r for r in runs}
+    same_task = bool(bp and bb) and task_of(by_id[bp["run_id"]]) == task_of(by_id[bb["run_id"]])
+    significance = paired_test(results_dir, bp["run_id"], bb["run_id"], split, primary, regression) if same_task else None
+    # Every proposed run against every other run of the same task (pooled seed-matched predictions).
+    pairwise = [paired_test(results_dir, p["run_id"], r["run_id"], split, primary, regression)
+                for p in proposed for r in runs
+                if r.get("method") != "proposed" and task_of(r) == task_of(p)]
     report = {"primary_metric": primary, "run_ids": run_ids, "metrics": metrics, "std": std,
               "n_seeds": {r["run_id"]: len(r.get("seeds", [1])) for r in runs},
               "roles": {r["run_id"]: r.get("method") for r in runs},
@@ -137,30 +150,68 @@ def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = Fal
     return report
 
 
+# Cost columns of the summary: (label, key in metrics.json ``final`` or ``method_metrics``, format).
+COST_COLUMNS = (
+    ("adapter MFLOPs / example", "adapter_mflops_per_example", "{:.3g}"),
+    ("latency mean (ms)", "latency_ms_mean", "{:.2f}"),
+    ("latency p99 (ms)", "latency_ms_p99", "{:.2f}"),
+    ("budget violations", "budget_violations", "{:.0f}"),
+)
+
+
+def run_value(run: dict, key: str) -> float | None:
+    for block in ("final", "method_metrics"):
+        value = run.get(block, {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def mean_std_cell(run: dict, metric: str) -> str:
+    value = run["final"].get(metric)
+    if not isinstance(value, (int, float)):
+        return "—"
+    n = len(run.get("seeds") or [1])
+    std = run.get("std", {}).get(metric)
+    if n > 1 and isinstance(std, (int, float)) and std == std:
+        return f"{value:.4f} ± {std:.4f} (n={n})"
+    return f"{value:.4f}"
+
+
 def summary_markdown(report: dict, runs: list[dict]) -> str:
     primary = report["primary_metric"]
-    others = [m for m in report["metrics"] if m != primary and not m.endswith("_loss")]
-    head = ["run", "role", "algorithm", f"{primary} (mean ± std, n)"] + others + ["trainable params", "wall time (s)"]
+    task_metrics = sorted({m for r in runs for m in r["final"]
+                           if m.startswith("validation_") and not m.endswith("_loss") and m != primary})
+    costs = [c for c in COST_COLUMNS if any(run_value(r, c[1]) is not None for r in runs)]
+    multi_task = len({task_of(r) for r in runs}) > 1
+    head = (["run", "role", "algorithm"] + (["task"] if multi_task else [])
+            + [f"{primary} (mean ± std)"] + task_metrics + [c[0] for c in costs]
+            + ["trainable params", "wall time (s)"])
     lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
-        rid = r["run_id"]
-        val = report["metrics"].get(primary, {}).get(rid)
-        cell = "—" if val is None else f"{val:.4f} ± {report['std'][primary].get(rid, 0):.4f} ({report['n_seeds'][rid]})"
-        row = [rid, str(r.get("method")), str(r.get("algorithm")), cell]
-        row += [f"{report['metrics'][m][rid]:.4g}" if rid in report["metrics"][m] else "—" for m in others]
-        row += [f"{r.get('params', {}).get('trainable', '—'):,}" if r.get("params") else "—",
+        row = [r["run_id"], str(r.get("method")), str(r.get("algorithm"))]
+        row += ["/".join(task_of(r))] if multi_task else []
+        row += [mean_std_cell(r, primary)] + [mean_std_cell(r, m) for m in task_metrics]
+        for _, key, fmt in costs:
+            value = run_value(r, key)
+            row.append("—" if value is None else fmt.format(value))
+        trainable = r.get("params", {}).get("trainable")
+        row += [f"{trainable:,}" if isinstance(trainable, int) else "—",
                 f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Values are means over seeds (± sample std, n seeds) where a run has several seeds."]
     gap = "n/a" if report["gap"] is None else f"{report['gap']:+.2f} %"
-    lines += ["", f"Best proposed: {report['best_proposed']}; best baseline: {report['best_baseline']}; "
-                  f"gap: {gap}", ""]
+    lines += ["", (f"Best proposed: {report['best_proposed']}; best baseline: {report['best_baseline']}; "
+                   f"gap: {gap}"), "", "## Paired tests", ""]
     for t in report["pairwise"]:
         if t.get("test") is None:
             lines.append(f"- {t['runs'][0]} vs {t['runs'][1]}: no test ({t['reason']})")
             continue
         verdict = "significant" if t["significant"] else "**not significant**"
         lines.append(f"- {t['runs'][0]} vs {t['runs'][1]}: {t['test']} p = {t['p_value']:.4g} "
-                     f"(n = {t['n_pairs']}, seeds {t['seeds']}) — {verdict} at α = {ALPHA}")
+                     f"(n = {t['n_pairs']} paired predictions, seeds {t['seeds']}) — {verdict} at α = {ALPHA}")
+    if not report["pairwise"]:
+        lines.append("- none (no proposed run, or no other run on the same task)")
     return "\n".join(lines) + "\n"
 
 

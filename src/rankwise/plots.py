@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, stem: Path) -> None:
+def save_figure(fig, stem: Path) -> None:
+    """Write ``stem``.png and ``stem``.pdf and close the figure."""
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(stem.with_suffix(f".{ext}"))
@@ -24,7 +25,7 @@ def comparison_bars(values: dict[str, float], std: dict[str, float], metric: str
     ax.set_xticks(range(len(ids)), ids, rotation=20, ha="right", fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(metric)
-    _save(fig, stem)
+    save_figure(fig, stem)
 
 
 def learning_curves(runs: list[dict], metric: str, stem: Path) -> None:
@@ -38,4 +39,4 @@ def learning_curves(runs: list[dict], metric: str, stem: Path) -> None:
     ax.set_title("learning curves")
     if ax.lines:
         ax.legend(fontsize=7)
-    _save(fig, stem)
+    save_figure(fig, stem)

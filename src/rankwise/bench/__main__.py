@@ -1,7 +1,14 @@
-"""``python -m rankwise.bench overhead run=<id> [steps=20] [warmup=3] [out=bench.json] [overrides]``
+"""Benchmarks.
 
-Benchmark arguments (``steps``, ``warmup``, ``out``, ``calibration_batches``) are taken out;
-everything else is a run/job override as for ``rankwise.main``.
+``python -m rankwise.bench overhead run=<id> [steps=20] [warmup=3] [out=bench.json] [overrides]``
+    Per-step cost of LoRA, IW-LoRA and AdaLoRA (``overhead.py``).
+``python -m rankwise.bench inference run=<id|yaml> [run=...] [lengths=[...]] [batch_sizes=[...]]
+[max_tokens=N] [warmup=N] [repeats=N] [lora_merge=both|merged|unmerged] [weights=auto|trained|fresh]
+[reference=LABEL] [adapters=[...]] [input_seed=N] [out=DIR] [overrides]``
+    Latency and adapter FLOPs vs sequence length for several runs side by side (``inference.py``).
+
+Benchmark arguments are taken out; everything else is a run/job override as for
+``rankwise.main``, applied to every run (e.g. ``model.name=long-bert device=cpu``).
 """
 
 from __future__ import annotations
@@ -12,7 +19,66 @@ from pathlib import Path
 
 from rankwise.errors import RankwiseError
 
-BENCH_KEYS = {"steps": int, "warmup": int, "out": str, "calibration_batches": int}
+OVERHEAD_KEYS = {"steps": int, "warmup": int, "out": str, "calibration_batches": int}
+USAGE = (
+    "usage: python -m rankwise.bench overhead run=<id> [steps=N] [warmup=N] [out=FILE] [overrides...]\n"
+    "       python -m rankwise.bench inference run=<id|yaml> [run=...] [lengths=[128,...,4096]] "
+    "[batch_sizes=[1,8]] [max_tokens=N] [warmup=N] [repeats=N] [lora_merge=both|merged|unmerged] "
+    "[weights=auto|trained|fresh] [reference=LABEL] [adapters=[tabs,cbsp,lora]] [out=DIR] "
+    "[overrides...]"
+)
+
+
+def overhead_main(rest: list[str]) -> int:
+    opts, overrides = {}, []
+    for arg in rest:
+        key, _, value = arg.partition("=")
+        if key in OVERHEAD_KEYS:
+            opts[key] = OVERHEAD_KEYS[key](value)
+        else:
+            overrides.append(arg)
+    from rankwise.config.loader import load_job
+
+    job = load_job(overrides)
+    from rankwise.bench import overhead
+
+    report = overhead.run(job, steps=opts.get("steps", 20), warmup=opts.get("warmup", 3),
+                          calibration_batches=opts.get("calibration_batches"))
+    out = Path(opts.get("out", "bench-overhead.json"))
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({k: report[k] for k in ("ratio_to_lora_mean", "calibration_share_mnli_sized_run")},
+                     indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def inference_main(rest: list[str]) -> int:
+    import dataclasses
+
+    from rankwise.bench import inference
+    from rankwise.config.loader import load_job, parse_overrides
+    from rankwise.config.typed import from_mapping
+    from rankwise.errors import ConfigError
+
+    bench_keys = {f.name for f in dataclasses.fields(inference.InferenceBenchOptions)}
+    runs, bench, overrides = [], {}, []
+    for arg, (key, value, _) in zip(rest, parse_overrides(rest)):
+        if key == "run":
+            runs.append(str(value))
+        elif key in bench_keys:
+            bench[key] = value
+        else:
+            overrides.append(arg)
+    if not runs:
+        raise ConfigError("run", "required: run=<run_id|path.yaml> (repeat run= for more runs)")
+    options = from_mapping(inference.InferenceBenchOptions, bench, "")
+    jobs = [load_job([f"run={r}", *overrides]) for r in runs]
+    report = inference.run(jobs, options)
+    written = inference.write_outputs(report, Path(options.out))
+    for line in inference.summary_lines(report):
+        print(line)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,35 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("overhead",):
-        print("usage: python -m rankwise.bench overhead run=<id> [steps=N] [warmup=N] [out=FILE] "
-              "[overrides...]", file=sys.stderr)
+    commands = {"overhead": overhead_main, "inference": inference_main}
+    if not argv or argv[0] not in commands:
+        print(USAGE, file=sys.stderr)
         return 2
-    command, rest = argv[0], argv[1:]
-    opts, overrides = {}, []
-    for arg in rest:
-        key, _, value = arg.partition("=")
-        if key in BENCH_KEYS:
-            opts[key] = BENCH_KEYS[key](value)
-        else:
-            overrides.append(arg)
     try:
-        from rankwise.config.loader import load_job
-
-        job = load_job(overrides)
-        from rankwise.bench import overhead
-
-        report = overhead.run(job, steps=opts.get("steps", 20), warmup=opts.get("warmup", 3),
-                              calibration_batches=opts.get("calibration_batches"))
+        return commands[argv[0]](argv[1:])
     except RankwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    out = Path(opts.get("out", f"bench-{command}.json"))
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps({k: report[k] for k in ("ratio_to_lora_mean", "calibration_share_mnli_sized_run")},
-                     indent=2))
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

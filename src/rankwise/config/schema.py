@@ -157,6 +157,34 @@ class DatasetConfig:
 
 
 @dataclass
+class InferenceMeasurementConfig:
+    """Post-training measurement of every run (``rankwise.measure.after_training``).
+
+    Latency mean / p50 / p99 of ``repeats`` timed forward passes after ``warmup`` untimed ones,
+    at ``batch_size`` (default: the evaluation batch size) and each of ``lengths`` (default:
+    half of and the full ``dataset.max_seq_length``), plus adapter FLOPs per example. Trial
+    mode caps it at 1 warm-up and 3 timed passes.
+    """
+
+    enabled: bool = True
+    lengths: list[int] | None = None
+    batch_size: int | None = None
+    warmup: int = 1
+    repeats: int = 5
+    figures: bool = True
+
+    def validate(self, path: str) -> None:
+        if self.lengths is not None:
+            require(len(self.lengths) >= 1, join(path, "lengths"), "must list at least one length")
+            for i, n in enumerate(self.lengths):
+                require(n >= 1, join(join(path, "lengths"), i), f"must be >= 1, got {n}")
+        if self.batch_size is not None:
+            require(self.batch_size >= 1, join(path, "batch_size"), f"must be >= 1, got {self.batch_size}")
+        require(self.warmup >= 0, join(path, "warmup"), f"must be >= 0, got {self.warmup}")
+        require(self.repeats >= 1, join(path, "repeats"), f"must be >= 1, got {self.repeats}")
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = 3
     batch_size: int = 32
@@ -188,6 +216,8 @@ class TrainingConfig:
     deterministic: bool = False
     detect_anomaly: bool = False
     num_workers: int = 0
+    inference_measurement: InferenceMeasurementConfig = field(
+        default_factory=InferenceMeasurementConfig)
 
     def validate(self, path: str) -> None:
         positive = ("epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",

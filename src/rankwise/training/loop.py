@@ -25,6 +25,7 @@ from rankwise.config.loader import Job
 from rankwise.data.loading import (DynamicPaddingCollator, TaskData, batches, epoch_permutation,
                                    load_task_data, n_batches)
 from rankwise.errors import NonFiniteLossError, RankwiseError
+from rankwise.measure.after_training import measure_trained_model
 from rankwise.methods import build_method
 from rankwise.methods.base import FineTuningMethod
 from rankwise.methods.targets import resolve_target_modules
@@ -211,7 +212,7 @@ class Trainer:
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
         rel = getattr(self.backbone.config, "relative_attention", False) and not getattr(
             self.backbone.config, "position_biased_input", True)
-        if self.cfg.dataset.name == "lra" and limit:
+        if self.cfg.dataset.name == "lra" and limit and not rel:
             from rankwise.data.listops import check_length_fits
 
             check_length_fits(self.cfg.dataset.max_seq_length, limit, listops=self.cfg.dataset.listops)
@@ -417,6 +418,8 @@ class Trainer:
         progress.close()
         if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
             last_eval, final_predictions = self._evaluate_and_record()
+        if self.dist.is_main:  # timed alone: the other ranks are done (and write nothing)
+            last_eval = {**last_eval, **measure_trained_model(self, last_eval)}
         return SeedResult(
             seed=self.seed, final=last_eval, best=self.best, history=self.history,
             predictions=final_predictions, params=count_params(self.model),

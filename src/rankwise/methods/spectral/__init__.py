@@ -20,6 +20,7 @@ from rankwise.methods.spectral.method import (
     TABS,
     SpectralAdapter,
     SpectralFamily,
+    record_gate_statistics,
     spectral_layers,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "SpectralRecipe",
     "TABS",
     "TABSConfig",
+    "record_gate_statistics",
     "spectral_layers",
 ]

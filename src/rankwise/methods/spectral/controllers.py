@@ -40,8 +40,10 @@ class StaticGateLogits(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((rank,), float(init_log_alpha)))
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        # (R,) -> (B, 1, R)
-        return self.log_alpha.view(1, 1, -1).expand(x.shape[0], 1, -1)
+        # (R,) -> (B, 1, R). A copy, not a view: under no_grad a view of a parameter still
+        # reports requires_grad without a grad_fn, which FlopCounterMode's module tracker
+        # rejects; the copy is B·R numbers.
+        return self.log_alpha.view(1, 1, -1).expand(x.shape[0], 1, -1).clone()
 
     def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(valid_tokens, dtype=torch.long)

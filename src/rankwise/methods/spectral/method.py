@@ -19,8 +19,10 @@ computed from the gate parameters, λ · max(0, Σ_k Σ_i P(g_ki ≠ 0) − b·|
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,27 @@ from rankwise.methods.spectral.svd_cache import load_or_compute_factors
 def spectral_layers(model: nn.Module) -> dict[str, SpectralLinear]:
     """The model's spectral layers by target name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SpectralLinear)}
+
+
+@contextlib.contextmanager
+def record_gate_statistics(model: nn.Module) -> Iterator[GateStatistics | None]:
+    """Gather gate statistics of the forward passes run inside the block.
+
+    Yields a fresh :class:`GateStatistics` (``None`` for a model without spectral layers) and
+    restores whatever the layers recorded into before, so a measurement pass after training
+    leaves the method's evaluation statistics (``gates.json``) untouched.
+    """
+    layers = spectral_layers(model)
+    if not layers:
+        yield None
+        return
+    context = next(iter(layers.values())).context
+    previous, context.statistics = context.statistics, GateStatistics()
+    try:
+        yield context.statistics
+    finally:
+        context.statistics.end_batch()
+        context.statistics = previous
 
 
 class SpectralFamily(FineTuningMethod):
@@ -154,16 +177,30 @@ class SpectralFamily(FineTuningMethod):
         self.last_statistics = stats
         summary = stats.summary()
         if self.recipe.penalty == "static_total":
-            open_gates = self._static_open_gates(model)
-            total_open = sum(sum(v) for v in open_gates.values())
-            summary[f"{PREFIX}static_open_gates"] = total_open
-            # BHSP's budget is global: Σ_k (open directions of k) ≤ b·|K|.
-            summary[f"{PREFIX}budget_violations"] = int(
-                total_open > self.recipe.static_budget_per_target * len(open_gates))
-        elif self.recipe.budget is None:
+            summary[f"{PREFIX}static_open_gates"] = sum(
+                sum(v) for v in self._static_open_gates(model).values())
+        violations = self.budget_violations(model, stats)
+        if violations is None:
             summary.pop(f"{PREFIX}budget_violations")  # ungated: there is no budget to violate
+        else:
+            summary[f"{PREFIX}budget_violations"] = violations
         self.last_evaluation = summary
         return summary
+
+    def budget_violations(self, model: nn.Module, stats: GateStatistics) -> int | None:
+        """Budget violations of the passes recorded in ``stats``; ``None`` without a budget.
+
+        CBSP/TABS: (target, sequence) pairs with more than B_max open pairs. BHSP: its budget
+        is global and input-independent, Σ_k (open directions of k) ≤ b·|K|, so 1 if the
+        current static gates exceed it, else 0.
+        """
+        if self.recipe.penalty == "static_total":
+            open_gates = self._static_open_gates(model)
+            total_open = sum(sum(v) for v in open_gates.values())
+            return int(total_open > self.recipe.static_budget_per_target * len(open_gates))
+        if self.recipe.budget is None:
+            return None
+        return stats.budget_violations()
 
     def _context(self, model: nn.Module) -> ForwardContext:
         layers = spectral_layers(model)

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Write the run configs of both experiments into ``src/rankwise/configs/runs/``.
+
+Every file is in the reference schema (run_id, method, model, dataset, training, optuna) and
+``method`` is a role label. The two reference configs (IW-LoRA and LoRA on DeBERTaV3-base /
+MNLI) are never written here: they ship unchanged, and the other MNLI runs copy their settings.
+
+Experiment 1 (IW-LoRA vs LoRA, AdaLoRA, Full FT), run ids ``<role>-DeBERTaV3-base-86-M--GLUE-<TASK>``:
+  proposed = IW-LoRA, comparative-1 = LoRA r=8, comparative-2 = AdaLoRA, baseline = Full FT,
+  on MNLI, SST-2, RTE; CPU twins ``cpu-<role>-MiniLM-L6--GLUE-<TASK>`` on RTE and SST-2.
+Experiment 2 (TABS vs LoRA-r8, BHSP, CBSP + ablations), run ids
+  ``tabs-<role>-DeBERTaV3-base-86-M--<TASK>``: proposed = TABS, comparative-1 = LoRA r=8,
+  comparative-2 = BHSP, comparative-3 = CBSP, ablation-no-projection, ablation-shared-gates,
+  on the eight GLUE tasks and LRA ListOps; CPU twins ``cpu-tabs-<role>-MiniLM-L6--<TASK>`` on an
+  SST-2 subset, RTE and short ListOps.
+
+Usage: ``python scripts/make_experiment_configs.py [--out DIR] [--check]``; ``--check`` exits 1
+when a committed file differs from what this script writes (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "src" / "rankwise" / "configs" / "runs"
+DEBERTA = "microsoft/deberta-v3-base"
+REFERENCE_IDS = {"proposed-DeBERTaV3-base-86-M--GLUE-MNLI", "comparative-1-DeBERTaV3-base-86-M--GLUE-MNLI"}
+
+# AdaLoRA paper (Zhang et al., ICLR 2023), DeBERTaV3-base GLUE settings: learning rate, epochs,
+# max length, orthogonal-regulariser weight, t_i, ΔT, t_f (steps). Batch size 32 throughout.
+PAPER = {
+    "mnli": dict(lr=5e-4, epochs=7, length=256, orth=0.1, tinit=8000, deltaT=100, tfinal=50000),
+    "rte": dict(lr=1.2e-3, epochs=50, length=320, orth=0.3, tinit=600, deltaT=1, tfinal=1800),
+    "qnli": dict(lr=1.2e-3, epochs=5, length=512, orth=0.1, tinit=2000, deltaT=100, tfinal=8000),
+    "mrpc": dict(lr=1e-3, epochs=30, length=320, orth=0.1, tinit=600, deltaT=1, tfinal=1800),
+    "qqp": dict(lr=5e-4, epochs=5, length=320, orth=0.1, tinit=8000, deltaT=100, tfinal=25000),
+    "sst2": dict(lr=8e-4, epochs=24, length=128, orth=0.1, tinit=6000, deltaT=100, tfinal=22000),
+    "cola": dict(lr=5e-4, epochs=25, length=64, orth=0.5, tinit=800, deltaT=10, tfinal=3500),
+    "stsb": dict(lr=2.2e-3, epochs=25, length=128, orth=0.1, tinit=800, deltaT=10, tfinal=2000),
+}
+TASK_LABEL = {"mnli": "MNLI", "rte": "RTE", "qnli": "QNLI", "mrpc": "MRPC", "qqp": "QQP",
+              "sst2": "SST-2", "cola": "CoLA", "stsb": "STS-B", "listops": "ListOps"}
+METRIC = {"cola": "validation_matthews_correlation", "stsb": "validation_pearson"}
+FULL_FT_LR = 2e-5  # DeBERTaV3 full fine-tuning (He et al., 2023), the AdaLoRA paper's Full FT row
+
+
+def loguniform(low: float, high: float) -> dict:
+    return {"type": "loguniform", "low": low, "high": high}
+
+
+BATCH_CHOICES = {"type": "categorical", "choices": [16, 32, 64]}
+
+
+def dataset_block(subset: str, length: int, **extra) -> dict:
+    if subset == "listops":
+        block = {"name": "lra", "subset": "listops",
+                 "splits": {"train": "train", "validation": "validation"}, "max_seq_length": length,
+                 "preprocessing": {"truncation": False, "padding": "longest"}}
+    else:
+        validation = "validation_matched" if subset == "mnli" else "validation"
+        block = {"name": "glue", "subset": subset, "splits": {"train": "train", "validation": validation},
+                 "max_seq_length": length, "preprocessing": {"truncation": True, "padding": "longest"}}
+    block.update(extra)
+    return block
+
+
+def training_block(lr: float, epochs: int, batch_size: int = 32, **extra) -> dict:
+    block = {"epochs": epochs, "batch_size": batch_size, "learning_rate": lr, "optimizer": "adamw",
+             "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_ratio": 0.06,
+             "gradient_accumulation_steps": 1, "fp16": True, "seed": 42, "log_every_n_steps": 50,
+             "save_strategy": "epoch", "evaluation_strategy": "epoch"}
+    block.update(extra)
+    return block
+
+
+def optuna_block(metric: str, n_trials: int, space: dict) -> dict:
+    return {"direction": "maximize", "metric_name": metric, "n_trials": n_trials, "search_space": space}
+
+
+def lora_adapter() -> dict:
+    return {"type": "lora", "rank": 8, "lora_alpha": 16}
+
+
+def iw_block(enabled: bool, warmup_steps: int = 150) -> dict:
+    if not enabled:
+        return {"enabled": False}
+    return {"enabled": True, "reg_alpha": 1e-4, "beta": 1.0, "sensitivity_warmup_steps": warmup_steps,
+            "sensitivity_buffer_size": 1024, "freeze_lora_during_warmup": True}
+
+
+# --- experiment 1 --------------------------------------------------------------------------------
+EXP1_ROLES = {"proposed": "IW-LoRA", "comparative-1": "LoRA r=8", "comparative-2": "AdaLoRA",
+              "baseline": "Full FT"}
+
+
+def exp1_model(role: str, name: str, adalora: dict, iw_warmup: int) -> dict:
+    if role == "baseline":
+        return {"name": name, "adapter": None}
+    if role == "comparative-2":
+        return {"name": name, "adapter": {"type": "adalora", "target_r": 8, "init_r": 12, "lora_alpha": 16,
+                                          **adalora}}
+    return {"name": name, "adapter": lora_adapter(),
+            "importance_weighted_regularisation": iw_block(role == "proposed", iw_warmup)}
+
+
+def exp1_space(role: str, full_ft: bool) -> dict:
+    space = {"learning_rate": loguniform(5e-6, 1e-4) if full_ft else loguniform(1e-5, 5e-4),
+             "batch_size": BATCH_CHOICES}
+    if role == "proposed":
+        space["iw_reg_alpha"] = loguniform(1e-5, 1e-3)
+    return space
+
+
+def experiment_1() -> dict[str, tuple[str, dict]]:
+    out = {}
+    for task in ("mnli", "sst2", "rte"):
+        p = PAPER[task]
+        for role, algo in EXP1_ROLES.items():
+            run_id = f"{role}-DeBERTaV3-base-86-M--GLUE-{TASK_LABEL[task]}"
+            if run_id in REFERENCE_IDS:
+                continue
+            if task == "mnli":  # the reference configs' own settings; AdaLoRA's schedule as fractions
+                note = ("MNLI settings copied from the reference configs (3 epochs, lr 2e-4, length 256, "
+                        "warm-up 500 steps).")
+                adalora = {"tinit": round(p["tinit"] / 86000, 3), "tfinal": round(p["tfinal"] / 86000, 3),
+                           "deltaT": p["deltaT"], "orth_reg_weight": p["orth"]}
+                lr, epochs, length, extra = 2e-4, 3, 256, {"warmup_steps": 500}
+            else:
+                note = (f"{TASK_LABEL[task]}: the reference configs are silent; learning rate {p['lr']:g}, "
+                        f"{p['epochs']} epochs, length {p['length']} and AdaLoRA's t_i/ΔT/t_f/orth weight "
+                        "from the AdaLoRA paper's DeBERTaV3-base GLUE settings.")
+                adalora = {"tinit": p["tinit"], "tfinal": p["tfinal"], "deltaT": p["deltaT"],
+                           "orth_reg_weight": p["orth"]}
+                lr, epochs, length, extra = p["lr"], p["epochs"], p["length"], {}
+            if role == "baseline":
+                lr = FULL_FT_LR
+                note += f" Full FT uses lr {FULL_FT_LR:g} (DeBERTaV3 full fine-tuning)."
+            cfg = {"run_id": run_id, "method": role,
+                   "model": exp1_model(role, DEBERTA, adalora, 150),
+                   "dataset": dataset_block(task, length),
+                   "training": training_block(lr, epochs, **extra),
+                   "optuna": optuna_block(METRIC.get(task, "validation_accuracy"), 30,
+                                          exp1_space(role, role == "baseline"))}
+            out[run_id] = (f"Experiment 1, {algo} on DeBERTaV3-base / GLUE {TASK_LABEL[task]}. {note}", cfg)
+
+    # CPU twins: MiniLM, small enough to run here in minutes, three seeds each.
+    cpu = {
+        "rte": dict(samples=1000, length=128, epochs=2, batch=16, lr=5e-4, full_lr=3e-5, iw_warmup=8, eval=None),
+        "sst2": dict(samples=2000, length=64, epochs=2, batch=32, lr=1e-3, full_lr=5e-5, iw_warmup=8, eval=None),
+    }
+    for task, c in cpu.items():
+        for role, algo in EXP1_ROLES.items():
+            run_id = f"cpu-{role}-MiniLM-L6--GLUE-{TASK_LABEL[task]}"
+            steps = c["samples"] // c["batch"] * c["epochs"]
+            adalora = {"tinit": 0.1, "tfinal": 0.3, "deltaT": 5, "orth_reg_weight": 0.1}
+            cfg = {"run_id": run_id, "method": role,
+                   "model": exp1_model(role, "minilm", adalora, c["iw_warmup"]),
+                   "dataset": dataset_block(task, c["length"], max_train_samples=c["samples"],
+                                            max_eval_samples=c["eval"]),
+                   "training": training_block(c["full_lr"] if role == "baseline" else c["lr"], c["epochs"],
+                                              batch_size=c["batch"], seeds=[1, 2, 3], log_every_n_steps=10),
+                   "optuna": optuna_block("validation_accuracy", 0, exp1_space(role, role == "baseline"))}
+            out[run_id] = (f"Experiment 1, CPU twin: {algo} on MiniLM-L6 / GLUE {TASK_LABEL[task]} "
+                           f"({c['samples']} training examples, {steps} steps per seed, full validation "
+                           "set, seeds 1-3). fp16 is requested as on GPU; CPU runs use float32.", cfg)
+    return out
+
+
+# --- experiment 2 --------------------------------------------------------------------------------
+EXP2_ROLES = {"proposed": "TABS", "comparative-1": "LoRA r=8", "comparative-2": "BHSP",
+              "comparative-3": "CBSP", "ablation-no-projection": "TABS without projection",
+              "ablation-shared-gates": "TABS with gates shared across tokens"}
+
+
+def exp2_adapter(role: str) -> dict:
+    if role == "comparative-1":
+        return lora_adapter()
+    if role == "comparative-2":
+        return {"type": "bhsp", "R": 16, "budget": 8, "penalty_weight": 0.05}
+    if role == "comparative-3":
+        return {"type": "cbsp", "R": 16, "budget": 8, "penalty_weight": 0.05}
+    tabs = {"type": "tabs", "R": 16, "budget": 8, "penalty_weight": 0.05, "projection": True,
+            "gate_granularity": "token"}
+    if role == "ablation-no-projection":
+        tabs["projection"] = False
+    if role == "ablation-shared-gates":
+        tabs["gate_granularity"] = "sequence"
+    return tabs
+
+
+def experiment_2() -> dict[str, tuple[str, dict]]:
+    out = {}
+    budget_note = ("TABS: R = 16, B_max = 8·T per target and sequence, λ = 0.05; BHSP: budget 8·L; CBSP: "
+                   "average budget 8 directions per token; LoRA r = 8.")
+    tasks = [*PAPER, "listops"]
+    for task in tasks:
+        if task == "listops":
+            length, lr, epochs = 2048, 5e-4, 5
+            data = dataset_block("listops", length)
+            note = ("LRA ListOps (96k/2k/2k, lengths 500-2000); DeBERTaV3's relative positions allow "
+                    "2048 tokens; lr 5e-4, 5 epochs.")
+        else:
+            p = PAPER[task]
+            length, lr, epochs = p["length"], p["lr"], p["epochs"]
+            data = dataset_block(task, length)
+            note = "lr, epochs and length from the AdaLoRA paper's DeBERTaV3-base GLUE settings."
+        for role, algo in EXP2_ROLES.items():
+            run_id = f"tabs-{role}-DeBERTaV3-base-86-M--{TASK_LABEL[task]}"
+            cfg = {"run_id": run_id, "method": role,
+                   "model": {"name": DEBERTA, "adapter": exp2_adapter(role)},
+                   "dataset": data, "training": training_block(lr, epochs),
+                   "optuna": optuna_block(METRIC.get(task, "validation_accuracy"), 30,
+                                          {"learning_rate": loguniform(1e-4, 3e-3),
+                                           "batch_size": BATCH_CHOICES})}
+            out[run_id] = (f"Experiment 2, {algo} on DeBERTaV3-base / {TASK_LABEL[task]}. {budget_note} {note}",
+                           cfg)
+
+    cpu = {
+        "sst2": dict(data=dataset_block("sst2", 64, max_train_samples=1000), lr=1e-3, epochs=2, batch=16),
+        "rte": dict(data=dataset_block("rte", 128, max_train_samples=600), lr=5e-4, epochs=2, batch=16),
+        "listops": dict(data=dataset_block("listops", 128, listops={
+            "min_length": 20, "max_length": 100, "n_train": 1000, "n_validation": 300, "n_test": 300}),
+            lr=1e-3, epochs=2, batch=16),
+    }
+    for task, c in cpu.items():
+        for role, algo in EXP2_ROLES.items():
+            run_id = f"cpu-tabs-{role}-MiniLM-L6--{TASK_LABEL[task]}"
+            cfg = {"run_id": run_id, "method": role,
+                   "model": {"name": "minilm", "adapter": exp2_adapter(role)},
+                   "dataset": c["data"],
+                   "training": training_block(c["lr"], c["epochs"], batch_size=c["batch"], log_every_n_steps=10),
+                   "optuna": optuna_block("validation_accuracy", 0,
+                                          {"learning_rate": loguniform(1e-4, 3e-3), "batch_size": BATCH_CHOICES})}
+            out[run_id] = (f"Experiment 2, CPU twin: {algo} on MiniLM-L6 / {TASK_LABEL[task]}. {budget_note}",
+                           cfg)
+    return out
+
+
+def render(header: str, cfg: dict) -> str:
+    lines = ["# " + line for line in _wrap(header)]
+    lines.append("# Written by scripts/make_experiment_configs.py; edit the script, not this file.")
+    return "\n".join(lines) + "\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def all_configs() -> dict[str, str]:
+    return {run_id: render(header, cfg)
+            for run_id, (header, cfg) in {**experiment_1(), **experiment_2()}.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RUNS)
+    ap.add_argument("--check", action="store_true", help="compare with the files in --out, write nothing")
+    args = ap.parse_args(argv)
+    stale = []
+    for run_id, text in all_configs().items():
+        path = args.out / f"{run_id}.yaml"
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"{len(stale)} run configs differ from scripts/make_experiment_configs.py: {', '.join(stale[:5])}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Extra FLOPs an adapter adds to a forward pass, per example, for every method.
+
+Convention of ``torch.utils.flop_counter``: 2 FLOPs per multiply-add of a matmul; elementwise
+work (LoRA's scaling, AdaLoRA's E, gate products) is not counted. Per target k with frozen
+W_k ∈ R^{d_out×d_in} and T_valid real tokens of an example:
+
+=======================  ===========================================================  ==========
+method                   extra FLOPs per example                                       source
+=======================  ===========================================================  ==========
+Full FT, merged LoRA     0 (the adapter is folded into W)                              none
+LoRA / IW-LoRA           T_valid · Σ_k 2 · r · (d_in + d_out)   (x·Aᵀ, then ·Bᵀ)         analytic
+AdaLoRA                  as LoRA with r = the compute rank init_r: pruning zeroes E_i   analytic
+                         but P, Q keep init_r columns/rows, so compute does not shrink
+Spectral family          open (token, direction) pairs × 4 · (d_in + d_out), plus the   realised
+                         controller: counted from the gates of this very pass
+                         (``methods/spectral/statistics.py``)
+=======================  ===========================================================  ==========
+
+The LoRA-family rank is read from the live peft layers (rows of ``lora_A``), not from the
+config, so it is the rank the forward pass actually multiplies with. Padding is not counted
+for any method (an unmerged LoRA layer does multiply padded rows; that cost depends on how a
+batch is padded, not on the method). Inputs that are not tokens — DeBERTa's relative-position
+embeddings, projected once per batch by query/key — are not per example and are left out; a
+``FlopCounterMode`` run of the whole model sees them (see :func:`measured_flops`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+REALISED, ANALYTIC, NONE = "realised", "analytic", "none"
+
+
+def lora_flops_per_token(rank: int, d_in: int, d_out: int) -> int:
+    """Matmul FLOPs of one token through one unmerged LoRA/AdaLoRA target: 2·r·(d_in + d_out)."""
+    return 2 * rank * (d_in + d_out)
+
+
+@dataclass(frozen=True)
+class LoraTargetCost:
+    rank: int
+    d_in: int
+    d_out: int
+
+    @property
+    def flops_per_token(self) -> int:
+        return lora_flops_per_token(self.rank, self.d_in, self.d_out)
+
+
+def lora_target_costs(model: nn.Module) -> dict[str, LoraTargetCost]:
+    """Unmerged, active peft LoRA/AdaLoRA adapters of ``model`` by module name."""
+    try:
+        from peft.tuners.lora import LoraLayer  # AdaLoraLayer subclasses it
+    except ImportError:  # peft is a core dependency; keep the measurement usable without it
+        return {}
+    costs: dict[str, LoraTargetCost] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        merged = set(getattr(module, "merged_adapters", []))
+        for adapter in module.active_adapters:
+            if adapter in merged or adapter not in module.lora_A:
+                continue
+            a = module.lora_A[adapter]
+            weight = a.weight if isinstance(a, nn.Linear) else a  # AdaLoRA: a Parameter (r, d_in)
+            rank = int(weight.shape[0])
+            if rank == 0:
+                continue
+            key = name if len(module.active_adapters) == 1 else f"{name}[{adapter}]"
+            costs[key] = LoraTargetCost(rank, module.in_features, module.out_features)
+    return costs
+
+
+@dataclass
+class ForwardCost:
+    """Extra FLOPs of one forward pass over a batch, per example (see the module table)."""
+
+    source: str  # "realised" | "analytic" | "none"
+    valid_tokens: list[int]
+    adapter_flops: list[int]
+    controller_flops: list[int]
+    budget_violations: int | None = None  # None: the method has no budget
+    histogram: list[int] | None = None  # tokens with j open directions (gated methods)
+    open_gates_per_token: float | None = None
+    per_token_flops: int | None = None  # analytic methods: Σ_k 2·r·(d_in + d_out)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def examples(self) -> int:
+        return len(self.valid_tokens)
+
+    @staticmethod
+    def _mean(values: list[int]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    @property
+    def adapter_flops_per_example(self) -> float:
+        return self._mean(self.adapter_flops)
+
+    @property
+    def controller_flops_per_example(self) -> float:
+        return self._mean(self.controller_flops)
+
+    @property
+    def extra_flops_per_example(self) -> float:
+        return self.adapter_flops_per_example + self.controller_flops_per_example
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "examples": self.examples,
+            "adapter_flops_per_example": self.adapter_flops_per_example,
+            "controller_flops_per_example": self.controller_flops_per_example,
+            "extra_flops_per_example": self.extra_flops_per_example,
+            "budget_violations": self.budget_violations,
+            "open_gates_per_token": self.open_gates_per_token,
+        }
+
+
+def analytic_cost(model: nn.Module, valid_tokens: list[int]) -> ForwardCost:
+    """Cost of the LoRA family (or of no adapter) for examples with these T_valid."""
+    costs = lora_target_costs(model)
+    per_token = sum(c.flops_per_token for c in costs.values())
+    return ForwardCost(
+        source=ANALYTIC if costs else NONE, valid_tokens=list(valid_tokens),
+        adapter_flops=[per_token * t for t in valid_tokens],
+        controller_flops=[0] * len(valid_tokens), per_token_flops=per_token,
+        detail={"targets": len(costs), "ranks": sorted({c.rank for c in costs.values()})},
+    )
+
+
+def forward_cost(model: nn.Module, method: Any, forward: Callable[[], Any],
+                 attention_mask: torch.Tensor) -> ForwardCost:
+    """Run ``forward()`` once and return its extra FLOPs per example.
+
+    Spectral models: realised, from the gates of this pass (budget violations and the
+    open-gate histogram with them). Others: analytic from the peft layers and the mask.
+    """
+    from rankwise.methods.spectral import SpectralFamily, record_gate_statistics, spectral_layers
+
+    layers = spectral_layers(model)
+    if not layers:
+        forward()
+        return analytic_cost(model, attention_mask.bool().sum(dim=1).tolist())
+    with record_gate_statistics(model) as stats:
+        forward()
+    gated = any(layer.gate_source is not None for layer in layers.values())
+    if isinstance(method, SpectralFamily):
+        violations = method.budget_violations(model, stats)
+    else:
+        budgeted = any(layer.budget is not None for layer in layers.values())
+        violations = stats.budget_violations() if budgeted else None
+    tokens = sum(c.tokens for c in stats.targets.values())
+    open_pairs = sum(c.open_pairs for c in stats.targets.values())
+    return ForwardCost(
+        source=REALISED, valid_tokens=[e.valid_tokens for e in stats.examples],
+        adapter_flops=[e.adapter_flops for e in stats.examples],
+        controller_flops=[e.controller_flops for e in stats.examples],
+        budget_violations=violations, histogram=stats.histogram() if gated else None,
+        open_gates_per_token=open_pairs / tokens if tokens else 0.0,
+        detail={"dense_adapter_flops_per_example": ForwardCost._mean(
+            [e.dense_adapter_flops for e in stats.examples])},
+    )
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch a Hugging Face model to eager attention inside the block.
+
+    ``FlopCounterMode`` has no formula for the CPU fused attention kernel, so under SDPA the
+    attention scores would go uncounted on the CPU; eager attention runs them as counted
+    matmuls (the same FLOPs). Models without the switch are left as they are.
+    """
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    current = getattr(getattr(hf, "config", None), "_attn_implementation", None)
+    switched = False
+    if hf is not None and current not in (None, "eager"):
+        try:
+            hf.set_attn_implementation("eager")
+            switched = True
+        except (ValueError, NotImplementedError, AttributeError):
+            switched = False
+    try:
+        yield
+    finally:
+        if switched:
+            hf.set_attn_implementation(current)
+
+
+def measured_flops(model: nn.Module, forward: Callable[[], Any]) -> int:
+    """FLOPs ``torch.utils.flop_counter`` counts in ``forward()`` (eager attention)."""
+    from rankwise.methods.spectral.flops import measured_matmul_flops
+
+    with eager_attention(model):
+        return measured_matmul_flops(forward)
