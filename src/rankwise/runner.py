@@ -140,8 +140,12 @@ def trial_objective(job: Job, seed: int) -> Callable:
     data_by_source: dict[str, Any] = {}
 
     def objective(trial_cfg: dict, reporter) -> float:
-        # A trial is never resumed (a dead one is retried from scratch), so it saves nothing.
-        trial_cfg.setdefault("training", {}).update(save_strategy="no", save_every_n_steps=None)
+        # A trial is never resumed (a dead one is retried from scratch), so it saves nothing;
+        # its value is the metric, so the post-training latency/FLOPs measurement is skipped.
+        training = trial_cfg.setdefault("training", {})
+        training.update(save_strategy="no", save_every_n_steps=None)
+        training["inference_measurement"] = {**(training.get("inference_measurement") or {}),
+                                             "enabled": False}
         trial_job = Job(job=job.job, run=parse_run_config(trial_cfg), run_dict=trial_cfg)
         model = trial_job.run.model
         source = json.dumps([trial_cfg.get("dataset"), model.name, model.tokenizer], sort_keys=True,

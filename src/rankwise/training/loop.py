@@ -418,7 +418,8 @@ class Trainer:
         progress.close()
         if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
             last_eval, final_predictions = self._evaluate_and_record()
-        last_eval = {**last_eval, **measure_trained_model(self, last_eval)}
+        if self.dist.is_main:  # timed alone: the other ranks are done (and write nothing)
+            last_eval = {**last_eval, **measure_trained_model(self, last_eval)}
         return SeedResult(
             seed=self.seed, final=last_eval, best=self.best, history=self.history,
             predictions=final_predictions, params=count_params(self.model),
