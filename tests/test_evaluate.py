@@ -42,7 +42,8 @@ def results(tmp_path):
     better = {s: base[s] | (rng.random(n) < 0.5) for s in (1, 2)}  # strictly more right answers
     same = {s: base[s].copy() for s in (1, 2)}
     fake_run(tmp_path, "iw", "proposed", "iw_lora", "rte", better, labels,
-             {"adapter_mflops_per_example": 1.5, "latency_ms_p99": 3.25})
+             {"adapter_mflops_per_example": 1.5, "latency_ms_p99": 3.25, "validation_f1": 0.5,
+              "validation_spectral_open_gates_per_token": 2.5})
     fake_run(tmp_path, "lora", "comparative-1", "lora", "rte", base, labels,
              {"adapter_mflops_per_example": 2.0, "latency_ms_p99": 4.0})
     fake_run(tmp_path, "lora-twin", "comparative-2", "lora", "rte", same, labels)
@@ -73,6 +74,7 @@ def test_keys_pairwise_tests_and_table(results):
     assert "adapter MFLOPs / example" in summary and "latency p99 (ms)" in summary
     assert "| 3.25 |" in summary and "| algorithm | task |" in summary
     assert "± " in summary and "(n=2)" in summary
+    assert "validation_f1" in summary and "spectral_open_gates" not in summary  # method stats: JSON only
     agg = json.loads((root / "comparison" / "aggregated_metrics.json").read_text())
     assert agg["metrics"]["validation_accuracy"]["iw"] == pytest.approx(float(np.mean([better[1].mean(), better[2].mean()])))
     assert (root / "comparison" / "comparison_validation_accuracy.png").stat().st_size > 1000

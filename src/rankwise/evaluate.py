@@ -143,8 +143,10 @@ def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = Fal
     (out / "summary.md").write_text(summary_markdown(report, runs))
     from rankwise.plots import comparison_bars, learning_curves
 
+    plotted = {primary} | {key for _, key, _ in COST_COLUMNS} | {
+        m for m in metric_names if any(m.endswith("_" + name) for name in METRIC_FNS) and "_spectral_" not in m}
     for m in metric_names:
-        if len(metrics[m]) > 1 or m == primary:
+        if m in plotted and (len(metrics[m]) > 1 or m == primary):
             comparison_bars(metrics[m], std[m], m, out / f"comparison_{m}")
     learning_curves(runs, primary, out / "learning_curves")
     return report
@@ -180,8 +182,12 @@ def mean_std_cell(run: dict, metric: str) -> str:
 
 def summary_markdown(report: dict, runs: list[dict]) -> str:
     primary = report["primary_metric"]
+    # task metrics only (<split>_<metric>); method statistics such as validation_spectral_* stay
+    # in aggregated_metrics.json
     task_metrics = sorted({m for r in runs for m in r["final"]
-                           if m.startswith("validation_") and not m.endswith("_loss") and m != primary})
+                           if m != primary and m.startswith("validation")
+                           and any(m.endswith("_" + name) for name in METRIC_FNS)
+                           and "_spectral_" not in m})
     costs = [c for c in COST_COLUMNS if any(run_value(r, c[1]) is not None for r in runs)]
     multi_task = len({task_of(r) for r in runs}) > 1
     head = (["run", "role", "algorithm"] + (["task"] if multi_task else [])
