@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,12 +99,20 @@ def test_two_gloo_processes_train_like_one(tmp_path, fake_glue):
 
     assert main(run_args(tmp_path / "one", fake_glue)) == 0  # the reference, in this process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "-m", "rankwise.main",
-                          *run_args(tmp_path / "two", fake_glue)],
-                         capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert ddp.stdout.count("complete:") == 1  # rank 0 alone reports
+    # Its own session, so that a timeout ends the workers too, not only torchrun's agent.
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=2", "-m", "rankwise.main",
+                            *run_args(tmp_path / "two", fake_glue)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
+    try:
+        out, err = ddp.communicate(timeout=600)
+    finally:
+        if ddp.poll() is None:
+            os.killpg(ddp.pid, signal.SIGKILL)
+            ddp.wait()
+    assert ddp.returncode == 0, err[-3000:]
+    assert out.count("complete:") == 1  # rank 0 alone reports
 
     one, two = tmp_path / "one" / RUN, tmp_path / "two" / RUN
     h1, h2 = history(one), history(two)
