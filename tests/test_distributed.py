@@ -99,7 +99,8 @@ def test_two_gloo_processes_train_like_one(tmp_path, fake_glue):
 
     assert main(run_args(tmp_path / "one", fake_glue)) == 0  # the reference, in this process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, so that a timeout ends the workers too, not only torchrun's agent.
+    # On a timeout, SIGTERM lets torchrun's agent stop its workers (they run in sessions of
+    # their own); SIGKILL to the agent's group is the last resort.
     ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node=2", "-m", "rankwise.main",
                             *run_args(tmp_path / "two", fake_glue)],
@@ -109,8 +110,12 @@ def test_two_gloo_processes_train_like_one(tmp_path, fake_glue):
         out, err = ddp.communicate(timeout=600)
     finally:
         if ddp.poll() is None:
-            os.killpg(ddp.pid, signal.SIGKILL)
-            ddp.wait()
+            ddp.terminate()
+            try:
+                ddp.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(ddp.pid, signal.SIGKILL)
+                ddp.wait()
     assert ddp.returncode == 0, err[-3000:]
     assert out.count("complete:") == 1  # rank 0 alone reports
 
