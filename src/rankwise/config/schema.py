@@ -163,7 +163,7 @@ class InferenceMeasurementConfig:
     Latency mean / p50 / p99 of ``repeats`` timed forward passes after ``warmup`` untimed ones,
     at ``batch_size`` (default: the evaluation batch size) and each of ``lengths`` (default:
     half of and the full ``dataset.max_seq_length``), plus adapter FLOPs per example. Trial
-    mode caps it at 1 warm-up and 3 timed passes.
+    mode caps it at the shortest length, 1 warm-up and 3 timed passes.
     """
 
     enabled: bool = True

@@ -107,8 +107,9 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
                  skipped, limit)
     batch_size = cfg.batch_size or trainer.t.eval_batch_size or trainer.t.batch_size
     warmup, repeats = cfg.warmup, cfg.repeats
-    if trainer.trial:
+    if trainer.trial:  # a smoke run: one length, one warm-up, a few timed passes
         warmup, repeats = min(warmup, TRIAL_WARMUP), min(repeats, TRIAL_REPEATS)
+        lengths = lengths[:1]
     rows = _evaluated_token_rows(trainer, 0)
     sync = synchronizer(device)
     autocast = (torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype is not None

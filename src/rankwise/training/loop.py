@@ -341,10 +341,10 @@ class Trainer:
         if not self.calibrated:
             t0 = time.perf_counter()
             cal = self.calibration_batches()
-            if self.trial:  # trial mode: calibration is capped like training
+            if self.trial:  # trial mode: one calibration batch
                 import itertools
 
-                cal = itertools.islice(cal, TRIAL_MAX_BATCHES)
+                cal = itertools.islice(cal, 1)
             self.calibration_metrics = self.method.calibrate(self.model, cal, self.loss_fn)
             self.wall["calibration"] = time.perf_counter() - t0
             self.calibrated = True
