@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import expit
 
 from rankwise.methods.spectral.budget_projection import SequenceBudget, keep_top_logits
 from rankwise.methods.spectral.gates import BETA, GAMMA, ZETA, HardConcreteGate
@@ -52,6 +53,19 @@ def test_sample_is_differentiable_and_decision_is_binary():
     assert (logits.grad[~interior] == 0).all()  # clipped samples carry no gradient
     decided = gate.decide(torch.tensor([-1.0, 0.0, 1e-6, 3.0]))
     assert decided.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_louizos_evaluation_gate_matches_its_closed_form():
+    gate = HardConcreteGate(eval_rule="louizos")
+    logits = np.linspace(-6, 6, 241)
+    reference = np.clip(expit(logits) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    decided = gate.decide(torch.tensor(logits, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(decided, reference, atol=1e-6)
+    threshold = math.log(-GAMMA / ZETA)  # σ(t)(ζ − γ) + γ = 0
+    assert (decided[logits < threshold - 1e-9] == 0).all()
+    assert (decided[logits > threshold + 1e-3] > 0).all()
+    with pytest.raises(ValueError, match="eval_rule"):
+        HardConcreteGate(eval_rule="mean")
 
 
 def _reference_keep(open_units: np.ndarray, logits: np.ndarray, capacity: np.ndarray) -> np.ndarray:

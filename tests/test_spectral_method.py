@@ -98,12 +98,13 @@ def test_ungated_model_equals_backbone_with_explicitly_merged_weights(backbone, 
                                    atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("eval_gates", ["sign", "louizos"])
 @pytest.mark.parametrize("kind", ["bhsp", "cbsp", "tabs"])
-def test_sparse_and_dense_inference_paths_give_the_same_model(kind, tiny_deberta):
+def test_sparse_and_dense_inference_paths_give_the_same_model(kind, eval_gates, tiny_deberta):
     model, tokenizer = tiny_deberta
     outputs = []
     for path in ("sparse", "dense"):
-        config = dataclasses.replace(CONFIGS[kind], inference_path=path)
+        config = dataclasses.replace(CONFIGS[kind], inference_path=path, eval_gates=eval_gates)
         method, wrapped = wrap(kind, copy.deepcopy(model), config)
         torch.manual_seed(3)
         randomise_gate_sources(wrapped)
@@ -255,6 +256,8 @@ def test_default_configs_parse_and_build(kind):
         ({"type": "tabs", "controller_hidden": 0}, "model.adapter.controller_hidden"),
         ({"type": "cbsp", "controller_hidden": "d_in/2"}, "model.adapter.controller_hidden"),
         ({"type": "tabs", "gate_granularity": "word"}, "model.adapter.gate_granularity"),
+        ({"type": "cbsp", "controller_input": "frozen"}, "model.adapter.controller_input"),
+        ({"type": "tabs", "eval_gates": "median"}, "model.adapter.eval_gates"),
         ({"type": "tabs", "projection": "maybe"}, "model.adapter.projection"),
         ({"type": "tabs", "scale": 0}, "model.adapter.scale"),
         ({"type": "tabs", "lambda": 0.1}, "model.adapter.lambda"),
@@ -319,6 +322,33 @@ def test_sequence_budget_penalty_matches_independent_computation(kind, units, ti
     penalty.backward()  # and it is differentiable into the controllers
     layers = spectral_layers(wrapped).values()
     assert any(layer.gate_source.mlp.w2.weight.grad is not None for layer in layers)
+
+
+@pytest.mark.parametrize("kind", ["tabs", "cbsp"])
+def test_controller_input_mode_decides_where_the_penalty_gradient_goes(kind, tiny_bert):
+    """Detached (default): the penalty trains the controllers only. Attached: it also reaches
+    the adapters of earlier layers through later controllers' inputs. Same penalty value."""
+    config_cls = TABSConfig if kind == "tabs" else CBSPConfig
+    penalties, adapter_grads = {}, {}
+    for mode in ("detached", "attached"):
+        model, tokenizer = copy.deepcopy(tiny_bert)
+        config = config_cls(R=4, budget=0.5, penalty_weight=0.3, controller_input=mode)
+        torch.manual_seed(0)
+        method, wrapped = wrap(kind, model, config)
+        randomise_gate_sources(wrapped, std=1.0)
+        wrapped.train()(**encode(tokenizer))
+        penalty = method.regularization_losses(wrapped)["budget_penalty"]
+        penalty.backward()
+        layers = list(spectral_layers(wrapped).values())
+        assert all(layer.gate_source.mlp.w1.weight.grad is not None for layer in layers)
+        penalties[mode] = penalty.item()
+        adapter_grads[mode] = sum(
+            float(p.grad.abs().sum()) for layer in layers for p in (layer.P_U, layer.P_V)
+            if p.grad is not None)
+    assert penalties["detached"] > 0
+    assert penalties["detached"] == pytest.approx(penalties["attached"], rel=1e-6)
+    assert adapter_grads["detached"] == 0.0
+    assert adapter_grads["attached"] > 0.0
 
 
 @pytest.mark.parametrize("units", ["gates", "per_target"])

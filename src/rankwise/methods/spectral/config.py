@@ -14,6 +14,13 @@ grows with T_valid (e.g. 5 directions over budget Ã— 128 tokens = 640, squared â
 target), ``per_token`` (CBSP/TABS: excess / T_valid) and ``per_target`` (BHSP: excess / |K|)
 measure it in directions instead, keeping the penalty on the scale of the task loss.
 
+``controller_input`` (CBSP/TABS): ``detached`` (default) stops gradients at the controller's
+input, so the budget penalty shapes the gates and not the hidden states earlier adapters
+produce; ``attached`` lets them flow (see ``controllers.py`` for why the default).
+
+``eval_gates`` (gated types): the evaluation gate, ``sign`` (methods.md: 1[logit > 0]) or
+``louizos`` (the HardConcrete test-time estimator, see ``gates.py``).
+
 ``inference_path`` picks how gated layers run at evaluation: ``sparse`` (default, methods.md:
 only open (token, direction) pairs are computed) or ``dense`` (all pairs computed, closed ones
 multiplied by 0; same outputs to 1e-5). Counted FLOPs are the realised ones either way; which
@@ -27,11 +34,13 @@ from typing import Literal
 
 from rankwise.config.typed import join, require
 from rankwise.methods.spectral.budget_projection import SequenceBudget
+from rankwise.methods.spectral.gates import EvalRule
 
 ControllerWidth = int | Literal["R", "d_in/4"]
 GateSourceKind = Literal["none", "static", "sequence", "token"]
 PenaltyKind = Literal["none", "static_total", "per_sequence"]
 InferencePath = Literal["sparse", "dense"]
+ControllerInput = Literal["detached", "attached"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class SpectralRecipe:
     scale: float
     gate_source: GateSourceKind
     controller_hidden: ControllerWidth = "R"
+    detach_controller_input: bool = True
     init_log_alpha: float = 0.0
     budget: SequenceBudget | None = None  # per-sequence B_max (CBSP, TABS)
     projection: bool = False
@@ -50,6 +60,7 @@ class SpectralRecipe:
     normalised_penalty: bool = False
     static_budget_per_target: float | None = None  # BHSP's b
     inference_path: InferencePath = "sparse"
+    eval_gates: EvalRule = "sign"
 
 
 def _check_common(path: str, rank: int, scale: float) -> None:
@@ -106,6 +117,7 @@ class BHSPConfig:
     init_log_alpha: float = 1.0
     scale: float = 1.0
     inference_path: InferencePath = "sparse"
+    eval_gates: EvalRule = "sign"
     target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
@@ -118,7 +130,7 @@ class BHSPConfig:
             rank=self.R, scale=self.scale, gate_source="static", init_log_alpha=self.init_log_alpha,
             penalty="static_total", penalty_weight=self.penalty_weight,
             normalised_penalty=self.penalty_units == "per_target",
-            static_budget_per_target=self.budget, inference_path=self.inference_path,
+            static_budget_per_target=self.budget, inference_path=self.inference_path, eval_gates=self.eval_gates,
         )
 
 
@@ -136,8 +148,10 @@ class CBSPConfig:
     penalty_weight: float = 0.05
     penalty_units: Literal["pairs", "per_token"] = "pairs"
     controller_hidden: ControllerWidth = "R"
+    controller_input: ControllerInput = "detached"
     scale: float = 1.0
     inference_path: InferencePath = "sparse"
+    eval_gates: EvalRule = "sign"
     target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
@@ -149,7 +163,9 @@ class CBSPConfig:
     def recipe(self) -> SpectralRecipe:
         return SpectralRecipe(
             rank=self.R, scale=self.scale, gate_source="sequence",
-            controller_hidden=self.controller_hidden, inference_path=self.inference_path,
+            controller_hidden=self.controller_hidden,
+            detach_controller_input=self.controller_input == "detached",
+            inference_path=self.inference_path, eval_gates=self.eval_gates,
             budget=SequenceBudget(per_token=self.budget), projection=False, penalty="per_sequence",
             penalty_weight=self.penalty_weight,
             normalised_penalty=self.penalty_units == "per_token",
@@ -172,10 +188,12 @@ class TABSConfig:
     penalty_weight: float = 0.05
     penalty_units: Literal["pairs", "per_token"] = "pairs"
     controller_hidden: ControllerWidth = "R"
+    controller_input: ControllerInput = "detached"
     projection: bool = True
     gate_granularity: Literal["token", "sequence"] = "token"
     scale: float = 1.0
     inference_path: InferencePath = "sparse"
+    eval_gates: EvalRule = "sign"
     target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
@@ -193,8 +211,9 @@ class TABSConfig:
         return SpectralRecipe(
             rank=self.R, scale=self.scale,
             gate_source="token" if self.gate_granularity == "token" else "sequence",
-            controller_hidden=self.controller_hidden, budget=budget, projection=self.projection,
-            inference_path=self.inference_path,
+            controller_hidden=self.controller_hidden,
+            detach_controller_input=self.controller_input == "detached", budget=budget, projection=self.projection,
+            inference_path=self.inference_path, eval_gates=self.eval_gates,
             penalty="per_sequence", penalty_weight=self.penalty_weight,
             normalised_penalty=self.penalty_units == "per_token",
         )

@@ -15,6 +15,13 @@ source                 logits                                          used by
 (The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md §5:
 W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, no biases, default h = R.
 
+``detach_input`` (default on; config key ``controller_input: detached | attached``) stops
+gradients at the controller's input: the controller still reads the layer input, but neither
+the task loss nor the budget penalty reaches earlier layers through it. methods.md does not say
+which; attached, the penalty's gradient reaches every earlier adapter through the controllers
+of later targets, and at λ = 0.05 it trains those adapters to shut later gates instead of
+solving the task (measured on MiniLM / SST-2: TABS and CBSP stay at chance attached).
+
 ``flops(valid_tokens)`` counts the controller's matrix-multiply FLOPs per sequence
 (2 per multiply-add, as ``torch.utils.flop_counter`` counts them): the token controller runs
 on the T_valid real tokens, the sequence controller once on the pooled mean (the mean itself
@@ -72,11 +79,14 @@ class SequenceController(nn.Module):
     shares_gates_across_tokens = True
     gates_non_token_inputs = False
 
-    def __init__(self, d_in: int, hidden: int, rank: int):
+    def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True):
         super().__init__()
         self.mlp = ControllerMLP(d_in, hidden, rank)
+        self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.detach_input:
+            x = x.detach()
         weights = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
         count = weights.sum(dim=1).clamp(min=1.0)  # (B, 1); an all-padding row pools to 0
         pooled = (x * weights).sum(dim=1) / count  # (B, d_in)
@@ -92,12 +102,13 @@ class TokenController(nn.Module):
     shares_gates_across_tokens = False
     gates_non_token_inputs = False
 
-    def __init__(self, d_in: int, hidden: int, rank: int):
+    def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True):
         super().__init__()
         self.mlp = ControllerMLP(d_in, hidden, rank)
+        self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)  # (B, T, R); padding rows are masked by the layer
+        return self.mlp(x.detach() if self.detach_input else x)  # (B, T, R); padding rows are masked by the layer
 
     def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
         return valid_tokens.long() * self.mlp.flops_per_input()

@@ -16,12 +16,18 @@ between. The probability that a gate is open has the closed form
 which the expected-budget penalties use (it is differentiable, unlike the sample count).
 
 At evaluation the gate is the binary decision ``g = 1[log α > 0]`` (methods.md §5): a closed
-direction is then skipped entirely, so it costs nothing.
+direction is then skipped entirely, so it costs nothing. ``eval_rule="louizos"`` uses Louizos
+et al.'s test-time estimator instead, ĝ = clamp(σ(log α)(ζ − γ) + γ, 0, 1): deterministic, 0
+below log α = log(−γ / ζ) ≈ −2.40 (so closed directions still cost nothing), fractional above.
+It matters because training and the budget see the stretched distribution, whose P(g ≠ 0)
+is σ(log α + 1.60): a budget of half the directions settles log α near −1.6, where the sign
+rule closes almost every gate that training had open about half the time.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,6 +35,8 @@ from torch import nn
 BETA = 2.0 / 3.0
 GAMMA = -0.1
 ZETA = 1.1
+
+EvalRule = Literal["sign", "louizos"]
 
 # Keeps log(u) and log(1 − u) finite; the induced bias on P(g ≠ 0) is below 1e-6.
 _UNIFORM_EPS = 1e-6
@@ -38,8 +46,11 @@ class HardConcreteGate(nn.Module):
     """Stateless gate distribution: ``sample`` (training), ``decide`` (evaluation),
     ``prob_open`` (closed-form P(g ≠ 0)). All three act elementwise on logits of any shape."""
 
-    def __init__(self, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA):
+    def __init__(self, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA,
+                 eval_rule: EvalRule = "sign"):
         super().__init__()
+        if eval_rule not in ("sign", "louizos"):
+            raise ValueError(f"eval_rule must be 'sign' or 'louizos', got {eval_rule!r}")
         if not (beta > 0 and gamma < 0 and zeta > 1):
             raise ValueError(
                 f"HardConcrete needs beta > 0, gamma < 0, zeta > 1; got {beta}, {gamma}, {zeta}"
@@ -47,6 +58,7 @@ class HardConcreteGate(nn.Module):
         self.beta = beta
         self.gamma = gamma
         self.zeta = zeta
+        self.eval_rule = eval_rule
         # β · log(−γ/ζ): the shift between log α and the logit of P(g ≠ 0).
         self.open_logit_shift = beta * math.log(-gamma / zeta)
 
@@ -60,14 +72,18 @@ class HardConcreteGate(nn.Module):
         s = torch.sigmoid((noise + logits.float()) / self.beta)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
-    @staticmethod
-    def decide(logits: torch.Tensor) -> torch.Tensor:
-        """Evaluation gate ``1[logit > 0]`` as float32 (no gradient: it is a hard decision)."""
-        return (logits.detach() > 0).float()
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Evaluation gate as float32, without gradient: ``1[logit > 0]`` (``sign``) or
+        clamp(σ(logit)(ζ − γ) + γ, 0, 1) (``louizos``)."""
+        logits = logits.detach()
+        if self.eval_rule == "sign":
+            return (logits > 0).float()
+        return (torch.sigmoid(logits.float()) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
 
     def prob_open(self, logits: torch.Tensor) -> torch.Tensor:
         """Closed form P(g ≠ 0) = σ(log α − β log(−γ/ζ)), differentiable in ``logits``."""
         return torch.sigmoid(logits.float() - self.open_logit_shift)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta:.4g}, gamma={self.gamma}, zeta={self.zeta}"
+        return (f"beta={self.beta:.4g}, gamma={self.gamma}, zeta={self.zeta}, "
+                f"eval_rule={self.eval_rule}")

@@ -118,7 +118,8 @@ class SpectralFamily(FineTuningMethod):
             layer = SpectralLinear(
                 linear, factors[name], self.context, scale=self.recipe.scale,
                 gate_source=self._gate_source(linear),
-                gate=HardConcreteGate() if self.recipe.gate_source != "none" else None,
+                gate=(HardConcreteGate(eval_rule=self.recipe.eval_gates)
+                      if self.recipe.gate_source != "none" else None),
                 budget=self.recipe.budget,
                 projection=TopLogitBudgetProjection() if self.recipe.projection else None,
                 target_name=name,
@@ -138,7 +139,7 @@ class SpectralFamily(FineTuningMethod):
             return StaticGateLogits(r.rank, r.init_log_alpha).to(device)
         hidden = controller_width(r.controller_hidden, linear.in_features, r.rank)
         cls = SequenceController if r.gate_source == "sequence" else TokenController
-        return cls(linear.in_features, hidden, r.rank).to(device)
+        return cls(linear.in_features, hidden, r.rank, r.detach_controller_input).to(device)
 
     # --- training --------------------------------------------------------------------------
     def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -211,7 +212,7 @@ class SpectralFamily(FineTuningMethod):
     @staticmethod
     def _static_open_gates(model: nn.Module) -> dict[str, list[int]]:
         return {
-            name: HardConcreteGate.decide(layer.gate_source.log_alpha).int().tolist()
+            name: (layer.gate.decide(layer.gate_source.log_alpha) > 0).int().tolist()
             for name, layer in spectral_layers(model).items()
         }
 
@@ -237,7 +238,7 @@ class SpectralFamily(FineTuningMethod):
                 gates["static_gates"][name] = {
                     "log_alpha": log_alpha.tolist(),
                     "prob_open": layer.gate.prob_open(log_alpha).tolist(),
-                    "open_at_evaluation": HardConcreteGate.decide(log_alpha).int().tolist(),
+                    "open_at_evaluation": (layer.gate.decide(log_alpha) > 0).int().tolist(),
                 }
         summary: dict[str, Any] = {
             f"{PREFIX}svd_cache_hit": int(bool(self.svd_info.get("cache_hit")))
