@@ -68,16 +68,6 @@ def _check_common(path: str, rank: int, scale: float) -> None:
     require(scale > 0, join(path, "scale"), f"must be > 0, got {scale}")
 
 
-def _check_budget(path: str, budget: float, rank: int, what: str) -> None:
-    require(budget >= 0, join(path, "budget"), f"must be >= 0, got {budget}")
-    require(budget <= rank, join(path, "budget"),
-            f"must be <= R = {rank} (at most R directions can open per {what}), got {budget}")
-
-
-def _check_penalty_weight(path: str, weight: float) -> None:
-    require(weight >= 0, join(path, "penalty_weight"), f"must be >= 0, got {weight}")
-
-
 def _check_controller(path: str, width: ControllerWidth) -> None:
     if isinstance(width, int):
         require(width >= 1, join(path, "controller_hidden"),
@@ -101,7 +91,37 @@ class SpectralAdapterConfig:
 
 
 @dataclass
-class BHSPConfig:
+class _GatedConfig:
+    """Fields every gated type shares: R directions, budget b, λ, evaluation gate and path."""
+
+    R: int = 16
+    budget: float = 8.0
+    penalty_weight: float = 0.05
+    scale: float = 1.0
+    inference_path: InferencePath = "sparse"
+    eval_gates: EvalRule = "sign"
+    target_modules: list[str] | None = None
+
+    budget_unit = "token"  # what b counts directions of, for the error message
+
+    def validate(self, path: str) -> None:
+        _check_common(path, self.R, self.scale)
+        require(self.budget >= 0, join(path, "budget"), f"must be >= 0, got {self.budget}")
+        require(self.budget <= self.R, join(path, "budget"),
+                f"must be <= R = {self.R} (at most R directions can open per "
+                f"{self.budget_unit}), got {self.budget}")
+        require(self.penalty_weight >= 0, join(path, "penalty_weight"),
+                f"must be >= 0, got {self.penalty_weight}")
+
+    def _recipe(self, **kwargs) -> SpectralRecipe:
+        return SpectralRecipe(
+            rank=self.R, scale=self.scale, penalty_weight=self.penalty_weight,
+            inference_path=self.inference_path, eval_gates=self.eval_gates, **kwargs,
+        )
+
+
+@dataclass
+class BHSPConfig(_GatedConfig):
     """BHSP: one static HardConcrete gate per (target, direction), trainable log α.
 
     Penalty λ · max(0, Σ_k Σ_i P(g_ki ≠ 0) − b·|K|)² (``penalty_units: per_target`` divides
@@ -110,32 +130,42 @@ class BHSPConfig:
     """
 
     type: Literal["bhsp"] = "bhsp"
-    R: int = 16
-    budget: float = 8.0
-    penalty_weight: float = 0.05
     penalty_units: Literal["gates", "per_target"] = "gates"
     init_log_alpha: float = 1.0
-    scale: float = 1.0
-    inference_path: InferencePath = "sparse"
-    eval_gates: EvalRule = "sign"
-    target_modules: list[str] | None = None
 
-    def validate(self, path: str) -> None:
-        _check_common(path, self.R, self.scale)
-        _check_budget(path, self.budget, self.R, "target")
-        _check_penalty_weight(path, self.penalty_weight)
+    budget_unit = "target"
 
     def recipe(self) -> SpectralRecipe:
-        return SpectralRecipe(
-            rank=self.R, scale=self.scale, gate_source="static", init_log_alpha=self.init_log_alpha,
-            penalty="static_total", penalty_weight=self.penalty_weight,
+        return self._recipe(
+            gate_source="static", init_log_alpha=self.init_log_alpha, penalty="static_total",
             normalised_penalty=self.penalty_units == "per_target",
-            static_budget_per_target=self.budget, inference_path=self.inference_path, eval_gates=self.eval_gates,
+            static_budget_per_target=self.budget,
         )
 
 
 @dataclass
-class CBSPConfig:
+class _ControlledConfig(_GatedConfig):
+    """Gated types whose gates come from a controller reading the layer input (CBSP, TABS)."""
+
+    penalty_units: Literal["pairs", "per_token"] = "pairs"
+    controller_hidden: ControllerWidth = "R"
+    controller_input: ControllerInput = "detached"
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        _check_controller(path, self.controller_hidden)
+
+    def _recipe(self, **kwargs) -> SpectralRecipe:
+        return super()._recipe(
+            controller_hidden=self.controller_hidden,
+            detach_controller_input=self.controller_input == "detached",
+            penalty="per_sequence", normalised_penalty=self.penalty_units == "per_token",
+            **kwargs,
+        )
+
+
+@dataclass
+class CBSPConfig(_ControlledConfig):
     """CBSP: sequence-level controller on the masked mean of x_t; tokens share gates.
 
     Average budget b directions per target and sequence (b·T_valid pairs), enforced by the
@@ -143,37 +173,14 @@ class CBSPConfig:
     """
 
     type: Literal["cbsp"] = "cbsp"
-    R: int = 16
-    budget: float = 8.0
-    penalty_weight: float = 0.05
-    penalty_units: Literal["pairs", "per_token"] = "pairs"
-    controller_hidden: ControllerWidth = "R"
-    controller_input: ControllerInput = "detached"
-    scale: float = 1.0
-    inference_path: InferencePath = "sparse"
-    eval_gates: EvalRule = "sign"
-    target_modules: list[str] | None = None
-
-    def validate(self, path: str) -> None:
-        _check_common(path, self.R, self.scale)
-        _check_budget(path, self.budget, self.R, "token")
-        _check_penalty_weight(path, self.penalty_weight)
-        _check_controller(path, self.controller_hidden)
 
     def recipe(self) -> SpectralRecipe:
-        return SpectralRecipe(
-            rank=self.R, scale=self.scale, gate_source="sequence",
-            controller_hidden=self.controller_hidden,
-            detach_controller_input=self.controller_input == "detached",
-            inference_path=self.inference_path, eval_gates=self.eval_gates,
-            budget=SequenceBudget(per_token=self.budget), projection=False, penalty="per_sequence",
-            penalty_weight=self.penalty_weight,
-            normalised_penalty=self.penalty_units == "per_token",
-        )
+        return self._recipe(gate_source="sequence", budget=SequenceBudget(per_token=self.budget),
+                            projection=False)
 
 
 @dataclass
-class TABSConfig:
+class TABSConfig(_ControlledConfig):
     """TABS: token controller, HardConcrete gates, hard per-sequence budget with projection.
 
     B_max = floor(b · T_valid) or the absolute ``budget_tokens``. Ablations:
@@ -182,38 +189,20 @@ class TABSConfig:
     """
 
     type: Literal["tabs"] = "tabs"
-    R: int = 16
-    budget: float = 8.0
     budget_tokens: int | None = None
-    penalty_weight: float = 0.05
-    penalty_units: Literal["pairs", "per_token"] = "pairs"
-    controller_hidden: ControllerWidth = "R"
-    controller_input: ControllerInput = "detached"
     projection: bool = True
     gate_granularity: Literal["token", "sequence"] = "token"
-    scale: float = 1.0
-    inference_path: InferencePath = "sparse"
-    eval_gates: EvalRule = "sign"
-    target_modules: list[str] | None = None
 
     def validate(self, path: str) -> None:
-        _check_common(path, self.R, self.scale)
-        _check_budget(path, self.budget, self.R, "token")
+        super().validate(path)
         if self.budget_tokens is not None:
             require(self.budget_tokens >= 1, join(path, "budget_tokens"),
                     f"must be >= 1 or null, got {self.budget_tokens}")
-        _check_penalty_weight(path, self.penalty_weight)
-        _check_controller(path, self.controller_hidden)
 
     def recipe(self) -> SpectralRecipe:
         budget = (SequenceBudget(budget_tokens=self.budget_tokens) if self.budget_tokens is not None
                   else SequenceBudget(per_token=self.budget))
-        return SpectralRecipe(
-            rank=self.R, scale=self.scale,
+        return self._recipe(
             gate_source="token" if self.gate_granularity == "token" else "sequence",
-            controller_hidden=self.controller_hidden,
-            detach_controller_input=self.controller_input == "detached", budget=budget, projection=self.projection,
-            inference_path=self.inference_path, eval_gates=self.eval_gates,
-            penalty="per_sequence", penalty_weight=self.penalty_weight,
-            normalised_penalty=self.penalty_units == "per_token",
+            budget=budget, projection=self.projection,
         )
