@@ -122,6 +122,30 @@ def test_sparse_and_dense_paths_agree(source, training):
     torch.testing.assert_close(outputs["sparse"], outputs["dense"], atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_path_gradients_equal_the_dense_paths():
+    """Forced in training, the sparse kernels give the same gradients for P_U, P_V, the
+    controller and the input as autograd through the dense-masked path."""
+    layer = build_layer("token", R=5, d_in=8, d_out=6, budget=SequenceBudget(per_token=2.0),
+                        projection=True, seed=4).train()
+    with torch.no_grad():
+        layer.P_U.normal_(0, 0.3)
+        layer.P_V.normal_(0, 0.3)
+    layer.context.attention_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5])
+    x0 = torch.randn(2, 9, 8)
+    grads = {}
+    for path in ("dense", "sparse"):
+        layer.execution = path
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(5)  # same HardConcrete samples for both paths
+        (layer(x) * torch.linspace(-1, 1, 6)).sum().backward()
+        grads[path] = [x.grad, layer.P_U.grad, layer.P_V.grad,
+                       layer.gate_source.mlp.w1.weight.grad]
+    assert grads["dense"][1].abs().sum() > 0
+    for sparse, dense in zip(grads["sparse"], grads["dense"], strict=True):
+        torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_path_is_the_default_at_evaluation():
     layer = build_layer("token")
     assert layer.train().uses_sparse_path() is False

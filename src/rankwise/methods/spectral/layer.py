@@ -28,12 +28,13 @@ Variants are strategies plugged into this one layer, not subclasses:
 Padding tokens (from the model-level mask hook, ``context.py``) never open a gate and never
 count toward a budget. Two execution paths compute the same update: the dense-masked path
 (all R directions for all tokens, then gates multiply) and the sparse path (only open
-(token, direction) pairs, grouped by direction and scattered back with ``index_add_``), used
-by default at evaluation so that realised compute falls with the gates.
+(token, direction) pairs, a sampled matmul and a sparse × dense matmul on their CSR pattern),
+used by default at evaluation so that realised compute falls with the gates.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -222,32 +223,41 @@ class SpectralLinear(nn.Module):
         return coef @ out_basis.T.to(coef.dtype)  # (..., d_out)
 
     def sparse_update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Same as ``dense_update`` but computing only pairs with g ≠ 0. x (B, T, d_in)."""
+        """Same as ``dense_update`` but computing only pairs with g ≠ 0. x (B, T, d_in).
+
+        The open pairs form a sparsity pattern over the (token, 2R) coefficient matrix of
+        ``dense_update`` (two columns per direction). A sampled matmul (SDDMM) computes the
+        projections x_t·[p_V,i | v_i + p_V,i] only at those entries, and a sparse × dense
+        matmul (SpMM) expands them onto [u_i | p_U,i]: 4·(d_in + d_out) FLOPs per open pair,
+        as ``flops.py`` counts, both in library CSR kernels and differentiable. Computed in
+        float32 (the sparse kernels' common dtype; autocast is paused) and cast back.
+        """
         B, T, _ = x.shape
-        rows_x = x.reshape(B * T, self.d_in)  # (N, d_in)
-        rows_g = gates.reshape(B * T, self.rank)  # (N, R)
-        token_idx, direction_idx = rows_g.nonzero(as_tuple=True)  # open pairs
-        out: torch.Tensor | None = None
-        if token_idx.numel():
-            order = torch.argsort(direction_idx, stable=True)
-            token_idx, direction_idx = token_idx[order], direction_idx[order]
-            counts = torch.bincount(direction_idx, minlength=self.rank).tolist()
-            for i, rows in enumerate(token_idx.split(counts)):
-                if rows.numel() == 0:
-                    continue
-                p_v = self.P_V[:, i]
-                in_i = torch.stack([p_v, self.V[:, i] + p_v], dim=1)  # (d_in, 2)
-                out_i = torch.stack([self.U[:, i], self.P_U[:, i]], dim=0)  # (2, d_out)
-                projections = rows_x[rows] @ in_i.to(x.dtype)  # (n_i, 2)
-                gs = (rows_g[rows, i] * self.s[i]).unsqueeze(1)  # (n_i, 1)
-                coef = projections * gs.to(projections.dtype)
-                contribution = coef @ out_i.to(coef.dtype)  # (n_i, d_out)
-                if out is None:
-                    out = contribution.new_zeros(B * T, self.d_out)
-                out.index_add_(0, rows, contribution)
-        if out is None:
-            out = x.new_zeros(B * T, self.d_out)
-        return out.reshape(B, T, self.d_out)
+        rows_x = x.reshape(B * T, self.d_in).float()
+        rows_g = gates.reshape(B * T, self.rank).float()
+        pattern = torch.cat([rows_g, rows_g], dim=-1) != 0  # (N, 2R)
+        open_rows, columns = pattern.nonzero(as_tuple=True)  # row-major: CSR order
+        if columns.numel() == 0:
+            return x.new_zeros(B, T, self.d_out)
+        row_starts = torch.zeros(B * T + 1, dtype=torch.long, device=x.device)
+        row_starts[1:] = torch.cumsum(pattern.sum(dim=1), dim=0)
+        in_basis = torch.cat([self.P_V, self.V + self.P_V], dim=1)  # (d_in, 2R)
+        out_basis = torch.cat([self.U, self.P_U], dim=1)  # (d_out, 2R)
+        gs = rows_g * self.s
+        coefficients = torch.cat([gs, gs], dim=-1)[open_rows, columns]  # g_i s_i per entry
+        with warnings.catch_warnings(), torch.autocast(x.device.type, enabled=False):
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            sampled = torch.sparse_csr_tensor(
+                row_starts, columns, torch.ones_like(coefficients), size=pattern.shape,
+                check_invariants=False,
+            )
+            projections = torch.sparse.sampled_addmm(sampled, rows_x, in_basis, beta=0.0)
+            weighted = torch.sparse_csr_tensor(
+                row_starts, columns, projections.values() * coefficients, size=pattern.shape,
+                check_invariants=False,
+            )
+            out = torch.sparse.mm(weighted, out_basis.T)  # (N, d_out)
+        return out.reshape(B, T, self.d_out).to(x.dtype)
 
     def _forward_non_token(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Inputs that are not tokens (DeBERTa relative-position embeddings, see context.py).
