@@ -108,7 +108,8 @@ class TokenController(nn.Module):
         self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.detach() if self.detach_input else x)  # (B, T, R); padding rows are masked by the layer
+        # (B, T, R); padding rows are masked by the layer
+        return self.mlp(x.detach() if self.detach_input else x)
 
     def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
         return valid_tokens.long() * self.mlp.flops_per_input()
