@@ -61,7 +61,12 @@ from rankwise.config.loader import Job
 from rankwise.config.schema import parse_run_config
 from rankwise.config.typed import join, require
 from rankwise.errors import ConfigError
-from rankwise.measure.adapter_flops import forward_cost, lora_target_costs, measured_flops
+from rankwise.measure.adapter_flops import (
+    forward_cost,
+    lora_target_costs,
+    measured_flops,
+    trainable_param_counts,
+)
 from rankwise.measure.inputs import max_input_length, random_token_batch
 from rankwise.measure.latency import LatencyStats, synchronizer, timed_call
 from rankwise.results import atomic_write_json, provenance
@@ -150,25 +155,13 @@ def with_adapter(job: Job, kind: str) -> Job:
 def build_model(job: Job, device: torch.device):
     """(model, method, tokenizer) exactly as the training loop builds them (seeded)."""
     from rankwise.data.tasks import get_task
-    from rankwise.methods import build_method
-    from rankwise.methods.targets import resolve_target_modules
-    from rankwise.models import load_backbone
-    from rankwise.training.loop import seed_everything
+    from rankwise.training.loop import load_run_backbone, seed_everything, wrap_for_run
 
     run = job.run
     seed_everything(run.training.seed, deterministic=False)
-    task = get_task(run.dataset.name, run.dataset.subset)
-    backbone, tokenizer = load_backbone(
-        run.model.name, task.num_labels,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-        tokenizer_name=run.model.tokenizer)
-    method = build_method(run)
-    patterns = getattr(run.model.adapter, "target_modules", None) or run.model.target_modules
-    try:
-        targets = resolve_target_modules(backbone, patterns)
-    except ValueError as exc:
-        raise ConfigError("model.adapter.target_modules", str(exc)) from None
-    model = method.wrap(backbone, targets).to(device)
+    backbone, tokenizer = load_run_backbone(run, get_task(run.dataset.name, run.dataset.subset))
+    method, model = wrap_for_run(run, backbone)
+    model = model.to(device)
     model.eval()
     return model, method, tokenizer
 
@@ -241,9 +234,7 @@ def build_variants(jobs: list[Job], options: InferenceBenchOptions, device: torc
         if options.weights != "fresh":
             weights = load_trained_weights(job, model, options.weights)
         weights = weights or realistic_fresh_gates(method, model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        controller = sum(p.numel() for n, p in model.named_parameters()
-                         if p.requires_grad and ".gate_source." in n)
+        trainable, controller = trainable_param_counts(model)
         common = {"job": job, "method": method, "tokenizer": tokenizer, "weights": weights,
                   "trainable_params": trainable, "controller_params": controller,
                   "amp_dtype": autocast_dtype(job, device)}
@@ -289,17 +280,11 @@ def set_spectral_path(model: nn.Module, path: str) -> None:
 
 
 # --- the sweep --------------------------------------------------------------------------------
-def _autocast(variant: Variant, device: torch.device):
-    from contextlib import nullcontext
-
-    if variant.amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=variant.amp_dtype)
-
-
 def _forward(variant: Variant, inputs: dict[str, torch.Tensor], device: torch.device):
+    from rankwise.training.loop import autocast_context
+
     def run():
-        with _autocast(variant, device):
+        with autocast_context(device, variant.amp_dtype):
             return variant.model(**inputs)
 
     return run

@@ -37,6 +37,17 @@ from torch import nn
 REALISED, ANALYTIC, NONE = "realised", "analytic", "none"
 
 
+def trainable_param_counts(model: nn.Module) -> tuple[int, int]:
+    """(every trainable parameter, of which in spectral gate controllers / log α)."""
+    trainable = controller = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            if ".gate_source." in name:
+                controller += p.numel()
+    return trainable, controller
+
+
 def lora_flops_per_token(rank: int, d_in: int, d_out: int) -> int:
     """Matmul FLOPs of one token through one unmerged LoRA/AdaLoRA target: 2·r·(d_in + d_out)."""
     return 2 * rank * (d_in + d_out)

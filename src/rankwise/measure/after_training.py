@@ -34,12 +34,18 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rankwise.measure.adapter_flops import NONE, REALISED, ForwardCost, analytic_cost, forward_cost
+from rankwise.measure.adapter_flops import (
+    NONE,
+    REALISED,
+    ForwardCost,
+    analytic_cost,
+    forward_cost,
+    trainable_param_counts,
+)
 from rankwise.measure.inputs import max_input_length, token_stream_batch
 from rankwise.measure.latency import measure_latency, synchronizer
 from rankwise.results import atomic_write_json
@@ -92,6 +98,8 @@ def _eval_set_cost(trainer: Trainer, split_index: int) -> ForwardCost | None:
 
 def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> dict[str, float]:
     """Run the measurement pass; return the headline scalars (see the module docstring)."""
+    from rankwise.training.loop import autocast_context
+
     cfg = trainer.t.inference_measurement
     if not cfg.enabled:
         return {}
@@ -112,8 +120,7 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
         lengths = lengths[:1]
     rows = _evaluated_token_rows(trainer, 0)
     sync = synchronizer(device)
-    autocast = (torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype is not None
-                else nullcontext())
+    autocast = autocast_context(device, trainer.amp_dtype)
 
     shapes: list[dict[str, Any]] = []
     was_training = model.training
@@ -153,9 +160,7 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
     budgeted = bool(eval_violations or pass_violations)
     violations = int(sum(eval_violations) + sum(pass_violations)) if budgeted else None
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    controller_params = sum(
-        p.numel() for n, p in model.named_parameters() if p.requires_grad and ".gate_source." in n)
+    trainable, controller_params = trainable_param_counts(model)
     headline: dict[str, float] = {
         "adapter_mflops_per_example": adapter / 1e6,
         "controller_mflops_per_example": controller / 1e6,

@@ -95,6 +95,34 @@ def autocast_dtype(job: Job, device: torch.device) -> torch.dtype | None:
     return torch.float16 if t.fp16 else torch.bfloat16
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context without one."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def load_run_backbone(run, task):
+    """(backbone, tokenizer) of a run's model with the task's head."""
+    return load_backbone(
+        run.model.name, task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+        tokenizer_name=run.model.tokenizer)
+
+
+def wrap_for_run(run, backbone: torch.nn.Module) -> tuple[FineTuningMethod, torch.nn.Module]:
+    """(method, model): the run's method built and wrapped around ``backbone``'s targets."""
+    method = build_method(run)
+    patterns = getattr(run.model.adapter, "target_modules", None) or run.model.target_modules
+    try:
+        targets = resolve_target_modules(backbone, patterns)
+    except ValueError as exc:
+        from rankwise.errors import ConfigError
+
+        raise ConfigError("model.adapter.target_modules", str(exc)) from None
+    return method, method.wrap(backbone, targets)
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop stops at the next step boundary."""
 
@@ -163,10 +191,7 @@ class Trainer:
         from rankwise.data.tasks import get_task
 
         self.task = get_task(self.cfg.dataset.name, self.cfg.dataset.subset)
-        self.backbone, self.tokenizer = load_backbone(
-            self.cfg.model.name, self.task.num_labels,
-            problem_type="regression" if self.task.is_regression else "single_label_classification",
-            tokenizer_name=self.cfg.model.tokenizer)
+        self.backbone, self.tokenizer = load_run_backbone(self.cfg, self.task)
         self._check_lengths()
         cap = TRIAL_MAX_BATCHES if self.trial else None
         eval_bs = self.t.eval_batch_size or self.t.batch_size
@@ -175,15 +200,8 @@ class Trainer:
             max_train=cap * self.t.batch_size * self.t.gradient_accumulation_steps if cap else None,
             max_eval=cap * eval_bs if cap else None)
         self.collate = DynamicPaddingCollator(self.tokenizer.pad_token_id, self.task.is_regression)
-        self.method: FineTuningMethod = build_method(self.cfg)
-        patterns = getattr(self.cfg.model.adapter, "target_modules", None) or self.cfg.model.target_modules
-        try:
-            targets = resolve_target_modules(self.backbone, patterns)
-        except ValueError as exc:
-            from rankwise.errors import ConfigError
-
-            raise ConfigError("model.adapter.target_modules", str(exc)) from None
-        self.model = self.method.wrap(self.backbone, targets).to(self.device)
+        self.method, model = wrap_for_run(self.cfg, self.backbone)
+        self.model = model.to(self.device)
         # The training forward runs through this (DDP under torchrun); everything else,
         # method hooks included, sees the unwrapped ``self.model``.
         self.train_model = self.model
@@ -235,9 +253,7 @@ class Trainer:
         return task_loss(logits, batch["labels"].to(self.device), self.task.is_regression)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     # --- checkpoints ------------------------------------------------------------------------
     @property
