@@ -88,7 +88,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 import types
 import typing
@@ -107,6 +106,7 @@ from rankwise.config.schema import OptunaConfig, RunConfig, SearchSpaceEntry, pa
 from rankwise.config.search_aliases import SEARCH_ALIASES, resolve_search_key
 from rankwise.config.typed import to_plain
 from rankwise.errors import ConfigError, NonFiniteLossError, RankwiseError
+from rankwise.results import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -690,6 +690,7 @@ class _StudyOutputs:
         self.study_dir = study_dir
 
     def write(self) -> None:
+        # Workers sharing a study directory each replace whole files; readers never see half of one.
         trials = sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
         best = _best_trial(trials, self.cfg.direction)
         names = list(self.cfg.search_space)
@@ -720,7 +721,7 @@ class _StudyOutputs:
                     notes[t.number],
                 ]
             )
-        _atomic_write(self.study_dir / "trials.csv", rows.getvalue())
+        atomic_write_bytes(self.study_dir / "trials.csv", rows.getvalue().encode())
         summary = {
             "study_name": self.study.study_name,
             "storage": _masked(self.url),
@@ -738,15 +739,9 @@ class _StudyOutputs:
             "n_pruned": _count(trials, (TrialState.PRUNED,)),
             "n_failed": sum(_is_failure(t) for t in trials),
         }
-        _atomic_write(self.study_dir / "best_params.json", json.dumps(summary, indent=2) + "\n")
-        _atomic_write(self.study_dir / "top_trials.md", _top_trials_markdown(trials, self.cfg))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # Workers sharing a study directory each write whole files; readers never see half of one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_write_json(self.study_dir / "best_params.json", summary)
+        atomic_write_bytes(self.study_dir / "top_trials.md",
+                           _top_trials_markdown(trials, self.cfg).encode())
 
 
 # --- progress ----------------------------------------------------------------------------
