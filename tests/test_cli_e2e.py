@@ -36,7 +36,7 @@ def test_reference_config_trial_run_writes_complete_results(trial_results, run_i
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "complete"
     assert metrics["mode"] == "trial"
-    for key in ("validation_accuracy", "validation_loss", "validation_mismatched_accuracy", "glue_avg"):
+    for key in ("validation_accuracy", "validation_loss", "validation_mismatched_accuracy", "glue_score"):
         assert key in metrics["final"], key
     assert metrics["task"]["primary_metric"] == "validation_accuracy"
     assert metrics["params"]["trainable"] < metrics["params"]["total"]
@@ -63,7 +63,10 @@ def test_trial_run_of_proposed_logs_the_regulariser(trial_results):
 
 def test_evaluate_two_trial_runs(trial_results):
     out, procs = trial_results
-    proc = run_cli("rankwise.evaluate", f"results_dir={out}", f"run_ids=[{REFS[0]},{REFS[1]}]")
+    refused = run_cli("rankwise.evaluate", f"results_dir={out}", f"run_ids=[{REFS[0]},{REFS[1]}]")
+    assert refused.returncode == 2 and "trial-mode run" in refused.stderr
+    proc = run_cli("rankwise.evaluate", f"results_dir={out}", f"run_ids=[{REFS[0]},{REFS[1]}]",
+                   "allow_trial=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     agg = json.loads((out / "comparison" / "aggregated_metrics.json").read_text())
     for key in ("primary_metric", "metrics", "best_proposed", "best_baseline", "gap", "significance"):
@@ -71,10 +74,11 @@ def test_evaluate_two_trial_runs(trial_results):
     assert agg["primary_metric"] == "validation_accuracy"
     assert set(agg["metrics"]["validation_accuracy"]) == set(REFS)
     assert agg["best_proposed"]["run_id"] == REFS[0] and agg["best_baseline"]["run_id"] == REFS[1]
-    assert agg["significance"]["test"] == "mcnemar_exact" and 0 <= agg["significance"]["p_value"] <= 1
+    assert agg["significance"]["test"] == "hierarchical_bootstrap" and 0 <= agg["significance"]["p_value"] <= 1
     summary = (out / "comparison" / "summary.md").read_text()
     assert REFS[0] in summary and "±" in summary
-    for name in ("comparison_validation_accuracy.png", "comparison_validation_accuracy.pdf", "learning_curves.png"):
+    for name in ("comparison_validation_accuracy.png", "comparison_validation_accuracy.pdf",
+                 "comparison_learning_curves.png"):
         assert (out / "comparison" / name).stat().st_size > 0
 
 
@@ -88,7 +92,8 @@ def test_evaluate_refuses_incomplete_run(trial_results, tmp_path):
     (tmp_path / REFS[1] / "metrics.json").write_text(json.dumps(m))
     proc = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", f"run_ids=[{REFS[1]}]")
     assert proc.returncode == 2 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr
-    ok = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", f"run_ids=[{REFS[1]}]", "allow_incomplete=true")
+    ok = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", f"run_ids=[{REFS[1]}]", "allow_incomplete=true",
+                 "allow_trial=true")
     assert ok.returncode == 0, ok.stderr[-2000:]
     missing = run_cli("rankwise.evaluate", f"results_dir={tmp_path}", "run_ids=[nope]")
     assert missing.returncode == 2 and "nope" in missing.stderr

@@ -79,3 +79,21 @@ def test_no_mirror_and_no_hub_is_one_clear_line(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="dataset.data_dir"):
         load_task_data(DatasetConfig(name="glue", subset="rte"), tok, tmp_path)
+
+
+def test_missing_mnli_mismatched_is_recorded(fake_glue, tok, tmp_path):
+    import shutil
+
+    from rankwise.data.loading import missing_eval_splits
+    from rankwise.data.tasks import get_task
+
+    mirror = tmp_path / "glue"
+    shutil.copytree(fake_glue / "mnli", mirror / "mnli")
+    splits = SplitsConfig(train="train", validation="validation_matched")
+    task = get_task("glue", "mnli")
+    assert missing_eval_splits(cfg(mirror, subset="mnli", splits=splits), task) == []
+    (mirror / "mnli" / "validation_mismatched-00000-of-00001.parquet").unlink()
+    dataset = cfg(mirror, subset="mnli", splits=splits)
+    assert missing_eval_splits(dataset, task) == ["validation_mismatched"]
+    data = load_task_data(dataset, tok, tmp_path)
+    assert [e.name for e in data.evals] == ["validation"]

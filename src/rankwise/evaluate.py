@@ -1,34 +1,41 @@
-"""``python -m rankwise.evaluate results_dir=<dir> run_ids='["a","b"]' [allow_incomplete=true]``
+"""``python -m rankwise.evaluate results_dir=<dir> run_ids='["a","b"]' [out_dir=<dir>]
+[allow_incomplete=true] [allow_trial=true]``
 
-Reads each run's ``metrics.json`` and predictions and writes ``<results_dir>/comparison/``:
-``aggregated_metrics.json`` (``primary_metric``, ``metrics{metric:{run_id:value}}``, ``std``,
-``best_proposed``, ``best_baseline``, ``gap``, ``significance``, ``pairwise``),
-``summary.md`` and figures (``comparison_<metric>.png/.pdf``, ``learning_curves.png/.pdf``).
+Reads each run's ``metrics.json`` and per-seed predictions and writes ``out_dir`` (default
+``<results_dir>/comparison/``): ``aggregated_metrics.json``, ``summary.md`` and figures
+``comparison_<topic>.png/.pdf``.
 
-Significance (``pairwise``): every proposed run against every other run of the same task on
-the primary metric's split, paired per example on predictions pooled over the seeds both runs
-share — exact McNemar for classification, paired bootstrap (10k resamples) for regression;
-``significance`` is the best proposed vs the best baseline. Differences with p >= 0.05 are
-marked **not significant** in ``summary.md``. The summary table shows mean ± std over seeds per
-task metric and, where the runs measured them, adapter FLOPs per example, mean and p99 latency
-and budget violations.
+Verdicts (methods.md §7): every proposed run is compared with every other run of the same
+task, never across tasks, on the task's primary metric (CoLA MCC, STS-B Pearson, MRPC/QQP F1,
+the rest accuracy) on the reported split. Each comparison is a two-level bootstrap over seeds
+and examples (difference of seed means, 95 % CI, two-sided p), with the almost-stochastic-order
+ε_min over seed scores when both runs have ≥ 3 seeds; the p-values of one call are Holm-adjusted
+together and ``significant`` means p_adjusted < 0.05. Per-seed exact McNemar tests are kept as a
+detail, never pooled over seeds.
+
+With runs of several tasks the call also writes the methods × tasks table (GLUE scores as papers
+report them, mean ± std over seeds, ``glue_avg`` over the tasks every method has).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rankwise.data.tasks import TASKS, TaskSpec
 from rankwise.errors import RankwiseError
-from rankwise.metrics import METRIC_FNS, is_lower_better
-from rankwise.results import atomic_write_json, read_json
-from rankwise.stats import mcnemar_test, paired_bootstrap
+from rankwise.metrics import METRIC_FNS, f1_binary, glue_score, is_lower_better
+from rankwise.results import atomic_write_bytes, atomic_write_json, per_seed_values, read_json
+from rankwise.stats import aso_epsilon, hierarchical_bootstrap, holm, mcnemar_test, mean_std_ci95
 
 ALPHA = 0.05
+ASO_MIN_SEEDS = 3
+ASO_THRESHOLD = 0.2
 
 
 class EvaluationError(RankwiseError):
@@ -39,7 +46,8 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     from rankwise.config.loader import parse_overrides
     from rankwise.config.typed import did_you_mean
 
-    known = {"results_dir": None, "run_ids": None, "allow_incomplete": False}
+    known = {"results_dir": None, "run_ids": None, "out_dir": None, "allow_incomplete": False,
+             "allow_trial": False}
     for key, value, _ in parse_overrides(argv):
         if key not in known:
             raise EvaluationError(f"unknown argument '{key}'{did_you_mean(key, known)}")
@@ -48,10 +56,15 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         raise EvaluationError("results_dir=<dir> is required")
     if not isinstance(known["run_ids"], list) or not known["run_ids"]:
         raise EvaluationError("run_ids='[\"id1\",\"id2\"]' (a non-empty list) is required")
+    for flag in ("allow_incomplete", "allow_trial"):
+        if not isinstance(known[flag], bool):
+            raise EvaluationError(f"{flag} must be true or false, got '{known[flag]}'")
     return known
 
 
-def load_run(results_dir: Path, run_id: str, allow_incomplete: bool) -> dict[str, Any]:
+# --- runs ---------------------------------------------------------------------------------------
+
+def load_run(results_dir: Path, run_id: str, allow_incomplete: bool, allow_trial: bool) -> dict[str, Any]:
     path = results_dir / run_id / "metrics.json"
     if not path.is_file():
         raise EvaluationError(f"run '{run_id}': no metrics.json in {results_dir / run_id}")
@@ -59,45 +72,44 @@ def load_run(results_dir: Path, run_id: str, allow_incomplete: bool) -> dict[str
     if data.get("status") != "complete" and not allow_incomplete:
         raise EvaluationError(f"run '{run_id}' has status '{data.get('status')}', not complete "
                               "(pass allow_incomplete=true to include it)")
+    if data.get("mode") == "trial" and not allow_trial:
+        raise EvaluationError(f"run '{run_id}' is a trial-mode run (at most 2 batches): its numbers "
+                              "are not results (pass allow_trial=true to compare it anyway)")
     data.setdefault("final", {})
+    data.setdefault("run_id", run_id)
     return data
-
-
-def load_predictions(results_dir: Path, run_id: str, split: str) -> dict[int, dict[int, tuple]]:
-    """seed -> {idx: (label, prediction)}."""
-    out = {}
-    for f in sorted((results_dir / run_id / "predictions" / split).glob("seed*.jsonl")):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        out[int(f.stem[4:])] = {r["idx"]: (r["label"], r["prediction"]) for r in rows}
-    return out
-
-
-def paired_test(results_dir: Path, a: str, b: str, split: str, metric: str, regression: bool) -> dict:
-    pa, pb = load_predictions(results_dir, a, split), load_predictions(results_dir, b, split)
-    seeds = sorted(set(pa) & set(pb)) or ([min(pa)] if pa and pb else [])
-    if not seeds or not (pa and pb):
-        return {"runs": [a, b], "test": None, "reason": "predictions missing"}
-    seed_pairs = list(zip(seeds, seeds)) if set(pa) & set(pb) else [(min(pa), min(pb))]
-    ya, xa, xb = [], [], []
-    for sa, sb in seed_pairs:
-        common = sorted(set(pa[sa]) & set(pb[sb]))
-        ya += [pa[sa][i][0] for i in common]
-        xa += [pa[sa][i][1] for i in common]
-        xb += [pb[sb][i][1] for i in common]
-    y, xa, xb = map(np.asarray, (ya, xa, xb))
-    if regression:
-        fn = METRIC_FNS.get(metric.split("_", 1)[-1], METRIC_FNS["pearson"])
-        res = paired_bootstrap(xa, xb, y, fn)
-    else:
-        res = mcnemar_test(xa == y, xb == y)
-    res.update({"runs": [a, b], "seeds": [s for s, _ in seed_pairs], "alpha": ALPHA,
-                "significant": res["p_value"] < ALPHA})
-    return res
 
 
 def task_of(run: dict) -> tuple[str, str]:
     task = run.get("task", {})
     return (str(task.get("dataset", "?")), str(task.get("subset", "?")))
+
+
+def task_label(task: tuple[str, str]) -> str:
+    return task[1] if task[0] in ("glue", "lra") else "/".join(task)
+
+
+def task_spec(run: dict) -> TaskSpec | None:
+    dataset, subset = task_of(run)
+    return TASKS.get(dataset, {}).get(subset)
+
+
+def primary_metric(run: dict) -> str:
+    """The verdict metric's key (``validation_<metric>``), from the task table where known."""
+    spec = task_spec(run)
+    if spec is not None:
+        return f"validation_{spec.primary_metric}"
+    return run.get("task", {}).get("primary_metric", "validation_accuracy")
+
+
+def run_glue_scores(run: dict) -> list[float]:
+    """Per-seed GLUE scores (``glue_score``, or computed from the per-seed metrics)."""
+    scores = per_seed_values(run, "glue_score")
+    if scores:
+        return scores
+    per_seed = run.get("per_seed") or {"final": run["final"]}
+    computed = [glue_score(task_of(run)[1], m) for m in per_seed.values()]
+    return [s for s in computed if s is not None]
 
 
 def best_of(runs: list[dict], metric: str) -> dict | None:
@@ -108,131 +120,296 @@ def best_of(runs: list[dict], metric: str) -> dict | None:
     return {"run_id": pick["run_id"], "value": pick["final"][metric]}
 
 
-def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = False) -> dict[str, Any]:
-    runs = [load_run(results_dir, r, allow_incomplete) for r in run_ids]
-    primary = runs[0].get("task", {}).get("primary_metric", "validation_accuracy")
-    regression = bool(runs[0].get("task", {}).get("is_regression", False))
-    metric_names = sorted({k for r in runs for k, v in r["final"].items() if isinstance(v, (int, float))})
-    metrics = {m: {r["run_id"]: r["final"][m] for r in runs if m in r["final"]} for m in metric_names}
-    std = {m: {r["run_id"]: r.get("std", {}).get(m, 0.0) for r in runs if m in r["final"]} for m in metric_names}
+def percent_gap(proposed: float, baseline: float, metric: str) -> float | None:
+    if baseline == 0:
+        return None
+    gap = 100.0 * (proposed - baseline) / abs(baseline)
+    return -gap if is_lower_better(metric) else gap
+
+
+def is_baseline(run: dict) -> bool:
+    role = str(run.get("method"))
+    return role != "proposed" and not role.startswith("ablation")
+
+
+# --- verdicts -----------------------------------------------------------------------------------
+
+def load_predictions(results_dir: Path, run_id: str, split: str) -> dict[int, dict[int, tuple]]:
+    """seed -> {idx: (label, prediction)}."""
+    out = {}
+    for f in sorted((results_dir / run_id / "predictions" / split).glob("seed*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[int(f.stem[4:])] = {r["idx"]: (r["label"], r["prediction"]) for r in rows}
+    return out
+
+
+@dataclass
+class SeedPredictions:
+    """Both runs' per-seed predictions on the examples every seed of both runs scored."""
+    seeds_a: list[int]
+    seeds_b: list[int]
+    preds_a: np.ndarray  # (seeds_a, n)
+    preds_b: np.ndarray  # (seeds_b, n)
+    labels: np.ndarray  # (n,)
+
+    @property
+    def paired(self) -> bool:
+        return self.seeds_a == self.seeds_b
+
+
+def aligned_predictions(results_dir: Path, a: str, b: str, split: str) -> SeedPredictions | str:
+    """The two runs' predictions aligned by example, or the reason there are none."""
+    pa, pb = load_predictions(results_dir, a, split), load_predictions(results_dir, b, split)
+    if not pa or not pb:
+        return f"predictions on '{split}' missing for {a if not pa else b}"
+    common = sorted(set.intersection(*(set(p) for p in (*pa.values(), *pb.values()))))
+    if not common:
+        return "no example scored by every seed of both runs"
+    first = next(iter(pa.values()))
+    labels = np.asarray([first[i][0] for i in common])
+    for run_id, preds in ((a, pa), (b, pb)):
+        for seed, rows in preds.items():
+            if any(rows[i][0] != first[i][0] for i in common):
+                raise EvaluationError(f"run '{run_id}' seed {seed}: labels of split '{split}' differ "
+                                      f"from run '{a}''s; are they the same task and split?")
+    stack = lambda preds: np.asarray([[preds[s][i][1] for i in common] for s in sorted(preds)])
+    return SeedPredictions(sorted(pa), sorted(pb), stack(pa), stack(pb), labels)
+
+
+def metric_function(leaf: str, positive: int):
+    return (lambda p, y: f1_binary(p, y, positive)) if leaf == "f1" else METRIC_FNS[leaf]
+
+
+def per_seed_mcnemar(sp: SeedPredictions) -> list[dict]:
+    """Exact McNemar per shared seed (a detail: each covers test-set sampling of one seed only)."""
+    out = []
+    for k, seed in enumerate(sp.seeds_a):
+        if seed in sp.seeds_b:
+            res = mcnemar_test(sp.preds_a[k] == sp.labels, sp.preds_b[sp.seeds_b.index(seed)] == sp.labels)
+            out.append({"seed": seed, **res})
+    return out
+
+
+def compare(results_dir: Path, run_a: dict, run_b: dict, n_comparisons: int) -> dict:
+    """A vs B on A's task and primary metric (methods.md §7); ``p_adjusted`` is filled later."""
+    a, b = run_a["run_id"], run_b["run_id"]
+    metric = primary_metric(run_a)
+    split, leaf = metric.split("_", 1)
+    spec = task_spec(run_a)
+    entry = {"runs": [a, b], "metric": metric, "test": None, "n_seeds": [0, 0], "difference": None,
+             "ci95": None, "p_value": None, "p_adjusted": None, "significant": False,
+             "aso_epsilon": None}
+    sp = aligned_predictions(results_dir, a, b, split)
+    if isinstance(sp, str):
+        return {**entry, "reason": sp}
+    positive = spec.f1_positive_label if spec is not None else 1
+    res = hierarchical_bootstrap(sp.preds_a, sp.preds_b, sp.labels, leaf, paired_seeds=sp.paired,
+                                 positive=positive)
+    n_a, n_b = len(sp.seeds_a), len(sp.seeds_b)
+    entry.update(res, n_seeds=[n_a, n_b], seeds=[sp.seeds_a, sp.seeds_b])
+    if min(n_a, n_b) >= ASO_MIN_SEEDS:
+        fn = metric_function(leaf, positive)
+        sign = -1.0 if is_lower_better(metric) else 1.0  # ASO reads higher = better
+        scores_a = [sign * fn(p, sp.labels) for p in sp.preds_a]
+        scores_b = [sign * fn(p, sp.labels) for p in sp.preds_b]
+        entry["aso_epsilon"] = aso_epsilon(scores_a, scores_b, num_comparisons=n_comparisons)
+    entry["coverage"] = ("seeds and examples" if min(n_a, n_b) > 1 else
+                         "test-set sampling only: one seed per run, training variance not covered")
+    if not (spec is not None and spec.is_regression):
+        entry["per_seed_mcnemar"] = per_seed_mcnemar(sp)
+    return entry
+
+
+def comparison_pairs(runs: list[dict]) -> list[tuple[dict, dict]]:
+    """Every proposed run against every other run of the same task."""
+    return [(p, r) for p in runs if p.get("method") == "proposed" for r in runs
+            if r.get("method") != "proposed" and task_of(r) == task_of(p)]
+
+
+def verdicts(results_dir: Path, runs: list[dict]) -> list[dict]:
+    """All comparisons of one call, Holm-adjusted together."""
+    pairs = comparison_pairs(runs)
+    tests = [compare(results_dir, a, b, len(pairs)) for a, b in pairs]
+    done = [t for t in tests if t["p_value"] is not None]
+    adjusted, reject = holm([t["p_value"] for t in done], ALPHA)
+    for t, p_adj, rej in zip(done, adjusted, reject):
+        t.update(p_adjusted=p_adj, significant=rej, alpha=ALPHA, correction="holm",
+                 n_tests_corrected=len(done))
+    return tests
+
+
+# --- per task and across tasks ------------------------------------------------------------------
+
+def task_summary(runs: list[dict], pairwise: list[dict]) -> dict:
+    """Primary metric, best proposed / baseline, gap and the best-vs-best verdict of one task."""
+    metric = primary_metric(runs[0])
     proposed = [r for r in runs if r.get("method") == "proposed"]
-    baselines = [r for r in runs if r.get("method") != "proposed" and not str(r.get("method")).startswith("ablation")]
-    baselines = baselines or [r for r in runs if r.get("method") != "proposed"]
-    bp, bb = best_of(proposed, primary), best_of(baselines, primary)
-    gap = None
-    if bp and bb and bb["value"] != 0:
-        gap = 100.0 * (bp["value"] - bb["value"]) / abs(bb["value"])
-        gap = -gap if is_lower_better(primary) else gap
-    split = primary.split("_")[0]
-    by_id = {r["run_id"]: r for r in runs}
-    same_task = bool(bp and bb) and task_of(by_id[bp["run_id"]]) == task_of(by_id[bb["run_id"]])
-    significance = paired_test(results_dir, bp["run_id"], bb["run_id"], split, primary, regression) if same_task else None
-    # Every proposed run against every other run of the same task (pooled seed-matched predictions).
-    pairwise = [paired_test(results_dir, p["run_id"], r["run_id"], split, primary, regression)
-                for p in proposed for r in runs
-                if r.get("method") != "proposed" and task_of(r) == task_of(p)]
-    report = {"primary_metric": primary, "run_ids": run_ids, "metrics": metrics, "std": std,
-              "n_seeds": {r["run_id"]: len(r.get("seeds", [1])) for r in runs},
-              "roles": {r["run_id"]: r.get("method") for r in runs},
-              "algorithms": {r["run_id"]: r.get("algorithm") for r in runs},
-              "best_proposed": bp, "best_baseline": bb, "gap": gap,
-              "significance": significance, "pairwise": pairwise}
-    out = results_dir / "comparison"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "aggregated_metrics.json", report)
-    (out / "summary.md").write_text(summary_markdown(report, runs))
-    from rankwise.plots import comparison_bars, learning_curves
-
-    plotted = {primary} | {key for _, key, _ in COST_COLUMNS} | {
-        m for m in metric_names if any(m.endswith("_" + name) for name in METRIC_FNS) and "_spectral_" not in m}
-    for m in metric_names:
-        if m in plotted and (len(metrics[m]) > 1 or m == primary):
-            comparison_bars(metrics[m], std[m], m, out / f"comparison_{m}")
-    learning_curves(runs, primary, out / "learning_curves")
-    return report
+    baselines = [r for r in runs if is_baseline(r)] or [r for r in runs if r.get("method") != "proposed"]
+    bp, bb = best_of(proposed, metric), best_of(baselines, metric)
+    gap = percent_gap(bp["value"], bb["value"], metric) if bp and bb else None
+    significance = next((t for t in pairwise if bp and bb and t["runs"] == [bp["run_id"], bb["run_id"]]),
+                        None)
+    return {"primary_metric": metric, "best_proposed": bp, "best_baseline": bb, "gap": gap,
+            "significance": significance}
 
 
-# Cost columns of the summary: (label, key in metrics.json ``final`` or ``method_metrics``, format).
-COST_COLUMNS = (
-    ("adapter MFLOPs / example", "adapter_mflops_per_example", "{:.3g}"),
-    ("latency mean (ms)", "latency_ms_mean", "{:.2f}"),
-    ("latency p99 (ms)", "latency_ms_p99", "{:.2f}"),
-    ("budget violations", "budget_violations", "{:.0f}"),
-)
+def row_label(run: dict) -> str:
+    return f"{run.get('method')} ({run.get('algorithm')})"
 
+
+def methods_by_tasks(runs: list[dict]) -> dict:
+    """Rows = method role (algorithm), columns = tasks, cells = GLUE score (else the primary
+    metric) mean ± std over seeds; ``glue_avg`` over the GLUE tasks every row has."""
+    cells: dict[str, dict[str, dict]] = {}
+    for r in runs:
+        task = task_of(r)
+        values = run_glue_scores(r) if task[0] == "glue" else per_seed_values(r, primary_metric(r))
+        if not values:
+            continue
+        row = row_label(r)
+        if task_label(task) in cells.get(row, {}):
+            row = f"{row} [{r['run_id']}]"
+        mean, std, _ = mean_std_ci95(values)
+        cells.setdefault(row, {})[task_label(task)] = {
+            "mean": mean, "std": std, "n_seeds": len(values), "run_id": r["run_id"],
+            "metric": "glue_score" if task[0] == "glue" else primary_metric(r),
+            "trial": r.get("mode") == "trial"}
+    tasks = sorted({t for row in cells.values() for t in row})
+    glue_tasks = sorted({task_label(task_of(r)) for r in runs if task_of(r)[0] == "glue"})
+    shared = [t for t in glue_tasks if all(t in row for row in cells.values())]
+    glue_avg = {row: float(np.mean([c[t]["mean"] for t in shared])) for row, c in cells.items()} if shared else {}
+    return {"tasks": tasks, "rows": cells, "glue_avg": glue_avg, "glue_avg_tasks": shared}
+
+
+# --- costs --------------------------------------------------------------------------------------
 
 def run_value(run: dict, key: str) -> float | None:
     for block in ("final", "method_metrics"):
         value = run.get(block, {}).get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
+            return float(value)
     return None
 
 
-def mean_std_cell(run: dict, metric: str) -> str:
-    value = run["final"].get(metric)
-    if not isinstance(value, (int, float)):
-        return "—"
-    n = len(run.get("seeds") or [1])
-    std = run.get("std", {}).get(metric)
-    if n > 1 and isinstance(std, (int, float)) and std == std:
-        return f"{value:.4f} ± {std:.4f} (n={n})"
-    return f"{value:.4f}"
+def first_value(run: dict, keys: tuple[str, ...]) -> float | None:
+    return next((v for v in (run_value(run, k) for k in keys) if v is not None), None)
 
 
-def summary_markdown(report: dict, runs: list[dict]) -> str:
-    primary = report["primary_metric"]
-    # task metrics only (<split>_<metric>); method statistics such as validation_spectral_* stay
-    # in aggregated_metrics.json
-    task_metrics = sorted({m for r in runs for m in r["final"]
-                           if m != primary and m.startswith("validation")
-                           and any(m.endswith("_" + name) for name in METRIC_FNS)
-                           and "_spectral_" not in m})
-    costs = [c for c in COST_COLUMNS if any(run_value(r, c[1]) is not None for r in runs)]
-    multi_task = len({task_of(r) for r in runs}) > 1
-    head = (["run", "role", "algorithm"] + (["task"] if multi_task else [])
-            + [f"{primary} (mean ± std)"] + task_metrics + [c[0] for c in costs]
-            + ["trainable params", "wall time (s)"])
-    lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def is_lora_r8(run: dict) -> bool:
+    adapter = (run.get("config", {}).get("model") or {}).get("adapter") or {}
+    return run.get("algorithm") == "lora" and adapter.get("rank") == 8
+
+
+def costs(runs: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Per run: adapter, controller and total extra MFLOPs per example, the extra relative to
+    LoRA r=8 of the same task, parameters, latency, budget and gate statistics."""
+    out = {}
     for r in runs:
-        row = [r["run_id"], str(r.get("method")), str(r.get("algorithm"))]
-        row += ["/".join(task_of(r))] if multi_task else []
-        row += [mean_std_cell(r, primary)] + [mean_std_cell(r, m) for m in task_metrics]
-        for _, key, fmt in costs:
-            value = run_value(r, key)
-            row.append("—" if value is None else fmt.format(value))
-        trainable = r.get("params", {}).get("trainable")
-        row += [f"{trainable:,}" if isinstance(trainable, int) else "—",
-                f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Values are means over seeds (± sample std, n seeds) where a run has several seeds."]
-    gap = "n/a" if report["gap"] is None else f"{report['gap']:+.2f} %"
-    lines += ["", (f"Best proposed: {report['best_proposed']}; best baseline: {report['best_baseline']}; "
-                   f"gap: {gap}"), "", "## Paired tests", ""]
-    for t in report["pairwise"]:
-        if t.get("test") is None:
-            lines.append(f"- {t['runs'][0]} vs {t['runs'][1]}: no test ({t['reason']})")
-            continue
-        verdict = "significant" if t["significant"] else "**not significant**"
-        lines.append(f"- {t['runs'][0]} vs {t['runs'][1]}: {t['test']} p = {t['p_value']:.4g} "
-                     f"(n = {t['n_pairs']} paired predictions, seeds {t['seeds']}) — {verdict} at α = {ALPHA}")
-    if not report["pairwise"]:
-        lines.append("- none (no proposed run, or no other run on the same task)")
-    return "\n".join(lines) + "\n"
+        adapter = run_value(r, "adapter_mflops_per_example")
+        controller = run_value(r, "controller_mflops_per_example")
+        extra = None if adapter is None else adapter + (controller or 0.0)
+        ref = next((x for x in runs if is_lora_r8(x) and task_of(x) == task_of(r)), None)
+        ref_extra = run_value(ref, "adapter_mflops_per_example") if ref else None
+        trainable = first_value(r, ("trainable_params_incl_controllers",))
+        if trainable is None:
+            trainable = r.get("params", {}).get("trainable")
+        out[r["run_id"]] = {
+            "adapter_mflops_per_example": adapter,
+            "controller_mflops_per_example": controller,
+            "extra_mflops_per_example": extra,
+            "extra_vs_lora_r8": (extra / ref_extra) if extra is not None and ref_extra else None,
+            "trainable_params_incl_controllers": trainable,
+            "latency_ms_mean": run_value(r, "latency_ms_mean"),
+            "latency_ms_p99": run_value(r, "latency_ms_p99"),
+            "latency_n_timed": run_value(r, "latency_n_timed"),
+            "budget_violations": run_value(r, "budget_violations"),
+            "train_expected_open_gates_per_token": first_value(
+                r, ("train_expected_open_gates_per_token",)),
+            "eval_open_gates_per_token": first_value(
+                r, ("open_gates_per_token", "validation_spectral_open_gates_per_token")),
+        }
+    return out
+
+
+# --- the call -----------------------------------------------------------------------------------
+
+def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = False,
+             allow_trial: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
+    runs = [load_run(results_dir, r, allow_incomplete, allow_trial) for r in run_ids]
+    pairwise = verdicts(results_dir, runs)
+    tasks = list(dict.fromkeys(task_of(r) for r in runs))
+    by_task = {task_label(t): task_summary([r for r in runs if task_of(r) == t], pairwise) for t in tasks}
+    metric_names = sorted({k for r in runs for k, v in r["final"].items() if isinstance(v, (int, float))})
+    report = {
+        "run_ids": run_ids,
+        "metrics": {m: {r["run_id"]: r["final"][m] for r in runs if m in r["final"]} for m in metric_names},
+        "std": {m: {r["run_id"]: r.get("std", {}).get(m, 0.0) for r in runs if m in r["final"]}
+                for m in metric_names},
+        "n_seeds": {r["run_id"]: len(r.get("seeds") or [1]) for r in runs},
+        "roles": {r["run_id"]: r.get("method") for r in runs},
+        "algorithms": {r["run_id"]: r.get("algorithm") for r in runs},
+        "tasks": {r["run_id"]: task_label(task_of(r)) for r in runs},
+        "trial_runs": [r["run_id"] for r in runs if r.get("mode") == "trial"],
+        "selection": {r["run_id"]: selection_of(r) for r in runs},
+        "costs": costs(runs),
+        "by_task": by_task,
+        "pairwise": pairwise,
+    }
+    if len(tasks) == 1:
+        report.update(by_task[task_label(tasks[0])])
+    else:
+        table = methods_by_tasks(runs)
+        report["methods_by_tasks"] = table
+        report.update(cross_task_headline(runs, table))
+    out = out_dir or results_dir / "comparison"
+    out.mkdir(parents=True, exist_ok=True)
+    from rankwise.plots import comparison_figures
+    from rankwise.summary import summary_markdown
+
+    atomic_write_json(out / "aggregated_metrics.json", report)
+    atomic_write_bytes(out / "summary.md", summary_markdown(report, runs).encode())
+    comparison_figures(report, runs, results_dir, out)
+    return report
+
+
+def cross_task_headline(runs: list[dict], table: dict) -> dict:
+    """Across tasks there is no single test: the headline is the best rows' ``glue_avg`` gap."""
+    roles = {row_label(r): r.get("method") for r in runs}
+    avg = table["glue_avg"]
+    prop = {k: v for k, v in avg.items() if roles.get(k) == "proposed"}
+    base = {k: v for k, v in avg.items() if roles.get(k) not in (None, "proposed")
+            and not str(roles.get(k)).startswith("ablation")}
+    bp = max(prop.items(), key=lambda kv: kv[1]) if prop else None
+    bb = max(base.items(), key=lambda kv: kv[1]) if base else None
+    return {"primary_metric": "glue_avg",
+            "best_proposed": {"row": bp[0], "value": bp[1]} if bp else None,
+            "best_baseline": {"row": bb[0], "value": bb[1]} if bb else None,
+            "gap": percent_gap(bp[1], bb[1], "glue_avg") if bp and bb else None,
+            "significance": None}
+
+
+def selection_of(run: dict) -> dict | None:
+    """How the run's hyper-parameters were selected (after a search), for the summary."""
+    search = run.get("search")
+    if not search:
+        return None
+    return {"split": search.get("selection_split"), "optimistic": search.get("selection_optimistic")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
+        out_dir = Path(args["out_dir"]) if args["out_dir"] else None
         report = evaluate(Path(args["results_dir"]), [str(r) for r in args["run_ids"]],
-                          bool(args["allow_incomplete"]))
+                          args["allow_incomplete"], args["allow_trial"], out_dir)
     except RankwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    out = Path(args["results_dir"]) / "comparison"
+    out = Path(args["out_dir"]) if args["out_dir"] else Path(args["results_dir"]) / "comparison"
     print(f"wrote {out / 'aggregated_metrics.json'}, {out / 'summary.md'} "
-          f"(best proposed {report['best_proposed']}, best baseline {report['best_baseline']}, gap {report['gap']})")
+          f"(best proposed {report['best_proposed']}, best baseline {report['best_baseline']}, "
+          f"gap {report['gap']})")
     return 0
 
 

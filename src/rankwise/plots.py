@@ -1,10 +1,14 @@
-"""Comparison figures (matplotlib, Agg): metric bars with std error bars, learning curves."""
+"""Comparison figures (matplotlib, Agg): per-seed points with mean ± CI, learning curves."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+
+from rankwise.results import per_seed_values
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -18,25 +22,79 @@ def save_figure(fig, stem: Path) -> None:
     plt.close(fig)
 
 
-def comparison_bars(values: dict[str, float], std: dict[str, float], metric: str, stem: Path) -> None:
-    ids = list(values)
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(ids) + 1), 3.5))
-    ax.bar(range(len(ids)), [values[i] for i in ids], yerr=[std.get(i, 0) for i in ids], capsize=4)
-    ax.set_xticks(range(len(ids)), ids, rotation=20, ha="right", fontsize=7)
+def seed_points(runs: list[dict], metric: str, stem: Path, title: str | None = None) -> None:
+    """Per-seed values (points) and mean ± 95 % t-interval per run, on an axis fitted to the
+    values (not from 0), so that differences of a point or two stay visible."""
+    from rankwise.stats import mean_std_ci95
+
+    runs = [r for r in runs if per_seed_values(r, metric)]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs) + 1.5), 3.6))
+    for k, r in enumerate(runs):
+        values = per_seed_values(r, metric)
+        mean, _, (lo, hi) = mean_std_ci95(values)
+        offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
+        ax.scatter(k + np.asarray(offsets), values, s=14, color="0.45", zorder=2)
+        ax.errorbar(k, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=f"C{k % 10}",
+                    capsize=5, markersize=7, zorder=3)
+    ax.set_xticks(range(len(runs)), [r["run_id"] for r in runs], rotation=20, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_ylabel(metric)
-    ax.set_title(metric)
+    ax.set_title(title or f"{metric}: seeds (grey) and mean ± 95 % CI", fontsize=9)
+    ax.margins(y=0.15)
     save_figure(fig, stem)
 
 
-def learning_curves(runs: list[dict], metric: str, stem: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for r in runs:
-        pts = [(h["step"], h[metric]) for h in r.get("history", []) if metric in h]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=r["run_id"])
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.set_title("learning curves")
-    if ax.lines:
-        ax.legend(fontsize=7)
+def read_step_logs(results_dir: Path, run: dict) -> list[list[dict]]:
+    """Each seed's step log (``seed<N>/history.jsonl``) of a run."""
+    logs = []
+    for seed in run.get("seeds") or []:
+        path = results_dir / run["run_id"] / f"seed{seed}" / "history.jsonl"
+        if path.is_file():
+            logs.append([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    return logs
+
+
+def learning_curves(runs: list[dict], results_dir: Path, metric: str, stem: Path) -> None:
+    """Training loss per logged step (mean over seeds) and the evaluation points of ``metric``."""
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k, r in enumerate(runs):
+        logs = read_step_logs(results_dir, r)
+        train = [{h["step"]: h["loss"] for h in log if h.get("type") != "eval" and "loss" in h} for log in logs]
+        evals = [{h["step"]: h[metric] for h in log if h.get("type") == "eval" and metric in h} for log in logs]
+        steps = sorted(set.intersection(*(set(t) for t in train))) if train and all(train) else []
+        if steps:
+            ax_loss.plot(steps, [np.mean([t[s] for t in train]) for s in steps], color=f"C{k % 10}",
+                         label=r["run_id"], linewidth=1)
+        if not evals or not all(evals):  # no step logs: the evaluation points metrics.json keeps
+            evals = [{h["step"]: h[metric] for h in r.get("history", []) if metric in h}]
+        eval_steps = sorted(set.intersection(*(set(e) for e in evals))) if all(evals) else []
+        if eval_steps:
+            ax_eval.plot(eval_steps, [np.mean([e[s] for e in evals]) for s in eval_steps], marker="o",
+                         color=f"C{k % 10}", label=r["run_id"])
+    ax_loss.set(xlabel="step", ylabel="training loss (mean over seeds)", title="training loss")
+    ax_eval.set(xlabel="step", ylabel=metric, title="evaluations")
+    for ax in (ax_loss, ax_eval):
+        if ax.lines:
+            ax.legend(fontsize=7)
     save_figure(fig, stem)
+
+
+def comparison_figures(report: dict, runs: list[dict], results_dir: Path, out: Path) -> None:
+    """``comparison_<topic>`` figures of one comparison: the primary metric (per task when
+    several), the other task metrics of a single task, and the learning curves."""
+    by_task = report["by_task"]
+    for task, summary in by_task.items():
+        task_runs = [r for r in runs if report["tasks"][r["run_id"]] == task]
+        primary = summary["primary_metric"]
+        name = primary if len(by_task) == 1 else f"{task}_{primary}"
+        seed_points(task_runs, primary, out / f"comparison_{name}")
+        suffix = "" if len(by_task) == 1 else f"_{task}"
+        learning_curves(task_runs, results_dir, primary, out / f"comparison_learning_curves{suffix}")
+    if len(by_task) == 1:
+        primary = next(iter(by_task.values()))["primary_metric"]
+        from rankwise.summary import task_metric_names
+
+        for metric in task_metric_names(runs, {primary}):
+            seed_points(runs, metric, out / f"comparison_{metric}")

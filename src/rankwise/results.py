@@ -54,6 +54,16 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def per_seed_values(run: dict, metric: str) -> list[float]:
+    """A finished run's ``metric`` per seed (``metrics.json`` ``per_seed``), else its one final value."""
+    per_seed = run.get("per_seed") or {}
+    values = [v.get(metric) for v in per_seed.values()]
+    if per_seed and all(isinstance(v, (int, float)) for v in values):
+        return [float(v) for v in values]
+    value = run.get("final", {}).get(metric)
+    return [float(value)] if isinstance(value, (int, float)) else []
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")

@@ -15,8 +15,10 @@ import numpy as np
 
 from rankwise import distributed
 from rankwise.config.loader import Job
+from rankwise.data.loading import missing_eval_splits
 from rankwise.data.tasks import get_task
 from rankwise.errors import ConfigError
+from rankwise.metrics import glue_score
 from rankwise.results import atomic_write_json, provenance, read_json, write_yaml
 from rankwise.stats import mean_std_ci95
 
@@ -44,12 +46,14 @@ def aggregate_seeds(results: list) -> dict[str, Any]:
     return {"seeds": [r.seed for r in results], "per_seed": per_seed, "mean": mean, "std": std, "ci95": ci}
 
 
-def glue_average(dataset: str, subset: str, metrics: dict[str, float]) -> dict[str, float]:
+def add_glue_score(dataset: str, subset: str, results: list) -> None:
+    """Each seed's ``glue_score`` (the task's score as GLUE papers report it), before aggregation."""
     if dataset != "glue":
-        return {}
-    task = get_task(dataset, subset)
-    key = f"validation_{task.primary_metric}"
-    return {"glue_avg": metrics[key]} if key in metrics else {}
+        return
+    for r in results:
+        score = glue_score(subset, r.final)
+        if score is not None:
+            r.final["glue_score"] = score
 
 
 def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_outputs: bool = True):
@@ -244,7 +248,9 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
             "status": "running", "mode": job.job.mode,
             "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
                      "primary_metric": f"validation_{task.primary_metric}",
-                     "is_regression": task.is_regression},
+                     "is_regression": task.is_regression,
+                     **({"f1_positive_class": task.f1_positive_class} if "f1" in task.metrics else {}),
+                     "missing_splits": missing_eval_splits(job.run.dataset, task)},
             "config": job.run_dict, "provenance": provenance(device),
             **({"processes": ctx.world_size} if ctx.enabled else {}),
             **({"search": search} if search is not None else {})}
@@ -257,8 +263,9 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
                             enabled=job.job.mode == "full" and ctx.is_main)
     results = train_seeds(job, resume, write_outputs=ctx.is_main)
     first = results[0]
+    add_glue_score(job.run.dataset.name, job.run.dataset.subset, results)
     agg = aggregate_seeds(results)
-    final = {**agg["mean"], **glue_average(job.run.dataset.name, job.run.dataset.subset, agg["mean"])}
+    final = dict(agg["mean"])
     metrics = {
         **base, "status": "complete",
         "final": final, "best": first.best, "history": [h for h in first.history if h.get("type") == "eval"],

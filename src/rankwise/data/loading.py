@@ -42,6 +42,14 @@ class TaskData:
     evals: list[EvalSplit]
 
 
+def missing_eval_splits(cfg, task: TaskSpec) -> list[str]:
+    """The task's default extra evaluation splits (MNLI's mismatched) that the source lacks."""
+    if cfg.splits.extra_validation is not None:
+        return []
+    return [name for name in task.extra_validation
+            if not (cfg.name == "glue" and glue.has_split(cfg.subset, name, cfg.data_dir))]
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -130,12 +138,11 @@ def load_task_data(cfg: DatasetConfig, tokenizer, cache_dir: Path, max_train: in
     eval_names = [cfg.splits.validation]
     extra = cfg.splits.extra_validation
     if extra is None:  # task default, only where the source has it (the local mirror may not)
-        for name in task.extra_validation:
-            if cfg.name == "glue" and glue.has_split(cfg.subset, name, cfg.data_dir):
-                eval_names.append(name)
-            else:
-                log.info("extra evaluation split %s of %s not available in this source; skipped",
-                         name, cfg.subset)
+        missing = missing_eval_splits(cfg, task)
+        for name in missing:
+            log.warning("extra evaluation split %s of %s not available in this source; skipped "
+                        "(recorded in metrics.json task.missing_splits)", name, cfg.subset)
+        eval_names += [name for name in task.extra_validation if name not in missing]
     else:
         eval_names += list(extra)
     evals = [EvalSplit(_eval_split_name(cfg, task, name), prepared(name, n_eval, shuffle=False))

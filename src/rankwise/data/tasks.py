@@ -11,8 +11,11 @@ class TaskSpec:
     text_columns: tuple[str, ...]
     num_labels: int  # 1 = regression
     metrics: tuple[str, ...]  # metric names computed on each evaluation split
-    primary_metric: str
+    primary_metric: str  # the verdict metric (methods.md §7)
     extra_validation: tuple[str, ...] = field(default_factory=tuple)
+    # Binary F1: the class counted as positive, and its name in the task's label set.
+    f1_positive_label: int = 1
+    f1_positive_class: str | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -22,13 +25,17 @@ class TaskSpec:
 GLUE_TASKS: dict[str, TaskSpec] = {
     "cola": TaskSpec("cola", ("sentence",), 2, ("matthews_correlation", "accuracy"), "matthews_correlation"),
     "sst2": TaskSpec("sst2", ("sentence",), 2, ("accuracy",), "accuracy"),
-    "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy"),
-    "qqp": TaskSpec("qqp", ("question1", "question2"), 2, ("accuracy", "f1"), "accuracy"),
+    "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "f1",
+                     f1_positive_class="equivalent"),
+    "qqp": TaskSpec("qqp", ("question1", "question2"), 2, ("accuracy", "f1"), "f1",
+                    f1_positive_class="duplicate"),
     "stsb": TaskSpec("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr"), "pearson"),
     "mnli": TaskSpec("mnli", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy",
                      extra_validation=("validation_mismatched",)),
     "qnli": TaskSpec("qnli", ("question", "sentence"), 2, ("accuracy",), "accuracy"),
-    "rte": TaskSpec("rte", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy"),
+    # GLUE RTE labels: 0 = entailment, 1 = not_entailment; F1 is the entailment class's.
+    "rte": TaskSpec("rte", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy",
+                    f1_positive_label=0, f1_positive_class="entailment"),
 }
 
 LRA_TASKS: dict[str, TaskSpec] = {

@@ -1,0 +1,170 @@
+"""``summary.md`` of a comparison (``rankwise.evaluate``): task metrics, costs, the methods ×
+tasks table, verdicts and the notes a reader needs to weigh them."""
+
+from __future__ import annotations
+
+import math
+
+from rankwise.metrics import METRIC_FNS
+
+ROLE_NOTE = ("Values are means over seeds (± sample std, n seeds). † marks trial-mode runs "
+             "(at most 2 batches): not results.")
+
+# (label, key in the comparison's ``costs`` block, format)
+COST_COLUMNS = (
+    ("adapter MFLOPs / example", "adapter_mflops_per_example", "{:.3g}"),
+    ("controller MFLOPs / example", "controller_mflops_per_example", "{:.3g}"),
+    ("extra MFLOPs / example", "extra_mflops_per_example", "{:.3g}"),
+    ("extra vs LoRA r=8", "extra_vs_lora_r8", "{:.2f}×"),
+    ("trainable params (incl. controllers)", "trainable_params_incl_controllers", "{:,.0f}"),
+    ("latency mean (ms)", "latency_ms_mean", "{:.2f}"),
+    ("latency p99 (ms)", "latency_ms_p99", "{:.2f}"),
+    ("timed passes", "latency_n_timed", "{:.0f}"),
+    ("budget violations", "budget_violations", "{:.0f}"),
+    ("open gates / token, training (expected)", "train_expected_open_gates_per_token", "{:.2f}"),
+    ("open gates / token, evaluation", "eval_open_gates_per_token", "{:.2f}"),
+)
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(row) + " |" for row in rows]
+
+
+def mean_std_cell(run: dict, metric: str) -> str:
+    value = run["final"].get(metric)
+    if not isinstance(value, (int, float)):
+        return "—"
+    n = len(run.get("seeds") or [1])
+    std = run.get("std", {}).get(metric)
+    if n > 1 and isinstance(std, (int, float)) and math.isfinite(std):
+        return f"{value:.4f} ± {std:.4f} (n={n})"
+    return f"{value:.4f}"
+
+
+def run_name(run: dict) -> str:
+    return run["run_id"] + (" †" if run.get("mode") == "trial" else "")
+
+
+def task_metric_names(runs: list[dict], primary: set[str]) -> list[str]:
+    """Task metrics (<split>_<metric>, glue_score); method statistics stay in the JSON."""
+    return sorted({m for r in runs for m in r["final"] if m not in primary and (
+        m == "glue_score" or (m.startswith("validation") and "_spectral_" not in m
+                              and any(m.endswith("_" + name) for name in METRIC_FNS)))})
+
+
+def metrics_section(report: dict, runs: list[dict]) -> list[str]:
+    primaries = {t["primary_metric"] for t in report["by_task"].values()}
+    others = task_metric_names(runs, primaries)
+    head = ["run", "role", "algorithm", "task", "primary metric", "primary (mean ± std)"] + others + [
+        "wall time (s)"]
+    rows = []
+    for r in runs:
+        primary = report["by_task"][report["tasks"][r["run_id"]]]["primary_metric"]
+        rows.append([run_name(r), str(r.get("method")), str(r.get("algorithm")),
+                     report["tasks"][r["run_id"]], primary, mean_std_cell(r, primary)]
+                    + [mean_std_cell(r, m) for m in others]
+                    + [f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}"])
+    return ["## Task metrics", ""] + table(head, rows) + ["", ROLE_NOTE, ""]
+
+
+def costs_section(report: dict, runs: list[dict]) -> list[str]:
+    costs = report["costs"]
+    columns = [c for c in COST_COLUMNS if any(costs[r["run_id"]].get(c[1]) is not None for r in runs)]
+    if not columns:
+        return []
+    rows = [[run_name(r)] + ["—" if costs[r["run_id"]].get(k) is None else fmt.format(costs[r["run_id"]][k])
+                             for _, k, fmt in columns] for r in runs]
+    notes = ["", ("Extra FLOPs are adapter + gate-controller FLOPs per evaluation example (real "
+             "tokens, 2 per multiply-add); latency percentiles come from the timed forward passes "
+             "counted in 'timed passes'.")]
+    return ["## Costs", ""] + table(["run"] + [c[0] for c in columns], rows) + notes + [""]
+
+
+def methods_by_tasks_section(report: dict) -> list[str]:
+    t = report.get("methods_by_tasks")
+    if not t:
+        return []
+    head = ["method (algorithm)"] + t["tasks"] + (["glue_avg"] if t["glue_avg"] else [])
+    rows = []
+    for row, cells in t["rows"].items():
+        line = [row]
+        for task in t["tasks"]:
+            c = cells.get(task)
+            line.append("—" if c is None else f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+                        + (f" (n={c['n_seeds']})" if c["n_seeds"] > 1 else "") + (" †" if c["trial"] else ""))
+        if t["glue_avg"]:
+            avg = t["glue_avg"].get(row)
+            line.append("—" if avg is None else f"**{100 * avg:.2f}**")
+        rows.append(line)
+    note = ("GLUE tasks show the GLUE score ×100 (CoLA MCC; STS-B mean of Pearson and Spearman; MRPC "
+            "and QQP mean of F1 and accuracy; MNLI mean of matched and mismatched accuracy; the rest "
+            "accuracy); other tasks their primary metric ×100. glue_avg averages the tasks every row has: "
+            + (", ".join(t["glue_avg_tasks"]) or "none") + ".")
+    return ["## Methods × tasks", ""] + table(head, rows) + ["", note, ""]
+
+
+def verdict_line(t: dict) -> str:
+    a, b = t["runs"]
+    if t["p_value"] is None:
+        return f"- {a} vs {b}: no test ({t.get('reason', 'not computed')})"
+    verdict = "significant" if t["significant"] else "**not significant**"
+    aso = "" if t["aso_epsilon"] is None else f", ASO ε_min = {t['aso_epsilon']:.3f}" + (
+        " (A almost stochastically dominates B)" if t["aso_epsilon"] < 0.2 else "")
+    lo, hi = t["ci95"]
+    return (f"- {a} vs {b} on {t['metric']}: Δ = {t['difference']:+.4f} (95 % CI [{lo:+.4f}, {hi:+.4f}]), "
+            f"p = {t['p_value']:.4g}, Holm p = {t['p_adjusted']:.4g}{aso}; seeds {t['n_seeds'][0]} vs "
+            f"{t['n_seeds'][1]}{' (paired)' if t.get('paired_seeds') else ''}, {t['n_examples']} examples"
+            f" — {verdict}" + ("" if t["coverage"] == "seeds and examples" else f" ({t['coverage']})"))
+
+
+def verdicts_section(report: dict) -> list[str]:
+    lines = ["## Verdicts", "",
+             ("Each proposed run against every other run of its task, on the task's primary metric: "
+             "two-level bootstrap (10,000 replicates drawing seeds, then examples; paired by seed where "
+             "both runs share seeds), 95 % percentile CI of the difference of seed means, two-sided p; "
+             f"Holm-adjusted over the {sum(t['p_value'] is not None for t in report['pairwise'])} tests "
+             "of this comparison; significant = Holm p < 0.05. ASO ε_min (deepsig) where both runs have "
+             "≥ 3 seeds."), ""]
+    lines += [verdict_line(t) for t in report["pairwise"]] or [
+        "- none (no proposed run, or no other run on the same task)"]
+    for task, s in report["by_task"].items():
+        gap = "n/a" if s["gap"] is None else f"{s['gap']:+.2f} %"
+        lines.append(f"\n{task}: best proposed {s['best_proposed']}; best baseline {s['best_baseline']}; "
+                     f"gap {gap}.")
+    return lines + [""]
+
+
+def notes_section(report: dict, runs: list[dict]) -> list[str]:
+    notes = []
+    for r in runs:
+        rid, task = r["run_id"], r.get("task", {})
+        sel = report["selection"].get(rid)
+        if sel and sel.get("optimistic"):
+            notes.append(f"- {rid}: hyper-parameters were selected on the reported split "
+                         f"({sel.get('split')}): its numbers are **optimistic**.")
+        elif sel:
+            notes.append(f"- {rid}: hyper-parameters selected on {sel.get('split')}.")
+        if task.get("missing_splits"):
+            notes.append(f"- {rid}: evaluation splits missing from the data source: "
+                         f"{', '.join(task['missing_splits'])} (scores use what exists).")
+        if task.get("f1_positive_class") and "validation_f1" in r["final"]:
+            notes.append(f"- {rid}: F1 is the F1 of the '{task['f1_positive_class']}' class.")
+        if r.get("amp_skipped_steps"):
+            notes.append(f"- {rid}: {r['amp_skipped_steps']} optimiser steps skipped by the fp16 "
+                         "gradient scaler (they advanced nothing).")
+        if (r.get("method_metrics") or {}).get("iw_coefficient_spread_warning"):
+            notes.append(f"- {rid}: IW-LoRA's importance coefficients spread by less than 5 %: it "
+                         "behaves like uniform L2.")
+    return (["## Notes", ""] + notes + [""]) if notes else []
+
+
+def summary_markdown(report: dict, runs: list[dict]) -> str:
+    lines = ["# Comparison", ""]
+    if report["trial_runs"]:
+        lines += [(f"**Trial-mode runs included** ({', '.join(report['trial_runs'])}): "
+                  "their numbers are smoke tests, not results."), ""]
+    for section in (metrics_section(report, runs), methods_by_tasks_section(report),
+                    costs_section(report, runs), verdicts_section(report), notes_section(report, runs)):
+        lines += section
+    return "\n".join(lines).rstrip() + "\n"
