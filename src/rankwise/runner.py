@@ -258,6 +258,8 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
     results = train_seeds(job, resume, write_outputs=ctx.is_main)
     first = results[0]
     agg = aggregate_seeds(results)
+    # fp16 steps the GradScaler skipped (nothing advanced on them): per seed and summed.
+    agg["per_seed"] = {str(r.seed): {**r.final, "amp_skipped_steps": r.amp_skipped_steps} for r in results}
     final = {**agg["mean"], **glue_average(job.run.dataset.name, job.run.dataset.subset, agg["mean"])}
     metrics = {
         **base, "status": "complete",
@@ -266,6 +268,7 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
         "params": first.params,
         "wall_time_s": {k: float(np.sum([r.wall_time_s[k] for r in results])) for k in first.wall_time_s},
         "job_wall_time_s": time.perf_counter() - t_start,
+        "amp_skipped_steps": int(sum(r.amp_skipped_steps for r in results)),
         "step_time_s": first.step_time_s, "peak_memory_mb": max((r.peak_memory_mb or 0) for r in results) or None,
         "method_metrics": first.method_metrics,
         "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},
