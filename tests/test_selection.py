@@ -60,15 +60,18 @@ def test_selection_data_trains_without_the_slice_and_scores_on_it():
     assert len(slice_rows) == 20
 
 
-def run_search_cli(tmp_path, glue, run, n_trials, *extra):
-    from rankwise.main import main
-
-    args = [f"run={run}", f"results_dir={tmp_path}", "mode=full", "model.name=tiny-bert",
+def search_cli_args(tmp_path, glue, run, n_trials, *extra):
+    return [f"run={run}", f"results_dir={tmp_path}", "mode=full", "model.name=tiny-bert",
             f"dataset.data_dir={glue}", "dataset.max_train_samples=96", "training.epochs=1",
             "training.warmup_steps=0", "training.fp16=false", f"optuna.n_trials={n_trials}",
             "optuna.heartbeat_interval=1", "optuna.grace_period=2", "optuna.pruner=none",
             "training.inference_measurement.enabled=false", *extra]
-    assert main(args) == 0
+
+
+def run_search_cli(tmp_path, glue, run, n_trials, *extra):
+    from rankwise.main import main
+
+    assert main(search_cli_args(tmp_path, glue, run, n_trials, *extra)) == 0
     run_dir = tmp_path / run
     url = f"sqlite:///{(run_dir / 'optuna' / 'study.db').resolve()}"
     trials = optuna.load_study(study_name=run, storage=url).get_trials(deepcopy=False)
@@ -102,17 +105,35 @@ def test_search_selects_on_a_held_out_slice_and_final_run_uses_all_rows(tmp_path
     assert n_validation == 40
 
 
+ADALORA_RTE = "comparative-2-DeBERTaV3-base-86-M--GLUE-RTE"
+ADALORA_SEARCH = ("training.seeds=[1]", "training.save_strategy=no",
+                  "model.adapter.deltaT=1", "optuna.search_space.batch_size.choices=[16,64]")
+
+
 def test_adalora_search_with_batch_64_finishes(tmp_path, fake_glue):
-    """The RTE twin's AdaLoRA search space with batch 64: 86 trial rows make 2 steps, and the
-    schedule, given as fractions (0.1, 0.3), resolves to tinit 0 < 2 - 1."""
-    run = "cpu-comparative-2-MiniLM-L6--GLUE-RTE"
+    """The RTE experiment config's AdaLoRA search with batch 64 in its space (tiny model, 96
+    RTE-like rows): 86 trial rows make 2 steps at batch 64, and the schedule, given as fractions
+    (0.154, 0.462), resolves to tinit 0 < 2 - 1 instead of the paper's 600 + 1800 steps."""
     run_dir, trials, rows, metrics = run_search_cli(
-        tmp_path, fake_glue, run, 2, "training.seeds=[1]", "training.save_strategy=no",
-        "optuna.search_space.batch_size.choices=[16,64]")
+        tmp_path, fake_glue, ADALORA_RTE, 2, *ADALORA_SEARCH)
     assert isinstance(metrics["config"]["model"]["adapter"]["tinit"], float)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
-    assert 64 in {t.params["batch_size"] for t in trials} or pytest.fail(
-        f"no trial sampled batch 64: {[t.params for t in trials]}")
+    assert 64 in {t.params["batch_size"] for t in trials}, [t.params for t in trials]
     assert metrics["status"] == "complete" and metrics["search"]["states"]["failed"] == 0
     report = json.loads((run_dir / "seed1" / "rank_pattern.json").read_text())
     assert report["allocated"]
+
+
+def test_adalora_search_with_step_counts_records_invalid_trials_then_stops(tmp_path, fake_glue, capsys):
+    """The old absolute schedule (600 + 1800 steps) makes every trial invalid: each is FAIL naming
+    model.adapter.tinit and the study goes on until the failures exceed n_trials (exit 6)."""
+    from rankwise.main import main
+
+    args = search_cli_args(tmp_path, fake_glue, ADALORA_RTE, 1, *ADALORA_SEARCH,
+                           "model.adapter.tinit=600", "model.adapter.tfinal=1800")
+    assert main(args) == 6
+    assert "model.adapter.tinit" in capsys.readouterr().err
+    with (tmp_path / ADALORA_RTE / "optuna" / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
+    assert all(r["note"].startswith("invalid configuration (model.adapter.tinit)") for r in rows)
