@@ -31,16 +31,16 @@ def lora_e_params(model):
     return [p for n, p in model.named_parameters() if "lora_E" in n]
 
 
-def with_overflow(trainer: Trainer, at_call: int):
-    """Make the ``at_call``-th backward leave an inf in one lora_E gradient (E = 0 there early
-    on, so peft's |E · grad| score would be 0 · inf = NaN if the hook ran)."""
+def with_overflow(trainer: Trainer, at_batch: int):
+    """Make the backward of the ``at_batch``-th batch (1-based) of the first epoch leave an inf
+    in one lora_E gradient (E = 0 there early on, so peft's |E · grad| score would be
+    0 · inf = NaN if the hook ran). Keyed by data position, so a resumed run overflows on the
+    same batch as an uninterrupted one."""
     original = trainer.forward_backward
-    calls = []
 
     def forward_backward(batch):
         terms = original(batch)
-        calls.append(1)
-        if len(calls) == at_call:
+        if trainer.epoch == 0 and trainer.batch_in_epoch == at_batch - 1:
             lora_e_params(trainer.model)[0].grad[0] = math.inf
         return terms
 
@@ -131,3 +131,44 @@ def test_amp_skipped_steps_reach_metrics_json(tmp_path, fake_glue, monkeypatch):
     assert metrics["per_seed"]["4"]["amp_skipped_steps"] == 2
     assert metrics["amp_skipped_steps"] == 3
     assert "amp_skipped_steps" not in metrics["final"]
+
+
+def test_resume_after_a_skipped_step_matches_an_uninterrupted_run(tmp_path, fake_glue):
+    """Interrupted after the skipped step and resumed from the checkpoint: same step count,
+    skip count, AdaLoRA pattern and weights as the run that never stopped."""
+    from rankwise.training.loop import RunInterrupted, StopFlag
+
+    def trainer(folder):
+        job = adalora_job(tmp_path / folder, fake_glue, "training.save_strategy=steps",
+                          "training.save_every_n_steps=1")
+        t = Trainer(job, 3, tmp_path / folder / "seed3")
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        with_overflow(t, OVERFLOW_BATCH)
+        return t
+
+    plain = trainer("plain")
+    plain.run(resume=False)
+
+    first, stop = trainer("resumed"), StopFlag()
+    hook = first.method.on_optimizer_step
+
+    def stop_after_step_8(model, global_step):
+        hook(model, global_step)
+        if global_step == 7:  # 0-based: the 8th real update, after the skipped batch
+            stop.signal = 15
+
+    first.method.on_optimizer_step = stop_after_step_8
+    try:
+        first.run(resume=False, stop=stop)
+    except RunInterrupted:
+        pass
+    assert first.global_step == 8 and first.amp_skipped_steps == 1
+    second = trainer("resumed")
+    second.run(resume=True)
+    assert second.amp_skipped_steps == plain.amp_skipped_steps == 1
+    assert second.global_step == plain.global_step and second.scheduler.last_epoch == plain.scheduler.last_epoch
+    assert second.method.rank_pattern(second.model) == plain.method.rank_pattern(plain.model)
+    ours = dict(second.model.named_parameters())
+    for name, p in plain.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, ours[name]), name
