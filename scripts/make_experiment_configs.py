@@ -192,8 +192,8 @@ def experiment_1() -> dict[str, tuple[str, dict]]:
                    "dataset": dataset_block(task, length),
                    "training": training_block(lr, epochs, **extra),
                    "optuna": optuna_block(METRIC.get(task, "validation_accuracy"), 30, space)}
-            out[run_id] = (f"Experiment 1, {algo} on DeBERTaV3-base / GLUE {TASK_LABEL[task]}. "
-                           f"{note}{range_note}", cfg)
+            header = f"Experiment 1, {algo} on DeBERTaV3-base / GLUE {TASK_LABEL[task]}. {note}{range_note}"
+            out[run_id] = (header, cfg)
 
     # CPU twins: MiniLM, small enough to run here in minutes, three seeds each.
     cpu = {
@@ -215,10 +215,11 @@ def experiment_1() -> dict[str, tuple[str, dict]]:
                                               batch_size=c["batch"], seeds=[1, 2, 3], log_every_n_steps=10),
                    "optuna": optuna_block("validation_accuracy", 0, space)}
             control = UNIFORM_NOTE if role == "ablation-uniform-l2" else ""
-            out[run_id] = (f"Experiment 1, CPU twin: {algo} on MiniLM-L6 / GLUE {TASK_LABEL[task]} "
-                           f"({c['samples']} training examples, {steps} steps per seed, full validation "
-                           f"set, seeds 1-3). fp16 is requested as on GPU; CPU runs use float32.{control}"
-                           f"{range_note}", cfg)
+            header = (f"Experiment 1, CPU twin: {algo} on MiniLM-L6 / GLUE {TASK_LABEL[task]} "
+                      f"({c['samples']} training examples, {steps} steps per seed, full validation "
+                      f"set, seeds 1-3). fp16 is requested as on GPU; CPU runs use float32.{control}"
+                      f"{range_note}")
+            out[run_id] = (header, cfg)
     return out
 
 

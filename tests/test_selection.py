@@ -13,7 +13,6 @@ from collections import Counter
 import datasets
 import numpy as np
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from rankwise.data.loading import EvalSplit, TaskData
@@ -114,7 +113,7 @@ def test_adalora_search_with_batch_64_finishes(tmp_path, fake_glue):
     """The RTE experiment config's AdaLoRA search with batch 64 in its space (tiny model, 96
     RTE-like rows): 86 trial rows make 2 steps at batch 64, and the schedule, given as fractions
     (0.154, 0.462), resolves to tinit 0 < 2 - 1 instead of the paper's 600 + 1800 steps."""
-    run_dir, trials, rows, metrics = run_search_cli(
+    run_dir, trials, _, metrics = run_search_cli(
         tmp_path, fake_glue, ADALORA_RTE, 2, *ADALORA_SEARCH)
     assert isinstance(metrics["config"]["model"]["adapter"]["tinit"], float)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2

@@ -54,6 +54,19 @@ retry with the same parameters (``RetryHeartbeatStaleTrialCallback(max_retry=1)`
 whose process dies twice is left FAIL rather than retried forever). Restarting the command
 therefore finishes the study with exactly ``n_trials`` COMPLETE/PRUNED trials.
 
+Failed trials. A diverged run (``NonFiniteLossError``) or a trial whose sampled parameters
+make an invalid run config (a ``ConfigError`` naming a run key: ``model.``, ``dataset.``,
+``training.``) is FAIL and the search goes on; an invalid one records the key in the trial's
+``invalid_config_key`` attribute and its note. More than ``max_failed_trials`` diverged or
+crashed trials abort the search; invalid-config trials count towards that limit only while no
+trial has finished (so a space where every trial fails stops) and abort it beyond
+``INVALID_TRIALS_PER_TRIAL × n_trials`` (a space almost all invalid would never fill it).
+
+Selection. Every trial records ``selection_split`` (``train_holdout_<fraction>`` or
+``validation``, from ``optuna.selection_split``): the data its value was measured on, which the
+objective (:func:`rankwise.runner.trial_objective`) prepares; a study refuses to resume with
+another one.
+
 Several workers. Start the same command in several processes (or on several machines) with
 the same ``run_id`` and storage URL. SQLite suits workers on one machine with a local disk
 (writers wait up to 60 s for its lock); use PostgreSQL across machines::
