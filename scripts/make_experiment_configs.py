@@ -12,7 +12,13 @@ Experiment 2 (TABS vs LoRA-r8, BHSP, CBSP + ablations), run ids
   ``tabs-<role>-DeBERTaV3-base-86-M--<TASK>``: proposed = TABS, comparative-1 = LoRA r=8,
   comparative-2 = BHSP, comparative-3 = CBSP, ablation-no-projection, ablation-shared-gates,
   on the eight GLUE tasks and LRA ListOps; CPU twins ``cpu-tabs-<role>-MiniLM-L6--<TASK>`` on an
-  SST-2 subset, RTE and short ListOps.
+  SST-2 subset, RTE and short ListOps. ListOps length stress
+  ``tabs-<proposed|comparative-3>-DeBERTaV3-base-86-M--ListOps-length-stress``: TABS with a fixed
+  ``budget_tokens`` vs CBSP on expressions of 100-2000 tokens.
+Experiment 1 also has ``ablation-uniform-l2`` (IW-LoRA's penalty, every coefficient 1). Every
+config's own values lie inside its ``optuna.search_space`` (ranges are widened where the
+paper's rate lies outside, and the header says so); AdaLoRA's t_i/t_f are fractions of the
+real step count.
 
 Usage: ``python scripts/make_experiment_configs.py [--out DIR] [--check]``; ``--check`` exits 1
 when a committed file differs from what this script writes (the test suite runs it).
@@ -21,6 +27,7 @@ when a committed file differs from what this script writes (the test suite runs 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -47,10 +54,32 @@ TASK_LABEL = {"mnli": "MNLI", "rte": "RTE", "qnli": "QNLI", "mrpc": "MRPC", "qqp
               "sst2": "SST-2", "cola": "CoLA", "stsb": "STS-B", "listops": "ListOps"}
 METRIC = {"cola": "validation_matthews_correlation", "stsb": "validation_pearson"}
 FULL_FT_LR = 2e-5  # DeBERTaV3 full fine-tuning (He et al., 2023), the AdaLoRA paper's Full FT row
+# GLUE training rows: the paper's step counts t_i / t_f become fractions of its own run's steps
+# (epochs × ceil(rows / 32)), so a search over the batch size keeps the schedule's shape.
+TRAIN_ROWS = {"mnli": 392702, "rte": 2490, "qnli": 104743, "mrpc": 3668, "qqp": 363846,
+              "sst2": 67349, "cola": 8551, "stsb": 5749}
 
 
 def loguniform(low: float, high: float) -> dict:
     return {"type": "loguniform", "low": low, "high": high}
+
+
+def _one_digit(x: float, up: bool) -> float:
+    exponent = math.floor(math.log10(x))
+    mantissa = x / 10**exponent
+    mantissa = math.ceil(mantissa - 1e-9) if up else math.floor(mantissa + 1e-9)
+    return float(f"{mantissa}e{exponent}")
+
+
+def lr_range(lr: float, low: float, high: float) -> tuple[dict, str]:
+    """The learning-rate entry: [low, high], widened (to lr / 4 or 2.5 · lr, one significant
+    digit) where the config's own rate lies outside, and a header note saying so."""
+    if low <= lr <= high:
+        return loguniform(low, high), ""
+    new_low, new_high = min(low, _one_digit(lr / 4, up=False)), max(high, _one_digit(lr * 2.5, up=True))
+    return loguniform(new_low, new_high), (
+        f" The learning-rate search range is widened from {low:g}-{high:g} to {new_low:g}-{new_high:g} "
+        f"so that it contains this config's own rate ({lr:g}).")
 
 
 BATCH_CHOICES = {"type": "categorical", "choices": [16, 32, 64]}
@@ -74,6 +103,8 @@ def training_block(lr: float, epochs: int, batch_size: int = 32, **extra) -> dic
              "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_ratio": 0.06,
              "gradient_accumulation_steps": 1, "fp16": True, "seed": 42, "log_every_n_steps": 50,
              "save_strategy": "epoch", "evaluation_strategy": "epoch"}
+    if "warmup_steps" in extra:  # a step count replaces the ratio (which would win over it)
+        del block["warmup_ratio"]
     block.update(extra)
     return block
 
@@ -95,7 +126,10 @@ def iw_block(enabled: bool, warmup_steps: int = 150) -> dict:
 
 # --- experiment 1 --------------------------------------------------------------------------------
 EXP1_ROLES = {"proposed": "IW-LoRA", "comparative-1": "LoRA r=8", "comparative-2": "AdaLoRA",
-              "baseline": "Full FT"}
+              "baseline": "Full FT", "ablation-uniform-l2": "uniform-coefficient L2 (IW-LoRA control)"}
+UNIFORM_NOTE = (" Control for IW-LoRA: its penalty and α with every coefficient c_k = 1 "
+                "(importance_weighted_regularisation.coefficients: uniform, no calibration), so a "
+                "gain of IW-LoRA over this run is due to the importance weights.")
 
 
 def exp1_model(role: str, name: str, adalora: dict, iw_warmup: int) -> dict:
@@ -104,16 +138,20 @@ def exp1_model(role: str, name: str, adalora: dict, iw_warmup: int) -> dict:
     if role == "comparative-2":
         return {"name": name, "adapter": {"type": "adalora", "target_r": 8, "init_r": 12, "lora_alpha": 16,
                                           **adalora}}
-    return {"name": name, "adapter": lora_adapter(),
-            "importance_weighted_regularisation": iw_block(role == "proposed", iw_warmup)}
+    iw = iw_block(role in ("proposed", "ablation-uniform-l2"), iw_warmup)
+    if role == "ablation-uniform-l2":
+        iw["coefficients"] = "uniform"
+    return {"name": name, "adapter": lora_adapter(), "importance_weighted_regularisation": iw}
 
 
-def exp1_space(role: str, full_ft: bool) -> dict:
-    space = {"learning_rate": loguniform(5e-6, 1e-4) if full_ft else loguniform(1e-5, 5e-4),
-             "batch_size": BATCH_CHOICES}
-    if role == "proposed":
+def exp1_space(role: str, lr: float) -> tuple[dict, str]:
+    """The search space (containing the config's own values) and a header note on its range."""
+    low, high = (5e-6, 1e-4) if role == "baseline" else (1e-5, 5e-4)
+    lr_entry, note = lr_range(lr, low, high)
+    space = {"learning_rate": lr_entry, "batch_size": BATCH_CHOICES}
+    if role in ("proposed", "ablation-uniform-l2"):
         space["iw_reg_alpha"] = loguniform(1e-5, 1e-3)
-    return space
+    return space, note
 
 
 def experiment_1() -> dict[str, tuple[str, dict]]:
@@ -134,19 +172,28 @@ def experiment_1() -> dict[str, tuple[str, dict]]:
                 note = (f"{TASK_LABEL[task]}: the reference configs are silent; learning rate {p['lr']:g}, "
                         f"{p['epochs']} epochs, length {p['length']} and AdaLoRA's t_i/ΔT/t_f/orth weight "
                         "from the AdaLoRA paper's DeBERTaV3-base GLUE settings.")
-                adalora = {"tinit": p["tinit"], "tfinal": p["tfinal"], "deltaT": p["deltaT"],
-                           "orth_reg_weight": p["orth"]}
+                paper_steps = p["epochs"] * math.ceil(TRAIN_ROWS[task] / 32)
+                adalora = {"tinit": round(p["tinit"] / paper_steps, 3),
+                           "tfinal": round(p["tfinal"] / paper_steps, 3),
+                           "deltaT": p["deltaT"], "orth_reg_weight": p["orth"]}
+                schedule_note = (f" AdaLoRA's t_i = {p['tinit']} and t_f = {p['tfinal']} steps are given as "
+                         f"fractions of the paper's {paper_steps} steps (batch 32), so they scale with "
+                         "the batch size a search picks.")
+                note += schedule_note if role == "comparative-2" else ""
                 lr, epochs, length, extra = p["lr"], p["epochs"], p["length"], {}
             if role == "baseline":
                 lr = FULL_FT_LR
                 note += f" Full FT uses lr {FULL_FT_LR:g} (DeBERTaV3 full fine-tuning)."
+            if role == "ablation-uniform-l2":
+                note += UNIFORM_NOTE
+            space, range_note = exp1_space(role, lr)
             cfg = {"run_id": run_id, "method": role,
                    "model": exp1_model(role, DEBERTA, adalora, 150),
                    "dataset": dataset_block(task, length),
                    "training": training_block(lr, epochs, **extra),
-                   "optuna": optuna_block(METRIC.get(task, "validation_accuracy"), 30,
-                                          exp1_space(role, role == "baseline"))}
-            out[run_id] = (f"Experiment 1, {algo} on DeBERTaV3-base / GLUE {TASK_LABEL[task]}. {note}", cfg)
+                   "optuna": optuna_block(METRIC.get(task, "validation_accuracy"), 30, space)}
+            header = f"Experiment 1, {algo} on DeBERTaV3-base / GLUE {TASK_LABEL[task]}. {note}{range_note}"
+            out[run_id] = (header, cfg)
 
     # CPU twins: MiniLM, small enough to run here in minutes, three seeds each.
     cpu = {
@@ -158,16 +205,21 @@ def experiment_1() -> dict[str, tuple[str, dict]]:
             run_id = f"cpu-{role}-MiniLM-L6--GLUE-{TASK_LABEL[task]}"
             steps = c["samples"] // c["batch"] * c["epochs"]
             adalora = {"tinit": 0.1, "tfinal": 0.3, "deltaT": 5, "orth_reg_weight": 0.1}
+            lr = c["full_lr"] if role == "baseline" else c["lr"]
+            space, range_note = exp1_space(role, lr)
             cfg = {"run_id": run_id, "method": role,
                    "model": exp1_model(role, "minilm", adalora, c["iw_warmup"]),
                    "dataset": dataset_block(task, c["length"], max_train_samples=c["samples"],
                                             max_eval_samples=c["eval"]),
-                   "training": training_block(c["full_lr"] if role == "baseline" else c["lr"], c["epochs"],
+                   "training": training_block(lr, c["epochs"],
                                               batch_size=c["batch"], seeds=[1, 2, 3], log_every_n_steps=10),
-                   "optuna": optuna_block("validation_accuracy", 0, exp1_space(role, role == "baseline"))}
-            out[run_id] = (f"Experiment 1, CPU twin: {algo} on MiniLM-L6 / GLUE {TASK_LABEL[task]} "
-                           f"({c['samples']} training examples, {steps} steps per seed, full validation "
-                           "set, seeds 1-3). fp16 is requested as on GPU; CPU runs use float32.", cfg)
+                   "optuna": optuna_block("validation_accuracy", 0, space)}
+            control = UNIFORM_NOTE if role == "ablation-uniform-l2" else ""
+            header = (f"Experiment 1, CPU twin: {algo} on MiniLM-L6 / GLUE {TASK_LABEL[task]} "
+                      f"({c['samples']} training examples, {steps} steps per seed, full validation "
+                      f"set, seeds 1-3). fp16 is requested as on GPU; CPU runs use float32.{control}"
+                      f"{range_note}")
+            out[run_id] = (header, cfg)
     return out
 
 
@@ -225,6 +277,7 @@ def experiment_2() -> dict[str, tuple[str, dict]]:
             out[run_id] = (f"Experiment 2, {algo} on DeBERTaV3-base / {TASK_LABEL[task]}. {budget_note} {note}",
                            cfg)
 
+    out.update(listops_length_stress())
     cpu = {
         "sst2": dict(data=dataset_block("sst2", 64, max_train_samples=1000), lr=1e-3, epochs=2, batch=16),
         "rte": dict(data=dataset_block("rte", 128, max_train_samples=600), lr=5e-4, epochs=2, batch=16),
@@ -243,6 +296,33 @@ def experiment_2() -> dict[str, tuple[str, dict]]:
                                           {"learning_rate": loguniform(1e-4, 3e-3), "batch_size": BATCH_CHOICES})}
             out[run_id] = (f"Experiment 2, CPU twin: {algo} on MiniLM-L6 / {TASK_LABEL[task]}. {budget_note}",
                            cfg)
+    return out
+
+
+STRESS_CAP = 8 * 512  # (token, direction) pairs per target and sequence: 8·T at T = 512
+
+
+def listops_length_stress() -> dict[str, tuple[str, dict]]:
+    """TABS with a length-independent cap (``budget_tokens``) vs CBSP on ListOps of 100-2000
+    tokens: ``tabs-<role>-DeBERTaV3-base-86-M--ListOps-length-stress``."""
+    data = dataset_block("listops", 2048, listops={"min_length": 100, "max_length": 2000})
+    note = (f"ListOps length stress: expressions of 100-2000 tokens (LRA procedure otherwise), so the "
+            f"same run sees short and long sequences. TABS holds a fixed cap of budget_tokens = "
+            f"{STRESS_CAP} open (token, direction) pairs per target and sequence (8·T at T = 512) "
+            "at every length; CBSP has no absolute cap: its average budget of 8 directions per "
+            "token equals that cap at T = 512 and grows with T beyond it. Compare budget violations "
+            "and open pairs per sequence against the cap by length (the inference bench sweeps on "
+            "to 4,096 tokens). lr 5e-4, 5 epochs, as the ListOps runs.")
+    adapters = {"proposed": ("TABS", {**exp2_adapter("proposed"), "budget_tokens": STRESS_CAP}),
+                "comparative-3": ("CBSP", exp2_adapter("comparative-3"))}
+    out = {}
+    for role, (algo, adapter) in adapters.items():
+        run_id = f"tabs-{role}-DeBERTaV3-base-86-M--ListOps-length-stress"
+        cfg = {"run_id": run_id, "method": role, "model": {"name": DEBERTA, "adapter": adapter},
+               "dataset": data, "training": training_block(5e-4, 5),
+               "optuna": optuna_block("validation_accuracy", 30,
+                                      {"learning_rate": loguniform(1e-4, 3e-3), "batch_size": BATCH_CHOICES})}
+        out[run_id] = (f"Experiment 2, {algo} on DeBERTaV3-base / {note}", cfg)
     return out
 
 

@@ -29,7 +29,7 @@ def test_experiment_configs_are_generated_and_cover_both_experiments():
     algorithms = {}
     for task in ("MNLI", "SST-2", "RTE"):
         for role, algo in (("proposed", "iw_lora"), ("comparative-1", "lora"), ("comparative-2", "adalora"),
-                           ("baseline", "full_ft")):
+                           ("baseline", "full_ft"), ("ablation-uniform-l2", "iw_lora")):
             run_id = f"{role}-DeBERTaV3-base-86-M--GLUE-{task}"
             assert run_id in runs
             algorithms[run_id] = load_job([f"run={run_id}"]).run.algorithm == algo
@@ -44,8 +44,70 @@ def test_experiment_configs_are_generated_and_cover_both_experiments():
     shared = load_job(["run=tabs-ablation-shared-gates-DeBERTaV3-base-86-M--RTE"]).run.model.adapter
     assert not no_proj.projection and shared.gate_granularity == "sequence"
     twins = [r for r in runs if r.startswith("cpu-")]
-    assert len(twins) == 4 * 2 + 6 * 3
+    assert len(twins) == 5 * 2 + 6 * 3
     assert all(load_job([f"run={r}"]).run.model.name == "minilm" for r in twins)
+    for task in ("MNLI", "SST-2", "RTE"):  # the control differs from IW-LoRA in its coefficients only
+        control = load_job([f"run=ablation-uniform-l2-DeBERTaV3-base-86-M--GLUE-{task}"]).run
+        iw = load_job([f"run=proposed-DeBERTaV3-base-86-M--GLUE-{task}"]).run
+        assert control.model.importance_weighted_regularisation.coefficients == "uniform"
+        assert iw.model.importance_weighted_regularisation.coefficients == "importance"
+        assert control.model.importance_weighted_regularisation.reg_alpha == \
+            iw.model.importance_weighted_regularisation.reg_alpha
+        assert control.training == iw.training and control.optuna == iw.optuna
+    for task in ("RTE", "SST-2"):
+        assert f"cpu-ablation-uniform-l2-MiniLM-L6--GLUE-{task}" in twins
+    stress = {role: load_job([f"run=tabs-{role}-DeBERTaV3-base-86-M--ListOps-length-stress"]).run
+              for role in ("proposed", "comparative-3")}
+    assert stress["proposed"].algorithm == "tabs" and stress["comparative-3"].algorithm == "cbsp"
+    assert stress["proposed"].model.adapter.budget_tokens == 8 * 512
+    for run in stress.values():
+        assert run.dataset.listops.max_length == 2000 and run.dataset.max_seq_length >= 2000
+
+
+def _value_at(run, path: str):
+    node = run
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize("run_id", available_runs())
+def test_every_shipped_config_lies_inside_its_own_search_space(run_id):
+    """A config's own learning rate, batch size, regulariser strength... is a point of its
+    search space, so the search can find (at least) the configuration it ships with."""
+    from rankwise.config.search_aliases import resolve_search_key
+
+    job = load_job([f"run={run_id}"])
+    for name, entry in job.run.optuna.search_space.items():
+        value = _value_at(job.run, resolve_search_key(name, job.run_dict))
+        where = f"{run_id}: optuna.search_space.{name} does not contain the config's own {value!r}"
+        if entry.type == "categorical":
+            assert value in entry.choices, where
+        else:
+            assert entry.low <= value <= entry.high, where
+            if entry.step is not None:
+                assert abs((value - entry.low) / entry.step - round((value - entry.low) / entry.step)) < 1e-9, where
+
+
+def test_adalora_schedules_are_fractions_of_the_real_step_count():
+    for run_id in available_runs():
+        run = load_job([f"run={run_id}"]).run
+        if run.algorithm == "adalora":
+            adapter = run.model.adapter
+            assert isinstance(adapter.tinit, float) and isinstance(adapter.tfinal, float), run_id
+            assert 0 <= adapter.tinit and adapter.tinit + adapter.tfinal < 1, run_id
+
+
+def test_reference_configs_ship_unchanged():
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "reference-configs"
+    if not shared.is_dir():
+        pytest.skip(f"reference configs not found at {shared}")
+    from importlib import resources
+
+    for name in (REF_PROPOSED, REF_COMPARATIVE):
+        shipped = (resources.files("rankwise") / "configs" / "runs" / f"{name}.yaml").read_bytes()
+        assert shipped == (shared / f"{name}.yaml").read_bytes(), name
+        assert load_job([f"run={name}"]).run.run_id == name  # still accepted as is
 
 
 def test_reference_configs_resolve_algorithms_and_strings():

@@ -130,3 +130,60 @@ def test_artifacts(tmp_path):
     assert (tmp_path / "importance.json").is_file() and (tmp_path / "importance_heatmap.png").stat().st_size > 0
     assert summary["iw_n_matrices"] == len(method.names) == 12
     assert summary["iw_coef_spread"] == pytest.approx(summary["iw_coef_max"] - summary["iw_coef_min"])
+
+
+def test_uniform_coefficients_give_plain_l2_closed_form(tmp_path):
+    """``coefficients: uniform``: no calibration, every c_k = 1, penalty α Σ_k ||scale·B_k A_k||_F²
+    from explicit dense products, whatever sensitivities a calibration would have found."""
+    method, model, tok = make("tiny-bert", "model.importance_weighted_regularisation.coefficients=uniform",
+                              "model.importance_weighted_regularisation.reg_alpha=0.3")
+    assert method.run_cfg.algorithm == "iw_lora"
+    torch.manual_seed(2)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    calls = []
+
+    def counting_batches():
+        for b in make_batches(tok):
+            calls.append(1)
+            yield b
+
+    assert method.calibrate(model, counting_batches(), loss_fn) == {"iw_calibration_batches": 0}
+    assert not calls  # nothing measured
+    expected = 0.0
+    for layer in lora_layers(model).values():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        expected += float(((layer.scaling["default"] * (b @ a)) ** 2).sum())
+    got = float(method.regularization_losses(model)["iw_reg"])
+    assert got == pytest.approx(0.3 * expected, rel=1e-5)
+    summary = method.write_artifacts(model, tmp_path)
+    assert summary["iw_coefficients"] == "uniform" and summary["iw_coefficient_spread"] == 0.0
+    assert summary["iw_coefficient_spread_warning"] is False
+
+
+def test_spread_warning_below_five_percent(tmp_path, caplog):
+    import logging
+
+    method, model, tok = make("tiny-bert", "model.importance_weighted_regularisation.sensitivity_warmup_steps=2")
+    caplog.set_level(logging.WARNING, logger="rankwise.methods.iw_lora")
+    method.calibrate(model, iter(make_batches(tok)), loss_fn)
+    c = method.coefficients
+    spread = float((c.max() - c.min()) / c.mean())
+    summary = method.write_artifacts(model, tmp_path)
+    assert summary["iw_coefficient_spread"] == pytest.approx(spread)
+    assert summary["iw_coefficient_spread_warning"] is (spread < 0.05)
+    assert ("nearly uniform L2" in caplog.text) is (spread < 0.05)
+    # Hand-made sensitivities on both sides of the 5 % line (12 matrices, sum-normalised, β = 1).
+    # s = (1.2, 1, ..., 1): Σ = 12.2, c = 1 - s/Σ: (0.9016, 0.9180 × 11), mean 0.9167,
+    # spread 0.0164 / 0.9167 = 1.8 % -> warning.
+    n = len(method.names)
+    assert n == 12
+    method.set_sensitivity(torch.tensor([1.2] + [1.0] * 11, dtype=torch.float64))
+    summary = method.write_artifacts(model, tmp_path)
+    assert summary["iw_coefficient_spread"] == pytest.approx((0.2 / 12.2) / (1 - 1 / 12), rel=1e-9)
+    assert summary["iw_coefficient_spread_warning"] is True
+    # s = (12, 1, ..., 1): Σ = 23, c = (11/23, 22/23 × 11), mean 253/276, spread 0.478 / 0.917 = 52 %.
+    method.set_sensitivity(torch.tensor([12.0] + [1.0] * 11, dtype=torch.float64))
+    summary = method.write_artifacts(model, tmp_path)
+    assert summary["iw_coefficient_spread"] == pytest.approx((11 / 23) / ((11 / 23 + 11 * 22 / 23) / 12))
+    assert summary["iw_coefficient_spread_warning"] is False

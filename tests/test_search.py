@@ -668,3 +668,73 @@ def test_two_worker_processes_share_one_postgres_study(tmp_path, postgres_url):
         run_two_workers(tmp_path, postgres_url, run_id, n_trials=8)
     finally:
         optuna.delete_study(study_name=run_id, storage=postgres_url)
+
+
+# --- trials whose parameters make an invalid config --------------------------------------
+
+
+def test_invalid_config_trial_fails_naming_the_key_and_search_goes_on(tmp_path):
+    cfg = toy_config(3, heartbeat_interval=1)
+
+    def objective(trial_cfg, reporter):
+        if reporter.trial_number in (1, 2):
+            raise ConfigError("model.adapter.tinit", "AdaLoRA needs tinit < total_step - tfinal")
+        return toy_metric(trial_cfg)
+
+    # The crash limit (max_failed_trials=1) is not reached by invalid-config trials once a
+    # trial has finished.
+    result = run_search("toy", cfg, optuna_block(cfg), 0, tmp_path, objective, max_failed_trials=1)
+    assert (result.n_complete, result.n_failed, result.n_invalid) == (3, 2, 2)
+    rows = load_csv(tmp_path / "trials.csv")
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    for row in rows[1:3]:
+        assert row["note"].startswith("invalid configuration (model.adapter.tinit): AdaLoRA needs")
+    invalid = [t for t in stored_trials(tmp_path) if t.state == TrialState.FAIL]
+    assert [t.user_attrs["invalid_config_key"] for t in invalid] == ["model.adapter.tinit"] * 2
+    assert json.loads((tmp_path / "best_params.json").read_text())["n_invalid_config"] == 2
+
+
+def test_search_where_every_trial_is_invalid_stops(tmp_path):
+    cfg = toy_config(2, heartbeat_interval=1)
+
+    def never_valid(trial_cfg, reporter):
+        raise ConfigError("training.batch_size", "too large for the data")
+
+    with pytest.raises(SearchAborted, match=r"all 3 trials failed .*training\.batch_size"):
+        run_search("toy", cfg, optuna_block(cfg), 0, tmp_path, never_valid)
+
+
+def test_config_error_outside_the_run_still_stops_the_search(tmp_path):
+    cfg = toy_config(2, heartbeat_interval=1)
+
+    def no_gpu(trial_cfg, reporter):
+        raise ConfigError("device", "cuda requested but no CUDA device is available")
+
+    with pytest.raises(ConfigError, match="device"):
+        run_search("toy", cfg, optuna_block(cfg), 0, tmp_path, no_gpu)
+    assert [r["state"] for r in load_csv(tmp_path / "trials.csv")] == ["FAIL"]
+
+
+def test_trials_csv_says_which_split_scored_each_trial(tmp_path):
+    for split, label in ((None, "train_holdout_0.1"), (0.25, "train_holdout_0.25"),
+                         ("validation", "validation")):
+        extra = {} if split is None else {"selection_split": split}
+        cfg = toy_config(1, heartbeat_interval=1, **extra)
+        out = tmp_path / label
+        run_search("toy", cfg, optuna_block(cfg), 0, out, lambda c, r: toy_metric(c))
+        assert [r["selection_split"] for r in load_csv(out / "trials.csv")] == [label]
+
+
+def test_resuming_with_another_selection_split_is_refused(tmp_path):
+    cfg = toy_config(1, heartbeat_interval=1)
+    run_search("toy", cfg, optuna_block(cfg), 0, tmp_path, lambda c, r: toy_metric(c))
+    other = toy_config(2, heartbeat_interval=1, selection_split="validation")
+    with pytest.raises(ConfigError, match="optuna.selection_split"):
+        run_search("toy", other, optuna_block(other), 0, tmp_path, lambda c, r: toy_metric(c))
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, "train", -0.1])
+def test_selection_split_must_be_a_fraction_or_validation(value):
+    cfg = toy_config(1, selection_split=value)
+    with pytest.raises(ConfigError, match="optuna.selection_split"):
+        parse_run_config(cfg)

@@ -22,6 +22,10 @@ import yaml
 from optuna.trial import TrialState
 
 RUN = "comparative-1-DeBERTaV3-base-86-M--GLUE-MNLI"
+# The shared two-worker study selects on validation, so the final run (same seed, same data)
+# must retrain the best trial exactly; the default held-out selection is tested in
+# test_selection.py.
+ON_VALIDATION = "optuna.selection_split=validation"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # A CLI process whose optimizer steps are slowed (numerics unchanged), so that trials last long
@@ -81,7 +85,7 @@ def started_trials(stderr: str) -> set[int]:
 def two_workers(tmp_path_factory, fake_glue):
     """Two CLI processes with the same command and storage, released together."""
     out = tmp_path_factory.mktemp("search")
-    args = search_args(out, fake_glue, 4)
+    args = search_args(out, fake_glue, 4, ON_VALIDATION)
     ready = [out / "ready0", out / "ready1"]
     go = out / "go"
     procs = [start_worker(args, 0.1, r, go) for r in ready]
@@ -141,6 +145,7 @@ def test_final_run_is_the_best_trial_configuration_run_without_search(two_worker
     search = metrics["search"]
     assert search["n_trials"] == 4 and search["best_trial_number"] == best.number
     assert search["best_value"] == best.value and search["best_params"] == best.params
+    assert search["selection_split"] == "validation" and search["selection_optimistic"] is True
     assert search["best_overrides"] == {"training.learning_rate": best.params["learning_rate"],
                                         "training.batch_size": best.params["batch_size"]}
     states = search["states"]
@@ -179,7 +184,8 @@ def test_rerunning_a_finished_search_keeps_its_final_run(two_workers):
     before = (run_dir / "metrics.json").read_text()
     from rankwise.main import main
 
-    args = search_args(run_dir.parent, Path(json.loads(before)["config"]["dataset"]["data_dir"]), 4)
+    args = search_args(run_dir.parent, Path(json.loads(before)["config"]["dataset"]["data_dir"]), 4,
+                       ON_VALIDATION)
     assert main(args) == 0
     assert (run_dir / "metrics.json").read_text() == before
     assert len([t for t in load_trials(run_dir) if t.state in FINISHED]) == 4

@@ -107,6 +107,9 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
                           "separate processes sharing optuna.storage, or set optuna.n_trials=0")
     # Before anything is written: a bad search space exits 2 naming optuna.search_space.<name>.
     validate_search_space(job.run_dict, job.run.optuna)
+    if job.run.optuna.selection_optimistic:
+        log.warning("optuna.selection_split=validation: trials are scored on the split the final "
+                    "run reports, so its numbers are optimistic (marked in metrics.json search)")
     study_dir = job.run_dir / "optuna"
     seed = job.run.training.seed
     result = run_search(job.run.run_id, job.run_dict, job.run.optuna, seed, study_dir,
@@ -135,13 +138,32 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
 def trial_objective(job: Job, seed: int) -> Callable:
     """``objective(trial_cfg, reporter)`` for :func:`rankwise.search.run_search`: trains one
     Trainer on the trial's config in ``<run_dir>/optuna/trials/<number>/`` and returns the final
-    ``optuna.metric_name``; each epoch's value goes to the pruner through ``reporter``."""
+    ``optuna.metric_name``; each epoch's value goes to the pruner through ``reporter``.
+
+    With ``optuna.selection_split`` a fraction, the trial trains on the training split minus a
+    held-out slice (seeded by ``seed``, stratified) and the metric is measured on the slice
+    (:mod:`rankwise.data.selection`); with ``validation``, on the validation split."""
     from rankwise.config.schema import parse_run_config
     from rankwise.errors import RankwiseError
     from rankwise.training.loop import Trainer, stop_on_signals
 
     metric = job.run.optuna.metric_name
+    selection = job.run.optuna.selection_split
     data_by_source: dict[str, Any] = {}
+
+    def trial_data(run, source: str):
+        """The trials' TaskData, loaded and split once per data source (None: let the
+        Trainer load the run's own data)."""
+        if source in data_by_source or selection == "validation":
+            return data_by_source.get(source)
+        from rankwise.data.loading import load_task_data
+        from rankwise.data.selection import selection_data
+        from rankwise.models import default_cache_dir
+        from rankwise.training.loop import load_run_backbone
+
+        _, tokenizer = load_run_backbone(run, get_task(run.dataset.name, run.dataset.subset))
+        full = load_task_data(run.dataset, tokenizer, default_cache_dir())
+        return selection_data(full, selection, seed)
 
     def objective(trial_cfg: dict, reporter) -> float:
         # A trial is never resumed (a dead one is retried from scratch), so it saves nothing;
@@ -156,8 +178,10 @@ def trial_objective(job: Job, seed: int) -> Callable:
                             default=str)
         trial_dir = job.run_dir / "optuna" / "trials" / str(reporter.trial_number)
         trainer = Trainer(trial_job, seed, trial_dir, reporter=reporter.report,
-                          data=data_by_source.get(source))
+                          data=trial_data(trial_job.run, source))
         data_by_source[source] = trainer.data  # trials that share data tokenise it once
+        reporter.set_user_attr("train_rows", len(trainer.data.train))
+        reporter.set_user_attr("selection_rows", len(trainer.data.evals[0].data))
         with stop_on_signals() as stop:
             result = trainer.run(resume=False, stop=stop)
         if result.final.get(metric) is None:
@@ -185,12 +209,15 @@ def search_summary(job: Job, result) -> dict[str, Any]:
     return {
         "study_name": job.run.run_id, "storage": result.storage, "study_dir": "optuna",
         "metric_name": cfg.metric_name, "direction": cfg.direction, "n_trials": cfg.n_trials,
+        # What scored the trials; "validation" = selected on the reported split (optimistic).
+        "selection_split": cfg.selection_label, "selection_optimistic": cfg.selection_optimistic,
         "n_finished": result.n_finished, "timed_out": result.timed_out,
         "best_value": result.best_value, "best_trial_number": result.best_trial_number,
         "best_params": result.best_params,
         "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in result.best_params.items()},
         "states": {"complete": result.n_complete, "pruned": result.n_pruned,
-                   "failed": result.n_failed, "cancelled": result.n_cancelled},
+                   "failed": result.n_failed, "cancelled": result.n_cancelled,
+                   "invalid_config": result.n_invalid},
         "wall_time_s": result.wall_time_s,
     }
 
@@ -265,6 +292,8 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
     first = results[0]
     add_glue_score(job.run.dataset.name, job.run.dataset.subset, results)
     agg = aggregate_seeds(results)
+    # fp16 steps the GradScaler skipped (nothing advanced on them): per seed and summed.
+    agg["per_seed"] = {str(r.seed): {**r.final, "amp_skipped_steps": r.amp_skipped_steps} for r in results}
     final = dict(agg["mean"])
     metrics = {
         **base, "status": "complete",
@@ -273,6 +302,7 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
         "params": first.params,
         "wall_time_s": {k: float(np.sum([r.wall_time_s[k] for r in results])) for k in first.wall_time_s},
         "job_wall_time_s": time.perf_counter() - t_start,
+        "amp_skipped_steps": int(sum(r.amp_skipped_steps for r in results)),
         "step_time_s": first.step_time_s, "peak_memory_mb": max((r.peak_memory_mb or 0) for r in results) or None,
         "method_metrics": first.method_metrics,
         "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},

@@ -54,6 +54,19 @@ retry with the same parameters (``RetryHeartbeatStaleTrialCallback(max_retry=1)`
 whose process dies twice is left FAIL rather than retried forever). Restarting the command
 therefore finishes the study with exactly ``n_trials`` COMPLETE/PRUNED trials.
 
+Failed trials. A diverged run (``NonFiniteLossError``) or a trial whose sampled parameters
+make an invalid run config (a ``ConfigError`` naming a run key: ``model.``, ``dataset.``,
+``training.``) is FAIL and the search goes on; an invalid one records the key in the trial's
+``invalid_config_key`` attribute and its note. More than ``max_failed_trials`` diverged or
+crashed trials abort the search; invalid-config trials count towards that limit only while no
+trial has finished (so a space where every trial fails stops) and abort it beyond
+``INVALID_TRIALS_PER_TRIAL × n_trials`` (a space almost all invalid would never fill it).
+
+Selection. Every trial records ``selection_split`` (``train_holdout_<fraction>`` or
+``validation``, from ``optuna.selection_split``): the data its value was measured on, which the
+objective (:func:`rankwise.runner.trial_objective`) prepares; a study refuses to resume with
+another one.
+
 Several workers. Start the same command in several processes (or on several machines) with
 the same ``run_id`` and storage URL. SQLite suits workers on one machine with a local disk
 (writers wait up to 60 s for its lock); use PostgreSQL across machines::
@@ -71,7 +84,10 @@ reaches ``n_trials`` stays WAITING in storage (the dashboard shows it; it never 
 
 Outputs in ``study_dir`` (rewritten after every trial and at the end, atomically):
 ``best_params.json`` (best value, parameters, overrides by dotted path, trial number),
-``trials.csv`` (number, state, value, duration_s, seed, params_<name>..., note) and
+``trials.csv`` (number, state, value, duration_s, seed, selection_split, params_<name>...,
+note; ``selection_split`` is the data that scored the trial: ``train_holdout_<fraction>``, a
+held-out slice of the training split, or ``validation``; the value keeps the metric's name,
+e.g. ``validation_accuracy``, whichever split measured it) and
 ``top_trials.md`` (the best completed trials, as in the table logged at the end). A line is
 logged as each trial starts and as it ends (n/N finished, value, best so far, ETA). The
 runner (:mod:`rankwise.runner`) supplies the objective and trains the final configuration.
@@ -120,6 +136,22 @@ MAX_RETRIES_OF_DEAD_TRIAL = 1
 STORAGE_OPEN_ATTEMPTS = 5
 
 
+# A trial whose sampled parameters make an invalid run config (a ConfigError naming a key of
+# the run) is FAIL with ``invalid_config_key``; such trials do not count towards
+# ``max_failed_trials`` unless no trial has finished. This many per ``n_trials`` stop the search
+# anyway (a space that is almost all invalid would otherwise never fill ``n_trials``).
+INVALID_TRIALS_PER_TRIAL = 10
+RUN_CONFIG_SECTIONS = ("model.", "dataset.", "training.", "method")
+
+
+class _InvalidTrialConfig(RankwiseError):
+    """A trial's parameters made an invalid run config; the trial is FAIL, the search goes on."""
+
+
+def _names_run_key(key: str) -> bool:
+    return key.startswith(RUN_CONFIG_SECTIONS)
+
+
 class SearchAborted(RankwiseError):
     """The search stopped before ``n_trials`` finished (too many failed trials)."""
 
@@ -132,12 +164,13 @@ class SearchResult:
     best_value: float | None
     n_complete: int
     n_pruned: int
-    n_failed: int  # objective errors and dead workers; cancelled trials are not counted
+    n_failed: int  # objective errors, invalid configs and dead workers; not cancelled trials
     wall_time_s: float  # this worker's
     best_trial_number: int | None = None
     n_cancelled: int = 0
     storage: str = ""  # the study's storage URL, password masked
     timed_out: bool = False  # optuna.timeout_s ended this worker's search before n_trials
+    n_invalid: int = 0  # of n_failed: trials whose parameters made an invalid run config
 
     @property
     def n_finished(self) -> int:
@@ -162,6 +195,10 @@ class TrialReporter:
     @property
     def params(self) -> dict[str, Any]:
         return dict(self._trial.params)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        """Store a fact about the trial (e.g. its training rows) with it in the study."""
+        self._trial.set_user_attr(key, value)
 
     def report(self, value: float, epoch: int) -> None:
         """Record ``metric_name = value`` after ``epoch`` completed epochs (1, 2, ...)."""
@@ -303,10 +340,16 @@ def run_search(
     """Run (or resume, or join) the study until ``n_trials`` trials are COMPLETE or PRUNED.
 
     ``objective(trial_cfg_dict, reporter)`` trains one trial. Exceptions in ``catch`` (by
-    default a diverged run) mark the trial FAIL and the search goes on; any other exception
-    marks it FAIL and stops the search. More than ``max_failed_trials`` failed trials
-    (default ``n_trials``) stop it with :class:`SearchAborted`. ``seed`` is every trial's
-    ``training.seed`` and, unless ``optuna.sampler_seed`` is set, the sampler's seed.
+    default a diverged run) mark the trial FAIL and the search goes on; so does a
+    :class:`ConfigError` naming a key of the run (``model.``/``dataset.``/``training.``...):
+    the sampled parameters made an invalid configuration (e.g. an AdaLoRA schedule that does
+    not fit the step count of a large batch); the trial records ``invalid_config_key`` and its
+    note names the key. Any other exception marks the trial FAIL and stops the search. More
+    than ``max_failed_trials`` (default ``n_trials``) failed trials other than invalid-config
+    ones stop it with :class:`SearchAborted`; invalid-config trials count towards that limit
+    only while no trial has finished (so a space where every trial fails still stops), and
+    more than ``INVALID_TRIALS_PER_TRIAL × n_trials`` of them stop it too. ``seed`` is every
+    trial's ``training.seed`` and, unless ``optuna.sampler_seed`` is set, the sampler's seed.
     """
     t_start = time.perf_counter()
     n_trials = optuna_cfg.n_trials
@@ -354,12 +397,24 @@ def run_search(
                 _format_params(params),
             )
             trial.set_user_attr("seed", seed)
+            trial.set_user_attr("selection_split", optuna_cfg.selection_label)
             trial_cfg = apply_params(run_cfg_dict, params)
             trial_cfg.setdefault("training", {})["seed"] = seed
             try:
                 value = objective(trial_cfg, TrialReporter(trial, optuna_cfg.metric_name))
             except optuna.TrialPruned:
                 raise
+            except ConfigError as exc:
+                if not _names_run_key(exc.key):
+                    trial.set_user_attr("fail_reason", f"ConfigError: {exc}"[:500])
+                    raise
+                trial.set_user_attr("invalid_config_key", exc.key)
+                trial.set_user_attr(
+                    "fail_reason", f"invalid configuration ({exc.key}): {exc.message}"[:500]
+                )
+                logger.warning("trial #%d: invalid configuration, %s: %s; the search goes on",
+                               trial.number, exc.key, exc.message)
+                raise _InvalidTrialConfig(str(exc)) from exc
             except BaseException as exc:
                 trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
                 raise
@@ -382,12 +437,7 @@ def run_search(
                 finished = _count(trials, FINISHED_STATES)
                 if finished >= n_trials:
                     break
-                n_failed = sum(_is_failure(t) for t in trials)
-                if n_failed > max_failed:
-                    raise SearchAborted(
-                        f"search {run_id}: {n_failed} failed trials (limit {max_failed}); "
-                        f"see {study_dir / 'trials.csv'}"
-                    )
+                _check_failures(run_id, trials, finished, max_failed, n_trials, study_dir)
                 elapsed = time.perf_counter() - t_loop
                 if optuna_cfg.timeout_s is not None and elapsed >= optuna_cfg.timeout_s:
                     logger.warning(
@@ -414,7 +464,7 @@ def run_search(
                     study.optimize(
                         optuna_objective,
                         n_trials=1,
-                        catch=(*catch, _NoSlotLeft),
+                        catch=(*catch, _NoSlotLeft, _InvalidTrialConfig),
                         callbacks=[after_trial],
                     )
                 except optuna.exceptions.UpdateFinishedTrialError as exc:
@@ -447,7 +497,27 @@ def run_search(
         n_cancelled=sum("cancelled" in t.user_attrs for t in trials),
         storage=_masked(url),
         timed_out=timed_out,
+        n_invalid=sum(_is_invalid(t) for t in trials),
     )
+
+
+def _check_failures(run_id: str, trials: Sequence[FrozenTrial], finished: int, max_failed: int,
+                    n_trials: int, study_dir: Path) -> None:
+    """Raise SearchAborted when failed trials exceed the limits of :func:`run_search`."""
+    n_invalid = sum(_is_invalid(t) for t in trials)
+    n_crashed = sum(_is_failure(t) for t in trials) - n_invalid
+    where = f"see {study_dir / 'trials.csv'}"
+    if n_crashed > max_failed:
+        raise SearchAborted(f"search {run_id}: {n_crashed} failed trials (limit {max_failed}); {where}")
+    if finished == 0 and n_crashed + n_invalid > max_failed:
+        keys = sorted({t.user_attrs["invalid_config_key"] for t in trials if _is_invalid(t)})
+        raise SearchAborted(
+            f"search {run_id}: all {n_crashed + n_invalid} trials failed (limit {max_failed}), "
+            f"{n_invalid} with an invalid configuration ({', '.join(keys) or '-'}); {where}")
+    if n_invalid > INVALID_TRIALS_PER_TRIAL * n_trials:
+        raise SearchAborted(
+            f"search {run_id}: {n_invalid} trials had an invalid configuration (limit "
+            f"{INVALID_TRIALS_PER_TRIAL} x n_trials); narrow optuna.search_space; {where}")
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -594,6 +664,7 @@ def _check_study_matches(study: optuna.Study, optuna_cfg: OptunaConfig) -> None:
     if "search_space" not in stored:
         study.set_user_attr("search_space", space)
         study.set_user_attr("metric_name", optuna_cfg.metric_name)
+        study.set_user_attr("selection_split", optuna_cfg.selection_label)
         study.set_metric_names([optuna_cfg.metric_name])
         return
     if stored["search_space"] != space:
@@ -606,6 +677,12 @@ def _check_study_matches(study: optuna.Study, optuna_cfg: OptunaConfig) -> None:
         raise ConfigError(
             "optuna.metric_name",
             f"{where} optimises {stored.get('metric_name')!r}; use a new run_id or storage",
+        )
+    if stored.get("selection_split", optuna_cfg.selection_label) != optuna_cfg.selection_label:
+        raise ConfigError(
+            "optuna.selection_split",
+            f"{where} scored its trials on {stored['selection_split']!r}, not "
+            f"{optuna_cfg.selection_label!r}; use a new run_id or storage",
         )
 
 
@@ -638,6 +715,10 @@ def _count(trials: Sequence[FrozenTrial], states: Sequence[TrialState]) -> int:
 
 def _is_failure(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "cancelled" not in trial.user_attrs
+
+
+def _is_invalid(trial: FrozenTrial) -> bool:
+    return _is_failure(trial) and "invalid_config_key" in trial.user_attrs
 
 
 def _best_trial(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
@@ -704,6 +785,7 @@ class _StudyOutputs:
                 "value",
                 "duration_s",
                 "seed",
+                "selection_split",
                 *[f"params_{n}" for n in names],
                 "note",
             ]
@@ -717,6 +799,7 @@ class _StudyOutputs:
                     "" if t.value is None else repr(t.value),
                     "" if duration is None else f"{duration:.3f}",
                     t.user_attrs.get("seed", ""),
+                    t.user_attrs.get("selection_split", ""),
                     *[repr(t.params[n]) if n in t.params else "" for n in names],
                     notes[t.number],
                 ]
@@ -738,6 +821,8 @@ class _StudyOutputs:
             "n_complete": _count(trials, (TrialState.COMPLETE,)),
             "n_pruned": _count(trials, (TrialState.PRUNED,)),
             "n_failed": sum(_is_failure(t) for t in trials),
+            "n_invalid_config": sum(_is_invalid(t) for t in trials),
+            "selection_split": self.cfg.selection_label,
         }
         atomic_write_json(self.study_dir / "best_params.json", summary)
         atomic_write_bytes(self.study_dir / "top_trials.md",

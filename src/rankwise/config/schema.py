@@ -43,6 +43,9 @@ class IWRegularisationConfig:
     sensitivity: Literal["grad_norm", "grad_sq"] = "grad_norm"
     normalise: Literal["sum", "max"] = "sum"
     penalty_on: Literal["delta", "factors"] = "delta"
+    # "uniform": every coefficient c_k = 1 (the same L2 at the same α, no calibration): the
+    # control that isolates what the importance weights add.
+    coefficients: Literal["importance", "uniform"] = "importance"
 
     def validate(self, path: str) -> None:
         require(self.reg_alpha >= 0, join(path, "reg_alpha"), f"must be >= 0, got {self.reg_alpha}")
@@ -305,8 +308,18 @@ class OptunaConfig:
     heartbeat_interval: int = 30
     grace_period: int | None = None  # default: 2 x heartbeat_interval
     timeout_s: float | None = None
+    # What scores a trial: a fraction in (0, 1) = a seeded, stratified held-out slice of the
+    # training split (trials train on the rest; the final run trains on all of it and reports
+    # on validation), or "validation" (selection on the reported split: optimistic).
+    selection_split: float | str = 0.1
 
     def validate(self, path: str) -> None:
+        if isinstance(self.selection_split, str):
+            require(self.selection_split == "validation", join(path, "selection_split"),
+                    f"must be a fraction in (0, 1) or 'validation', got {self.selection_split!r}")
+        else:
+            require(0 < self.selection_split < 1, join(path, "selection_split"),
+                    f"must be a fraction in (0, 1) or 'validation', got {self.selection_split}")
         require(self.n_trials >= 0, join(path, "n_trials"), f"must be >= 0, got {self.n_trials}")
         require(self.heartbeat_interval >= 1, join(path, "heartbeat_interval"), "must be >= 1")
         # A grace period shorter than the heartbeat interval declares live trials dead.
@@ -319,6 +332,18 @@ class OptunaConfig:
         require(self.n_startup_trials >= 0, join(path, "n_startup_trials"), "must be >= 0")
         require(self.timeout_s is None or self.timeout_s > 0, join(path, "timeout_s"),
                 "must be > 0 or null")
+
+    @property
+    def selection_label(self) -> str:
+        """``validation`` or ``train_holdout_<fraction>`` (metrics.json, trials.csv)."""
+        if self.selection_split == "validation":
+            return "validation"
+        return f"train_holdout_{self.selection_split:g}"
+
+    @property
+    def selection_optimistic(self) -> bool:
+        """Whether trials are scored on the split the final run reports (validation)."""
+        return self.selection_split == "validation"
 
 
 @dataclass

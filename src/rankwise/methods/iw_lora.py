@@ -20,11 +20,18 @@
 3. Objective L_task + α Σ_k c_k ||Δ_k||_F² with Δ_k = scale·B_k A_k, computed as
    scale² Σ((B_kᵀB_k) ⊙ (A_k A_kᵀ)) in O(r²(d_in + d_out)) — Δ_k is never materialised.
    ``penalty_on: factors`` uses ||A_k||_F² + ||B_k||_F² instead.
+
+``coefficients: uniform`` is the control: every c_k = 1 (no calibration), the same α, so the
+penalty is α Σ_k ||Δ_k||_F², plain L2 on the updates. When the calibrated coefficients barely
+differ — spread (max_k c_k − min_k c_k) / mean_k c_k below 5 %, as with sum-normalised weights
+over many matrices — IW-LoRA is that control in all but name; the run logs a warning and
+reports ``iw_coefficient_spread`` and ``iw_coefficient_spread_warning: true``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,11 @@ import torch
 from torch import nn
 
 from rankwise.methods.lora import LoRA
+
+log = logging.getLogger(__name__)
+
+# Below this relative spread of the coefficients, IW-LoRA is uniform L2 in all but name.
+SPREAD_WARNING_BELOW = 0.05
 from rankwise.methods.per_matrix_report import (
     backbone_module_name,
     layer_index,
@@ -52,6 +64,12 @@ def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tenso
     return scale**2 * ((b.T @ b) * (a @ a.T)).sum()
 
 
+def coefficient_spread(c: torch.Tensor) -> float:
+    """(max − min) / mean of the coefficients: 0 for uniform L2 (0 when all are 0)."""
+    mean = float(c.mean())
+    return float(c.max() - c.min()) / mean if mean > 0 else 0.0
+
+
 class IWLoRA(LoRA):
     name = "iw_lora"
 
@@ -66,10 +84,18 @@ class IWLoRA(LoRA):
     def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:
         model = super().wrap(backbone, target_modules)
         self.names = list(lora_layers(model))
+        if self.uniform:
+            self.coefficients = torch.ones(len(self.names), dtype=torch.float64)
         return model
+
+    @property
+    def uniform(self) -> bool:
+        return self.iw.coefficients == "uniform"
 
     # --- 1. calibration -------------------------------------------------------------------
     def calibrate(self, model, batches, task_loss_fn) -> dict[str, Any]:
+        if self.uniform:  # the control: every coefficient is 1, nothing to measure
+            return {"iw_calibration_batches": 0}
         layers = lora_layers(model)
         weights = [layers[n].base_layer.weight for n in self.names]
         flags = {p: p.requires_grad for p in model.parameters()}
@@ -107,6 +133,11 @@ class IWLoRA(LoRA):
             raise ValueError("IW-LoRA calibration received no batches")
         s = torch.tensor([sum(b) / len(b) for b in buffers], dtype=torch.float64)
         self.set_sensitivity(s)
+        spread = coefficient_spread(self.coefficients)
+        if spread < SPREAD_WARNING_BELOW:
+            log.warning("IW-LoRA coefficients spread %.2f %% ((max - min) / mean, below %g %%): the "
+                        "penalty is nearly uniform L2; compare with the uniform-coefficient control",
+                        100 * spread, 100 * SPREAD_WARNING_BELOW)
         return {"iw_calibration_batches": n_batches}
 
     # --- 2. importance weights ------------------------------------------------------------
@@ -143,6 +174,10 @@ class IWLoRA(LoRA):
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         if self.coefficients is None:
             return {}
+        if self.uniform:
+            return {"iw_coefficients": "uniform", "iw_coef_min": 1.0, "iw_coef_max": 1.0,
+                    "iw_coef_spread": 0.0, "iw_coefficient_spread": 0.0,
+                    "iw_coefficient_spread_warning": False, "iw_n_matrices": len(self.names)}
         rows = self.table()
         (run_dir / "importance.json").write_text(json.dumps(
             {"sensitivity": self.iw.sensitivity, "normalise": self.iw.normalise, "beta": self.iw.beta,
@@ -150,7 +185,11 @@ class IWLoRA(LoRA):
         write_layer_kind_heatmap({r["name"]: r["w_k"] for r in rows}, run_dir / "importance_heatmap",
                                  "IW-LoRA importance weights $w_k$", "$w_k$")
         c = self.coefficients
-        return {"iw_coef_min": float(c.min()), "iw_coef_max": float(c.max()),
+        spread = coefficient_spread(c)
+        return {"iw_coefficients": "importance",
+                "iw_coefficient_spread": spread,
+                "iw_coefficient_spread_warning": spread < SPREAD_WARNING_BELOW,
+                "iw_coef_min": float(c.min()), "iw_coef_max": float(c.max()),
                 "iw_coef_spread": float(c.max() - c.min()), "iw_w_min": float(self.importance.min()),
                 "iw_w_max": float(self.importance.max()), "iw_n_matrices": len(rows)}
 

@@ -60,6 +60,7 @@ class SeedResult:
     step_time_s: float | None
     peak_memory_mb: float | None
     method_metrics: dict[str, Any] = field(default_factory=dict)
+    amp_skipped_steps: int = 0  # optimizer steps the fp16 GradScaler skipped (overflow)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -213,7 +214,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.t.max_steps)
         self.optimizer = build_optimizer(self.model, self.t)
         self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.amp_skipped_steps = 0  # optimizer steps the GradScaler skipped (fp16 overflow)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.global_step = 0
@@ -272,6 +274,7 @@ class Trainer:
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": self.history, "best": self.best, "wall": self.wall,
             "step_times": self.step_times, "calibrated": self.calibrated,
+            "amp_skipped_steps": self.amp_skipped_steps,
             "calibration_metrics": self.calibration_metrics,
             "method": self.method.state_dict(),
         }
@@ -290,6 +293,7 @@ class Trainer:
         for key in ("global_step", "epoch", "batch_in_epoch", "history", "best", "wall", "step_times",
                     "calibrated", "calibration_metrics"):
             setattr(self, key, state[key])
+        self.amp_skipped_steps = state.get("amp_skipped_steps", 0)
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path.name, self.global_step,
                  self.epoch, self.batch_in_epoch)
@@ -395,9 +399,13 @@ class Trainer:
                     if self.batch_in_epoch % accum and not end_of_epoch:
                         continue
                     t0 = time.perf_counter()
-                    self._optimizer_step()
-                    self.global_step += 1
+                    stepped = self._optimizer_step()
                     self.wall["training"] += time.perf_counter() - t0
+                    if not stepped:  # fp16 overflow: nothing advanced, gradients cleared
+                        if self.global_step >= self.total_steps or end_of_epoch:
+                            break
+                        continue
+                    self.global_step += 1
                     self.step_times.append(time.perf_counter() - t_step)
                     t_step = time.perf_counter()
                     progress.update(1)
@@ -441,7 +449,7 @@ class Trainer:
             predictions=final_predictions, params=count_params(self.model),
             wall_time_s={**self.wall, "total": sum(self.wall.values())},
             step_time_s=float(np.mean(self.step_times)) if self.step_times else None,
-            peak_memory_mb=peak_memory_mb(self.device),
+            peak_memory_mb=peak_memory_mb(self.device), amp_skipped_steps=self.amp_skipped_steps,
             method_metrics={**self.calibration_metrics,
                             **(self.method.write_artifacts(self.model, self.seed_dir)
                                if self.dist.is_main else {})})
@@ -470,11 +478,22 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One full optimizer step on one batch (no accumulation): used by benchmarks."""
         terms = self.forward_backward(batch)
-        self._optimizer_step()
-        self.global_step += 1
+        if self._optimizer_step():
+            self.global_step += 1
         return terms
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
+        """Unscale, clip, step; True when the optimizer stepped, False when the fp16
+        GradScaler skipped the step (inf/NaN gradients).
+
+        A skipped step advances nothing: no scheduler step, no method hook (AdaLoRA's
+        importance update would turn inf gradients into NaN scores), and the caller does not
+        count it in ``global_step``; the gradients are cleared and ``amp_skipped_steps`` counts
+        it. The skip is read from the scaler itself: ``update()`` lowers the scale (by
+        ``backoff_factor`` < 1) exactly when ``step()`` found inf/NaN gradients and skipped
+        ``optimizer.step()``, and never otherwise (the same test as accelerate's
+        ``step_was_skipped``).
+        """
         if self.t.max_grad_norm is not None or self.amp_dtype == torch.float16:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -487,11 +506,21 @@ class Trainer:
             self.save_last_good()
             raise NonFiniteLossError(f"non-finite gradient at step {self.global_step + 1}: "
                                      f"parameter {bad[0] if bad else '?'}; last good state saved")
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)  # skipped by the scaler on fp16 overflow
         self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.amp_skipped_steps += 1
+            log.warning("fp16 overflow before step %d: the GradScaler skipped it (scale %g -> %g); "
+                        "scheduler, step count and method hooks not advanced (%d skipped so far)",
+                        self.global_step + 1, scale_before, self.scaler.get_scale(),
+                        self.amp_skipped_steps)
+            return False
         self.scheduler.step()
         self.method.on_optimizer_step(self.model, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _evaluate_and_record(self):
         metrics, predictions = self.evaluate()
