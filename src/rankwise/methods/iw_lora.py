@@ -40,17 +40,17 @@ import torch
 from torch import nn
 
 from rankwise.methods.lora import LoRA
-
-log = logging.getLogger(__name__)
-
-# Below this relative spread of the coefficients, IW-LoRA is uniform L2 in all but name.
-SPREAD_WARNING_BELOW = 0.05
 from rankwise.methods.per_matrix_report import (
     backbone_module_name,
     layer_index,
     matrix_kind,
     write_layer_kind_heatmap,
 )
+
+log = logging.getLogger(__name__)
+
+# Below this relative spread of the coefficients, IW-LoRA is uniform L2 in all but name.
+SPREAD_WARNING_BELOW = 0.05
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
