@@ -356,3 +356,14 @@ def test_ray_launcher_runs_a_cell_on_a_local_ray_instance(tmp_path, fake_glue):
     assert metrics(results, LORA)["status"] == "complete"
     assert metrics(results, LORA)["provenance"]["device"]["torch_threads"] == 1
     assert len(grid_json(results)["cells"][LORA]["attempts"]) == 1
+
+
+def test_error_line_is_the_message_after_a_progress_bar(tmp_path):
+    from rankwise.grid.worker import last_line
+
+    err = tmp_path / "try1.err"
+    err.write_text("INFO start\nrun seed 1:   0%|          | 0/4 [00:00<?, ?step/s]\rrun seed 1:  25%|##  | 1/4 "
+                   "[00:01<00:04, 1.2step/s]error: data error at split 'validation'\n\n")
+    assert last_line(err) == "error: data error at split 'validation'"
+    err.write_text("Traceback (most recent call last):\nValueError: a | b\n")
+    assert last_line(err) == "ValueError: a | b"

@@ -35,7 +35,9 @@ def report(grid, argv: list[str], results_dir: Path, overall) -> int:
     """Print the outcome; the exit code (0 all complete and compared, 1 otherwise)."""
     failed = [rid for rid in grid.cells if grid.final.get(rid) == "failed"]
     done = sum(1 for s in grid.final.values() if s == "complete")
-    print(f"grid: {done}/{len(grid.cells)} cell(s) complete, {len(failed)} failed; state in {results_dir / 'grid.json'}")
+    rest = len(grid.cells) - done - len(failed)
+    print(f"grid: {done}/{len(grid.cells)} cell(s) complete, {len(failed)} failed"
+          + (f", {rest} interrupted or not started" if rest else "") + f"; state in {results_dir / 'grid.json'}")
     if failed:
         print("failed cells (re-running the grid command retries them and skips complete ones:\n"
               f"  {shlex.join(['python', '-m', 'rankwise.grid', *argv])}):")
@@ -69,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(describe(cfg, launcher, len(cells), results_dir), flush=True)
+    code = 130
     try:
-        return run(cfg, cells, launcher, results_dir, argv)
+        code = run(cfg, cells, launcher, results_dir, argv)
+        return code
     finally:
-        launcher.close()
+        launcher.close(wait=code != 130)
 
 
 def run(cfg, cells, launcher, results_dir: Path, argv: list[str]) -> int:

@@ -131,9 +131,9 @@ class LocalLauncher:
             if proc.is_alive():
                 proc.terminate()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
 
@@ -177,7 +177,7 @@ class SubmititLauncher:
         """Jobs keep running on the cluster (they hold their cells' locks); re-running the grid
         waits for them."""
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         pass
 
 
@@ -222,7 +222,7 @@ class RayLauncher:
     def stop(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self.started:
             self.ray.shutdown()
 
@@ -232,6 +232,9 @@ def make_launcher(cfg, folder: Path):
     if cfg.launcher == "local":
         return LocalLauncher(local_resources(cfg.workers, cfg.cpus_per_run, cfg.gpus_per_run))
     if cfg.launcher == "slurm":
+        if cfg.slurm.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise ConfigError("launcher", "launcher=slurm needs Slurm (no sbatch on PATH); "
+                                          "slurm.cluster=local runs the jobs here through submitit's local executor")
         if cfg.slurm.cluster == "local":
             resources = local_resources(cfg.workers, cfg.cpus_per_run, cfg.gpus_per_run or 0)
         else:

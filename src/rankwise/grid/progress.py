@@ -42,7 +42,7 @@ def cell_rows(state: GridState, order: list[str], capacity: float) -> tuple[list
         note = c.get("error") or c.get("note") or ""
         rows.append([rid, c.get("task", ""), status, str(c.get("tries", 0) or ""), fmt_s(elapsed) if elapsed else "",
                      fmt_s(eta) if status in ("queued", "waiting", "running") else "", note[:120]])
-    counts = {s: sum(1 for r in rows if r[2] == s) for s in ("complete", "failed", "running", "queued", "waiting")}
+    counts = {s: sum(1 for r in rows if r[2] == s) for s in ("complete", "failed", "interrupted", "running", "queued", "waiting")}
     known = [r for r in remaining if r is not None]
     if not remaining:
         grid_eta = "done"
@@ -56,7 +56,8 @@ def cell_rows(state: GridState, order: list[str], capacity: float) -> tuple[list
 
 
 HEADER = ["cell", "task", "status", "try", "elapsed", "ETA", "note"]
-STYLE = {"complete": "green", "failed": "red", "running": "yellow", "queued": "dim", "waiting": "cyan"}
+STYLE = {"complete": "green", "failed": "red", "running": "yellow", "queued": "dim", "waiting": "cyan",
+         "interrupted": "magenta"}
 
 
 class Progress:

@@ -165,6 +165,8 @@ class Grid:
         fields = {"exit_code": result.exit_code, "error": result.error, "log": result.log, "duration_s": duration}
         if result.status == "complete":
             self._finish(rid, "complete", note=None, **fields)
+        elif self.stopping:
+            self._finish(rid, "interrupted", **fields, note="the grid was interrupted; re-run to resume")
         elif self.retryable(rid, result):
             self.state.set(rid, status="queued", **{**fields, "error": None},
                            note=f"retrying after: {result.error}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 STDERR_TAIL_BYTES = 64 * 1024
+TQDM_BAR = re.compile(r"^.*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]? \[[^\]]*\]")
 
 
 @dataclass
@@ -106,6 +108,7 @@ def folder_state(run_dir: Path, config: dict[str, Any], mode: str) -> str:
 
 _child: subprocess.Popen | None = None
 _stopping = False
+_pool_parent: int | None = None  # a local pool worker's parent (the grid), set by init_local_worker
 
 
 def _prepare_child() -> None:  # runs in the child between fork and exec
@@ -137,9 +140,9 @@ def last_line(path: Path) -> str | None:
             tail = f.read().decode(errors="replace")
     except OSError:
         return None
-    # progress bars redraw with carriage returns; the last message is the last non-empty piece
+    # progress bars redraw with carriage returns and may end without a newline before a message
     lines = [piece.strip() for line in tail.splitlines() for piece in line.split("\r")]
-    lines = [line for line in lines if line]
+    lines = [TQDM_BAR.sub("", line).strip() or line for line in lines if line]
     return lines[-1][:500] if lines else None
 
 
@@ -194,8 +197,8 @@ def run_cell(spec: CellSpec) -> CellResult:
         return result
     finally:
         lock.release()
-        if _stopping:
-            os._exit(128 + signal.SIGTERM)
+        if _stopping and _pool_parent is not None and os.getppid() != _pool_parent:
+            os._exit(128 + signal.SIGTERM)  # the grid is gone: nobody will read the result
 
 
 # --- local pool workers ---------------------------------------------------------------------------
@@ -204,6 +207,8 @@ def run_cell(spec: CellSpec) -> CellResult:
 def init_local_worker(slots) -> None:
     """ProcessPoolExecutor initializer: take one slot (cores, GPUs, thread counts) for this worker's
     life; its runs inherit the affinity and the environment."""
+    global _pool_parent
+    _pool_parent = os.getppid()
     slot = slots.get(timeout=60)
     cores = slot.get("cores")
     if cores and hasattr(os, "sched_setaffinity"):
