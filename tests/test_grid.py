@@ -21,7 +21,7 @@ from rankwise.grid.cells import Cell, parse_run_name, select_experiment
 from rankwise.grid.launchers import Resources, local_resources, usable_cores
 from rankwise.grid.run import Grid
 from rankwise.grid.state import GridState
-from rankwise.grid.worker import CellResult, folder_state, same_config
+from rankwise.grid.worker import CellResult, same_config
 
 LORA, FULL = "cpu-comparative-1-MiniLM-L6--GLUE-RTE", "cpu-baseline-MiniLM-L6--GLUE-RTE"
 FAKE_EVALUATE = [sys.executable, str(Path(__file__).with_name("grid_fake_evaluate.py"))]
@@ -139,6 +139,34 @@ def test_same_config_applies_a_search_s_best_parameters():
     assert same_config({"mode": "full", "config": after_search, "search": search}, config, "full")
     assert not same_config({"mode": "full", "config": after_search}, config, "full")
     assert not same_config({"mode": "trial", "config": config}, config, "full")
+
+
+def test_slurm_keys_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """No Slurm here: stand-in srun/sbatch let submitit build its executor; nothing is submitted.
+    The check is submitit's own rendering of the job script."""
+    from rankwise.grid.config import parse_grid_args
+    from rankwise.grid.launchers import make_launcher
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cfg, _ = parse_grid_args([f"runs=[{LORA}]", f"results_dir={tmp_path}", "launcher=slurm", "slurm.partition=gpu",
+                              "slurm.time=720", "slurm.array_parallelism=16", "slurm.account=proj",
+                              "slurm.mem_gb=64", "gpus_per_run=2", "cpus_per_run=8"])
+    launcher = make_launcher(cfg, tmp_path / "grid")
+    script = launcher.executor._executor._make_submission_file_text("python -c pass", "uid")
+    for line in ("--partition=gpu", "--time=720", "--gpus-per-node=2", "--cpus-per-task=8", "--account=proj",
+                 "--mem=64GB", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert launcher.executor._executor.parameters["array_parallelism"] == 16
+    monkeypatch.setenv("PATH", "/nonexistent")
+    from rankwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sbatch"):
+        make_launcher(cfg, tmp_path / "grid")
 
 
 # --- retries, waiting, failures (a scripted launcher; no training) ----------------------------

@@ -19,7 +19,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,6 @@ class Cell:
     config: dict[str, Any]  # the resolved run config metrics.json records (JSON-normalised)
     mode: str
     user_resume: bool = False  # the overrides set resume= themselves
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def command(self, python: str = sys.executable, gpus: int = 0) -> list[str]:
         """The command of this cell; several GPUs: the same run under torchrun, one process each."""

@@ -47,7 +47,7 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
-def run_env(resources: "Resources") -> dict[str, str]:
+def run_env(resources: Resources) -> dict[str, str]:
     """Thread counts for a run in a job (torchrun's processes share the run's cores)."""
     return thread_env(resources.cpus_per_run // max(1, resources.gpus_per_run))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, Self
 
 from rankwise.grid.state import GridState, estimate
 
@@ -17,7 +17,7 @@ from rankwise.grid.state import GridState, estimate
 def fmt_s(seconds: float | None) -> str:
     if seconds is None or math.isnan(seconds):
         return "?"
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
 
@@ -67,7 +67,7 @@ class Progress:
         self._seen: dict[str, Any] = {}
         self._live = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         if self.live:
             from rich.live import Live
 

@@ -144,7 +144,7 @@ class Grid:
             del self.inflight[rid]
             try:
                 result = handle.result()
-            except Exception as exc:  # the launcher lost the job (worker killed, job failed to start)
+            except Exception as exc:  # noqa: BLE001  the launcher lost the job (worker killed, job failed)
                 text = (str(exc).strip().splitlines() or [""])[-1]
                 result = CellResult(rid, "failed", None, f"{type(exc).__name__}: {text}"[:500])
             self.collect(rid, spec, result)

@@ -155,7 +155,8 @@ def _run_child(spec: CellSpec, command: list[str]) -> tuple[int, Path]:
     with open(out_path, "w") as out, open(err_path, "w") as err:
         err.write(f"$ {' '.join(command)}\n")
         err.flush()
-        _child = subprocess.Popen(command, stdout=out, stderr=err, env=env, preexec_fn=_prepare_child)
+        # preexec_fn: the parent-death signal must be set in the child itself (workers run one thread)
+        _child = subprocess.Popen(command, stdout=out, stderr=err, env=env, preexec_fn=_prepare_child)  # noqa: PLW1509
         try:
             rc = _child.wait()
         finally:
