@@ -395,3 +395,13 @@ def test_error_line_is_the_message_after_a_progress_bar(tmp_path):
     assert last_line(err) == "error: data error at split 'validation'"
     err.write_text("Traceback (most recent call last):\nValueError: a | b\n")
     assert last_line(err) == "ValueError: a | b"
+
+
+def test_grid_eta_schedules_queued_cells_on_free_slots():
+    from rankwise.grid.progress import grid_eta
+
+    # 2 slots: one runs (70 s left), two queued of 100 s: 0→100 on the free slot, 70→170 on the other
+    assert grid_eta([70.0], [100.0, 100.0], 2) == 170.0
+    assert grid_eta([70.0], [100.0, 100.0], float("inf")) == 100.0  # Slurm: everything at once
+    assert grid_eta([30.0], [None], 1) == 60.0  # no estimate yet: the mean of the known ones
+    assert grid_eta([None], [], 1) is None and grid_eta([], [], 1) == 0.0

@@ -108,8 +108,9 @@ def run(cfg, cells, launcher, results_dir: Path, argv: list[str]) -> int:
     overall = None if interrupted else grid.compare_all()
     state.info.update(status="interrupted" if interrupted else "finished", ended_at=time.time())
     state.save()
-    if not Progress(state, list(grid.cells), launcher.capacity).live:
-        Progress(state, list(grid.cells), launcher.capacity).print_table()
+    final = Progress(state, list(grid.cells), launcher.capacity)
+    if not final.live:  # a terminal already shows the live table
+        final.print_table()
     code = report(grid, argv, results_dir, overall)
     return 130 if interrupted else code
 

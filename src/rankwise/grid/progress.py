@@ -6,6 +6,7 @@ cell changes status.
 
 from __future__ import annotations
 
+import heapq
 import math
 import sys
 import time
@@ -22,36 +23,49 @@ def fmt_s(seconds: float | None) -> str:
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def grid_eta(running: list[float | None], queued: list[float | None], capacity: float) -> float | None:
+    """When the last cell should end: running cells keep their slots, queued cells take the
+    first free one (cells without an estimate count as the mean of the others)."""
+    known = [x for x in running + queued if x is not None]
+    if not known:
+        return None if running or queued else 0.0
+    fill = sum(known) / len(known)
+    running = [fill if x is None else x for x in running]
+    queued = [fill if x is None else x for x in queued]
+    if math.isinf(capacity):
+        return max(running + queued)
+    slots = running + [0.0] * max(0, int(capacity) - len(running))
+    heapq.heapify(slots)
+    for est in queued:
+        heapq.heappush(slots, heapq.heappop(slots) + est)
+    return max(slots)
+
+
 def cell_rows(state: GridState, order: list[str], capacity: float) -> tuple[list[list[str]], str]:
     """Rows (cell, task, status, try, elapsed, ETA, note) and a footer with the grid's ETA."""
     now = time.time()
     tasks = {rid: state.cells[rid].get("task", "") for rid in order}
     durations = state.past_durations()
-    rows, remaining = [], []
+    rows, running, queued = [], [], []
     for rid in order:
         c = state.cells[rid]
         status, started = c.get("status", "queued"), c.get("started_at")
-        elapsed = now - started if status == "running" and started else None
+        elapsed = now - started if status == "running" and started else c.get("duration_s")
         est = estimate(rid, tasks[rid], tasks, durations)
-        eta = None
-        if status in ("queued", "waiting", "running"):
-            eta = None if est is None else max(0.0, est - (elapsed or 0.0))
-            remaining.append(eta)
-        elif c.get("duration_s") is not None:
-            elapsed = c["duration_s"]
+        eta = None if est is None else max(0.0, est - (elapsed or 0.0) if status == "running" else est)
+        if status == "running":
+            running.append(eta)
+        elif status in ("queued", "waiting"):
+            queued.append(eta)
+        pending = status in ("queued", "waiting", "running")
         note = c.get("error") or c.get("note") or ""
-        rows.append([rid, c.get("task", ""), status, str(c.get("tries", 0) or ""), fmt_s(elapsed) if elapsed else "",
-                     fmt_s(eta) if status in ("queued", "waiting", "running") else "", note[:120]])
-    counts = {s: sum(1 for r in rows if r[2] == s) for s in ("complete", "failed", "interrupted", "running", "queued", "waiting")}
-    known = [r for r in remaining if r is not None]
-    if not remaining:
-        grid_eta = "done"
-    elif len(known) < len(remaining) and not known:
-        grid_eta = "ETA ?"
-    else:
-        per = sum(known) / len(known)
-        grid_eta = f"ETA ~{fmt_s(per * len(remaining) / max(1.0, min(capacity, len(remaining))))}"
-    footer = ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" — {grid_eta}"
+        rows.append([rid, c.get("task", ""), status, str(c.get("tries") or ""), fmt_s(elapsed) if elapsed else "",
+                     fmt_s(eta) if pending else "", note[:120]])
+    counts = {s: sum(1 for r in rows if r[2] == s)
+              for s in ("complete", "failed", "interrupted", "running", "queued", "waiting")}
+    left = grid_eta(running, queued, capacity)
+    footer = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    footer += " — " + ("done" if not (running or queued) else f"ETA ~{fmt_s(left)}")
     return rows, footer
 
 
@@ -94,15 +108,20 @@ class Progress:
         if self._live is not None:
             self._live.update(self._table())
             return
-        for rid in self.order:  # plain output: one line per status change
+        changed = False
+        for rid in self.order:  # plain output: one line per status change, then the grid's ETA
             c = self.state.cells[rid]
             key = (c.get("status"), c.get("tries"))
             if self._seen.get(rid) != key:
                 self._seen[rid] = key
+                changed = True
                 note = c.get("error") or c.get("note") or ""
                 print(f"[grid {time.strftime('%H:%M:%S')}] {c.get('status', 'queued'):<8} {rid}"
                       + (f" (try {c['tries']})" if c.get("tries") else "") + (f": {note}" if note else ""),
                       flush=True)
+        if changed:
+            print(f"[grid {time.strftime('%H:%M:%S')}] {cell_rows(self.state, self.order, self.capacity)[1]}",
+                  flush=True)
 
     def print_table(self) -> None:
         """The final table, as plain text."""
