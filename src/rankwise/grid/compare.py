@@ -1,0 +1,98 @@
+"""The comparisons a grid ends in: ``rankwise.evaluate`` per task as soon as the task's cells
+are done (``<results_dir>/comparison/<task>/``), then once over every run
+(``<results_dir>/comparison/``: the methods × tasks table)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# The comparison command; a list so that a different evaluator can stand in (tests use a stub).
+EVALUATE_COMMAND = [sys.executable, "-m", "rankwise.evaluate"]
+
+
+def evaluate_command(results_dir: Path, run_ids: list[str], out_dir: Path, trial: bool) -> list[str]:
+    cmd = [*EVALUATE_COMMAND, f"results_dir={results_dir}", f"run_ids={json.dumps(run_ids)}",
+           f"out_dir={out_dir}"]
+    return cmd + (["allow_trial=true"] if trial else [])
+
+
+def up_to_date(out_dir: Path, results_dir: Path, run_ids: list[str]) -> bool:
+    """Whether ``out_dir`` already compares exactly these runs, newer than each run's metrics."""
+    report = out_dir / "aggregated_metrics.json"
+    try:
+        data = json.loads(report.read_text())
+        newest = max((results_dir / r / "metrics.json").stat().st_mtime for r in run_ids)
+        return data.get("run_ids") == run_ids and report.stat().st_mtime >= newest
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class Comparison:
+    """One evaluate call, run in the background under ``grid/locks/comparison-<name>.lock`` (two
+    grids on one folder never write one comparison at once)."""
+
+    def __init__(self, name: str, results_dir: Path, run_ids: list[str], out_dir: Path, trial: bool,
+                 grid_dir: Path):
+        self.name, self.results_dir, self.run_ids, self.out_dir = name, results_dir, run_ids, out_dir
+        self.command = evaluate_command(results_dir, run_ids, out_dir, trial)
+        self.log = grid_dir / "logs" / f"comparison-{name}.log"
+        self.lock_path = grid_dir / "locks" / f"comparison-{name}.lock"
+        self.proc: subprocess.Popen | None = None
+        self.lock = None
+        self.result: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {"run_ids": self.run_ids, "out_dir": str(self.out_dir), "command": self.command,
+                "log": str(self.log), **(self.result or {"status": "running" if self.proc else "waiting"})}
+
+    def poll(self) -> bool:
+        """Start it when its lock is free, collect it when it ends; True once finished."""
+        if self.result is not None:
+            return True
+        if self.proc is None:
+            return self._start()
+        rc = self.proc.poll()
+        if rc is None:
+            return False
+        self._finish(rc)
+        return True
+
+    def _start(self) -> bool:
+        from filelock import FileLock, Timeout
+
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return False
+        if up_to_date(self.out_dir, self.results_dir, self.run_ids):
+            lock.release()
+            self.result = {"status": "complete", "note": "already up to date"}
+            return True
+        self.lock = lock
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        return False
+
+    def _finish(self, rc: int) -> None:
+        from rankwise.grid.worker import last_line
+
+        self.lock.release()
+        self.lock = None
+        if rc == 0:
+            self.result = {"status": "complete", "exit_code": 0}
+        else:
+            self.result = {"status": "failed", "exit_code": rc, "error": last_line(self.log) or f"exit code {rc}"}
+
+    def wait(self, poll_s: float = 0.5) -> dict[str, Any]:
+        import time
+
+        while not self.poll():
+            time.sleep(poll_s)
+        return self.record()

@@ -1,0 +1,95 @@
+"""``<results_dir>/grid.json``: the state of every cell, shared by all grid commands on the folder.
+
+Each grid command keeps its own view of the cells it selected and merges it into the file under
+a lock (``grid.json.lock``), written atomically: a cell's latest status, exit code, error, log
+and command, and every attempt any grid made (``attempts``: grid, try, host, pid, start, end,
+status, exit code, error, log).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rankwise.results import atomic_write_json, read_json
+
+STATE_VERSION = 1
+KEEP_GRIDS = 50
+
+
+class GridState:
+    def __init__(self, path: Path, token: str, argv: list[str]):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.token = token
+        self.cells: dict[str, dict[str, Any]] = {}
+        self.comparisons: dict[str, dict[str, Any]] = {}
+        self.info: dict[str, Any] = {"token": token, "pid": os.getpid(), "host": socket.gethostname(),
+                                     "argv": argv, "started_at": time.time(), "status": "running"}
+        self.previous = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = read_json(self.path)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def cell(self, run_id: str) -> dict[str, Any]:
+        return self.cells.setdefault(run_id, {"run_id": run_id, "attempts": []})
+
+    def set(self, run_id: str, **fields: Any) -> None:
+        self.cell(run_id).update(fields, updated_at=time.time(), grid=self.token)
+
+    def add_attempt(self, run_id: str, record: dict[str, Any]) -> None:
+        attempts = self.cell(run_id)["attempts"]
+        key = (record.get("grid"), record.get("try"))
+        attempts[:] = [a for a in attempts if (a.get("grid"), a.get("try")) != key] + [record]
+
+    def save(self) -> None:
+        """Merge this grid's view into grid.json (under its lock) and write it atomically."""
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.lock_path, timeout=60):
+            disk = self._read()
+            cells = disk.get("cells") if isinstance(disk.get("cells"), dict) else {}
+            for run_id, ours in self.cells.items():
+                theirs = cells.get(run_id) or {}
+                merged = {a_key(a): a for a in (theirs.get("attempts") or [])}
+                merged.update({a_key(a): a for a in ours["attempts"]})
+                attempts = sorted(merged.values(), key=lambda a: a.get("started_at") or 0)
+                cells[run_id] = {**theirs, **ours, "attempts": attempts}
+            grids = [g for g in (disk.get("grids") or []) if g.get("token") != self.token]
+            comparisons = {**(disk.get("comparisons") or {}), **self.comparisons}
+            atomic_write_json(self.path, {"version": STATE_VERSION, "updated_at": time.time(),
+                                          "grids": (grids + [self.info])[-KEEP_GRIDS:],
+                                          "cells": cells, "comparisons": comparisons})
+
+    def past_durations(self) -> dict[str, list[float]]:
+        """Wall times of complete attempts per run id, from grid.json and this grid."""
+        out: dict[str, list[float]] = {}
+        sources = [*(self.previous.get("cells") or {}).values(), *self.cells.values()]
+        for cell in sources:
+            for a in cell.get("attempts") or []:
+                if a.get("status") == "complete" and a.get("started_at") and a.get("ended_at"):
+                    out.setdefault(cell["run_id"], []).append(a["ended_at"] - a["started_at"])
+        return out
+
+
+def a_key(attempt: dict[str, Any]) -> tuple:
+    return attempt.get("grid"), attempt.get("try")
+
+
+def estimate(run_id: str, task: str, tasks: dict[str, str], durations: dict[str, list[float]]) -> float | None:
+    """Expected wall time of a cell: its own last complete attempt, else the median of its
+    task's cells, else of all cells; None before any cell has finished."""
+    if durations.get(run_id):
+        return durations[run_id][-1]
+    same = [d[-1] for rid, d in durations.items() if d and tasks.get(rid) == task]
+    pool = same or [d[-1] for d in durations.values() if d]
+    return statistics.median(pool) if pool else None

@@ -1,0 +1,226 @@
+"""What runs one cell, wherever the launcher put it (a local pool process, a Slurm job, a Ray task).
+
+:func:`run_cell` takes the cell's lock (``filelock``; held by this process for the whole run, so
+two grids on one results folder never train a cell twice), re-checks the run folder, and runs the
+cell's ``rankwise.main`` command as a child process with its logs under ``grid/logs/``. This
+module imports nothing heavy: pool workers and jobs start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STDERR_TAIL_BYTES = 64 * 1024
+TQDM_BAR = re.compile(r"^.*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]? \[[^\]]*\]")
+
+
+@dataclass
+class CellSpec:
+    """Everything a worker needs to run one cell (plain data: it is pickled to jobs)."""
+
+    run_id: str
+    command: list[str]
+    run_dir: str
+    lock_path: str
+    owner_path: str
+    log_prefix: str  # <results_dir>/grid/logs/<run_id>/<grid token>-try<n>; .out / .err appended
+    config: dict[str, Any]
+    mode: str
+    token: str  # the grid invocation that submitted it
+    attempt: int
+    user_resume: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CellResult:
+    run_id: str
+    status: str  # complete | failed | busy (another process holds the lock) | skipped (already complete)
+    exit_code: int | None = None
+    error: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    log: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- the run folder -----------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with each dotted path set (a search's best parameters, as the final run has them)."""
+    out = json.loads(json.dumps(config))
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+def same_config(metrics: dict[str, Any], config: dict[str, Any], mode: str) -> bool:
+    """Whether a run folder's ``metrics.json`` was written by this configuration and mode
+    (after a search, with the search's best parameters applied, as the final run is trained)."""
+    expected = config
+    best = (metrics.get("search") or {}).get("best_overrides")
+    if isinstance(best, dict):
+        expected = _with_overrides(config, best)
+    return metrics.get("mode") == mode and metrics.get("config") == expected
+
+
+def folder_state(run_dir: Path, config: dict[str, Any], mode: str) -> str:
+    """``complete`` (this config, done), ``other`` (a different config or mode is there),
+    ``incomplete`` (this config, not done: rankwise.main resumes it) or ``empty``."""
+    metrics = read_metrics(run_dir)
+    if metrics is None:
+        return "empty"
+    if not same_config(metrics, config, mode):
+        return "other"
+    return "complete" if metrics.get("status") == "complete" else "incomplete"
+
+
+# --- the child process --------------------------------------------------------------------------
+
+_child: subprocess.Popen | None = None
+_stopping = False
+_pool_parent: int | None = None  # a local pool worker's parent (the grid), set by init_local_worker
+
+
+def _prepare_child() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # pool workers ignore SIGINT; the run must not
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:  # PR_SET_PDEATHSIG: if this worker dies, the run gets SIGTERM (checkpoints, exits 130)
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+
+
+def _forward_and_stop(signum, _frame) -> None:
+    """A worker told to stop passes the signal to its run, waits for it, then exits."""
+    global _stopping
+    _stopping = True
+    if _child is not None and _child.poll() is None:
+        _child.send_signal(signum)
+    else:
+        os._exit(128 + signum)
+
+
+def last_line(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - STDERR_TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # progress bars redraw with carriage returns and may end without a newline before a message
+    lines = [piece.strip() for line in tail.splitlines() for piece in line.split("\r")]
+    lines = [TQDM_BAR.sub("", line).strip() or line for line in lines if line]
+    return lines[-1][:500] if lines else None
+
+
+def _run_child(spec: CellSpec, command: list[str]) -> tuple[int, Path]:
+    global _child
+    prefix = Path(spec.log_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = prefix.with_name(prefix.name + ".out"), prefix.with_name(prefix.name + ".err")
+    env = {**os.environ, **spec.env}
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        err.write(f"$ {' '.join(command)}\n")
+        err.flush()
+        # preexec_fn: the parent-death signal must be set in the child itself (workers run one thread)
+        _child = subprocess.Popen(command, stdout=out, stderr=err, env=env, preexec_fn=_prepare_child)  # noqa: PLW1509
+        try:
+            rc = _child.wait()
+        finally:
+            _child = None
+    return rc, err_path
+
+
+def run_cell(spec: CellSpec) -> CellResult:
+    """Run one cell under its lock; never raises for a failing run (the result says why)."""
+    from filelock import FileLock, Timeout
+
+    Path(spec.lock_path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(spec.lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return CellResult(spec.run_id, "busy")
+    try:
+        state = folder_state(Path(spec.run_dir), spec.config, spec.mode)
+        if state == "complete":  # another grid finished it since this one looked
+            return CellResult(spec.run_id, "skipped")
+        command = list(spec.command)
+        if state == "other" and not spec.user_resume:
+            command.append("resume=false")  # never resume a checkpoint of another configuration
+        started = time.time()
+        owner = {"token": spec.token, "attempt": spec.attempt, "pid": os.getpid(),
+                 "host": socket.gethostname(), "started_at": started, "command": command}
+        Path(spec.owner_path).write_text(json.dumps(owner) + "\n")
+        rc, err_path = _run_child(spec, command)
+        result = CellResult(spec.run_id, "failed", rc, None, started, time.time(), log=str(err_path))
+        done = folder_state(Path(spec.run_dir), spec.config, spec.mode) == "complete"
+        if rc == 0 and done:
+            result.status = "complete"
+        elif rc == 0:
+            metrics = read_metrics(Path(spec.run_dir)) or {}
+            result.error = f"exited 0 but metrics.json status is {metrics.get('status')!r}"
+        else:
+            result.error = last_line(err_path) or f"exit code {rc}"
+        return result
+    finally:
+        lock.release()
+        if _stopping and _pool_parent is not None and os.getppid() != _pool_parent:
+            os._exit(128 + signal.SIGTERM)  # the grid is gone: nobody will read the result
+
+
+# --- local pool workers ---------------------------------------------------------------------------
+
+
+def init_local_worker(slots) -> None:
+    """ProcessPoolExecutor initializer: take one slot (cores, GPUs, thread counts) for this worker's
+    life; its runs inherit the affinity and the environment."""
+    global _pool_parent
+    _pool_parent = os.getppid()
+    slot = slots.get(timeout=60)
+    cores = slot.get("cores")
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    os.environ.update(slot.get("env", {}))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runs; the worker waits for them
+    signal.signal(signal.SIGTERM, _forward_and_stop)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:  # the grid died: stop this worker's run cleanly
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass

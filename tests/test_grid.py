@@ -1,0 +1,407 @@
+"""The experiment grid (``python -m rankwise.grid``): cell selection, the local pool, kill and
+resume, two grids on one folder, submitit's local executor, Ray, retries and failures.
+
+Cells are two shipped CPU-twin run ids (LoRA r=8 and Full FT on RTE) on the tiny random BERT and
+the fake GLUE mirror, 16 training examples, so every cell is one short ``rankwise.main`` process.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rankwise.config.loader import packaged_configs
+from rankwise.grid import compare, main
+from rankwise.grid.cells import Cell, parse_run_name, select_experiment
+from rankwise.grid.launchers import Resources, local_resources, usable_cores
+from rankwise.grid.run import Grid
+from rankwise.grid.state import GridState
+from rankwise.grid.worker import CellResult, same_config
+
+LORA, FULL = "cpu-comparative-1-MiniLM-L6--GLUE-RTE", "cpu-baseline-MiniLM-L6--GLUE-RTE"
+FAKE_EVALUATE = [sys.executable, str(Path(__file__).with_name("grid_fake_evaluate.py"))]
+SHIPPED = sorted(p.stem for p in (packaged_configs() / "runs").glob("*.yaml"))
+
+
+def tiny(fake_glue) -> list[str]:
+    return ["model.name=tiny-bert", f"dataset.data_dir={fake_glue}", "training.inference_measurement.enabled=false",
+            "dataset.max_train_samples=16", "dataset.max_eval_samples=8", "training.batch_size=8"]
+
+
+def grid_args(results, fake_glue, *extra, runs=(LORA, FULL)) -> list[str]:
+    return [f"runs=[{','.join(map(str, runs))}]", f"results_dir={results}", "seeds=[1,2]", "cpus_per_run=1",
+            *tiny(fake_glue), *extra]
+
+
+def metrics(results, run_id) -> dict:
+    return json.loads((Path(results) / run_id / "metrics.json").read_text())
+
+
+def seed_metrics(results, run_id) -> dict:
+    """Per-seed task metrics (no timings): what must not depend on how the grid ran."""
+    m = metrics(results, run_id)
+    return {seed: {k: v for k, v in final.items() if k.startswith("validation_")}
+            for seed, final in m["per_seed"].items()}
+
+
+def attempt_logs(results, run_id) -> list[Path]:
+    return sorted((Path(results) / "grid" / "logs" / run_id).glob("*.err"))
+
+
+def grid_json(results) -> dict:
+    return json.loads((Path(results) / "grid.json").read_text())
+
+
+@pytest.fixture
+def fake_evaluate(monkeypatch):
+    monkeypatch.setattr(compare, "EVALUATE_COMMAND", FAKE_EVALUATE)
+
+
+# --- cell selection ---------------------------------------------------------------------------
+
+
+def test_experiment_1_cpu_selects_the_shipped_twins_of_the_task():
+    picked = [n.run_id for n in select_experiment(SHIPPED, 1, "cpu", ["rte"], None)]
+    on_disk = {s for s in SHIPPED if s.startswith("cpu-") and not s.startswith("cpu-tabs-")
+               and s.endswith("-MiniLM-L6--GLUE-RTE")}
+    assert set(picked) == on_disk and len(picked) == len(on_disk) >= 4
+    assert picked[0] == "cpu-proposed-MiniLM-L6--GLUE-RTE"  # proposed first, then comparatives
+
+
+def test_experiment_2_full_is_every_tabs_deberta_config():
+    picked = {n.run_id for n in select_experiment(SHIPPED, 2, "full", None, None)}
+    assert picked == {s for s in SHIPPED if s.startswith("tabs-") and "-DeBERTaV3-base-86-M--" in s}
+    tasks = {parse_run_name(r).task for r in picked}
+    assert {"MNLI", "SST-2", "ListOps", "STS-B"} <= tasks
+
+
+def test_roles_and_tasks_come_from_file_names():
+    added = ["cpu-ablation-uniform-l2-MiniLM-L6--GLUE-RTE", "cpu-tabs-proposed-MiniLM-L6--ListOps-len512"]
+    roles = [n.role for n in select_experiment(SHIPPED + added, 1, "cpu", ["RTE"], None)]
+    assert "ablation-uniform-l2" in roles and roles[-1] == "ablation-uniform-l2"
+    stress = select_experiment(SHIPPED + added, 2, "cpu", ["ListOps-len512"], ["proposed"])
+    assert [n.run_id for n in stress] == [added[1]]
+    assert parse_run_name("minilm-sst2-lora") is None
+
+
+@pytest.mark.parametrize("args, key", [
+    (["experiment=3", "scale=cpu"], "experiment"),
+    (["experiment=1"], "scale"),
+    (["experiment=1", "scale=cpu", "tasks=[MNLI]"], "tasks.0"),
+    (["experiment=1", "scale=cpu", "roles=[proposd]"], "roles.0"),
+    (["experiment=1", "scale=cpu", "wrkers=2"], "wrkers"),
+    (["runs=[minilm-sst2-lora]", "run=x"], "run"),
+    (["runs=[minilm-sst2-lora]"], "results_dir"),
+    (["experiment=1", "scale=cpu", "training.epochs=0"], "training.epochs"),
+])
+def test_bad_arguments_exit_2_naming_the_key_and_write_nothing(tmp_path, capsys, args, key):
+    results = tmp_path / "r"
+    extra = [f"results_dir={results}"] if not any(a.startswith("runs=") for a in args) or key != "results_dir" else []
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{key}'" in err[0], err
+    assert not results.exists()
+
+
+def test_local_pool_never_oversubscribes(tmp_path, capsys, monkeypatch):
+    cores = usable_cores()
+    assert main([f"runs=[{LORA}]", f"results_dir={tmp_path / 'r'}", f"workers={len(cores) + 1}"]) == 2
+    assert "'workers'" in capsys.readouterr().err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    res = local_resources(len(cores), None, None)
+    slot_cores = [c for slot in res.slots for c in slot["cores"]]
+    assert sorted(slot_cores) == cores  # disjoint shares covering the usable cores
+    assert all(slot["env"]["OMP_NUM_THREADS"] == "1" and slot["env"]["CUDA_VISIBLE_DEVICES"] == ""
+               for slot in res.slots)
+
+
+def test_gpu_slots_split_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    res = local_resources(None, 1, 2)
+    assert res.workers == 2 and [s["env"]["CUDA_VISIBLE_DEVICES"] for s in res.slots] == ["4,5", "6,7"]
+    from rankwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workers"):
+        local_resources(3, 1, 2)
+    cell = Cell("r", "RTE", "proposed", ["run=r", "results_dir=R"], {}, "full")
+    assert cell.command(gpus=2)[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+
+
+def test_same_config_applies_a_search_s_best_parameters():
+    config = {"run_id": "r", "training": {"learning_rate": 1e-4, "epochs": 2}}
+    after_search = {"run_id": "r", "training": {"learning_rate": 3e-3, "epochs": 2}}
+    search = {"best_overrides": {"training.learning_rate": 3e-3}}
+    assert same_config({"mode": "full", "config": after_search, "search": search}, config, "full")
+    assert not same_config({"mode": "full", "config": after_search}, config, "full")
+    assert not same_config({"mode": "trial", "config": config}, config, "full")
+
+
+def test_slurm_keys_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """No Slurm here: stand-in srun/sbatch let submitit build its executor; nothing is submitted.
+    The check is submitit's own rendering of the job script."""
+    from rankwise.grid.config import parse_grid_args
+    from rankwise.grid.launchers import make_launcher
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cfg, _ = parse_grid_args([f"runs=[{LORA}]", f"results_dir={tmp_path}", "launcher=slurm", "slurm.partition=gpu",
+                              "slurm.time=720", "slurm.array_parallelism=16", "slurm.account=proj",
+                              "slurm.mem_gb=64", "gpus_per_run=2", "cpus_per_run=8"])
+    launcher = make_launcher(cfg, tmp_path / "grid")
+    script = launcher.executor._executor._make_submission_file_text("python -c pass", "uid")
+    for line in ("--partition=gpu", "--time=720", "--gpus-per-node=2", "--cpus-per-task=8", "--account=proj",
+                 "--mem=64GB", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert launcher.executor._executor.parameters["array_parallelism"] == 16
+    monkeypatch.setenv("PATH", "/nonexistent")
+    from rankwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sbatch"):
+        make_launcher(cfg, tmp_path / "grid")
+
+
+# --- retries, waiting, failures (a scripted launcher; no training) ----------------------------
+
+
+class ScriptedLauncher:
+    """Answers each submission with the next scripted result for that cell."""
+
+    name, capacity = "scripted", 2
+
+    def __init__(self, script):
+        self.script, self.resources, self.submitted = script, Resources(2, 1, 0), []
+
+    def submit(self, specs):
+        self.submitted += [s.run_id for s in specs]
+        return [_Done(self.script[s.run_id].pop(0)) for s in specs]
+
+    def job_id(self, handle):
+        return None
+
+    def stop(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Done:
+    def __init__(self, result):
+        self.value = result
+
+    def done(self):
+        return True
+
+    def result(self):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+def scripted_grid(tmp_path, script, retries=1):
+    cells = [Cell(rid, "T", "proposed", [f"run={rid}"], {"run_id": rid}, "full") for rid in script]
+    launcher = ScriptedLauncher(script)
+    state = GridState(tmp_path / "grid.json", "tok", [])
+    grid = Grid(cells, launcher, state, tmp_path, "tok", retries, compare=False, trial=False)
+    grid.scan()
+    return grid, launcher, state
+
+
+def test_failures_are_retried_up_to_the_limit_unless_a_retry_cannot_help(tmp_path):
+    script = {"killed": [CellResult("killed", "failed", -9, "Killed"), CellResult("killed", "complete", 0)],
+              "bad-data": [CellResult("bad-data", "failed", 3, "error: split 'x' not found")],
+              "lost": [RuntimeError("worker died"), RuntimeError("worker died again")]}
+    grid, launcher, state = scripted_grid(tmp_path, script, retries=1)
+    while grid.busy():
+        grid.step()
+    state.save()
+    assert grid.final == {"killed": "complete", "bad-data": "failed", "lost": "failed"}
+    assert launcher.submitted.count("killed") == 2 and launcher.submitted.count("bad-data") == 1
+    assert launcher.submitted.count("lost") == 2
+    cells = grid_json(tmp_path)["cells"]
+    assert [a["status"] for a in cells["killed"]["attempts"]] == ["failed", "complete"]
+    assert cells["bad-data"]["exit_code"] == 3 and "split 'x'" in cells["bad-data"]["error"]
+    assert cells["lost"]["error"].startswith("RuntimeError: worker died again")
+
+
+def test_a_cell_locked_by_another_grid_waits_and_is_not_trained_again(tmp_path):
+    from filelock import FileLock
+
+    grid, launcher, _ = scripted_grid(tmp_path, {"held": [], "free": [CellResult("free", "complete", 0)]})
+    other = FileLock(grid.lock_path("held"), timeout=0)
+    other.acquire()  # another grid's worker runs "held"
+    grid.step()
+    assert grid.state.cells["held"]["status"] == "waiting" and "held" not in launcher.submitted
+    (tmp_path / "held").mkdir()  # ... and finishes it
+    (tmp_path / "held" / "metrics.json").write_text(json.dumps(
+        {"status": "complete", "mode": "full", "config": {"run_id": "held"}}))
+    other.release()
+    while grid.busy():
+        grid.step()
+    assert grid.final == {"held": "complete", "free": "complete"}
+    assert grid.state.cells["held"]["note"] == "completed by another grid"
+    assert launcher.submitted == ["free"]
+
+
+# --- real cells ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, fake_glue):
+    """An uninterrupted grid: 2 methods × 2 seeds on a local pool of 2 workers."""
+    results = tmp_path_factory.mktemp("grid-reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare, "EVALUATE_COMMAND", FAKE_EVALUATE)
+        code = main(grid_args(results, fake_glue, "workers=2"))
+    return results, code
+
+
+def test_local_grid_with_two_workers_completes_and_compares(reference):
+    results, code = reference
+    assert code == 0
+    cells = grid_json(results)["cells"]
+    for rid in (LORA, FULL):
+        m = metrics(results, rid)
+        assert m["status"] == "complete" and m["seeds"] == [1, 2] and m["mode"] == "full"
+        assert m["provenance"]["device"]["torch_threads"] == 1  # the worker's share: one core
+        assert cells[rid]["status"] == "complete" and len(cells[rid]["attempts"]) == 1
+        assert len(attempt_logs(results, rid)) == 1
+    a, b = (cells[rid]["attempts"][0] for rid in (LORA, FULL))
+    assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]  # ran side by side
+    for out in (results / "comparison" / "RTE", results / "comparison"):
+        report = json.loads((out / "aggregated_metrics.json").read_text())
+        assert report["run_ids"] == [LORA, FULL] and "allow_trial=true" not in report["argv"]
+    assert {k: v["status"] for k, v in grid_json(results)["comparisons"].items()} == {"RTE": "complete",
+                                                                                      "all": "complete"}
+
+
+def test_rerunning_a_complete_grid_trains_nothing(reference, fake_glue, fake_evaluate, capsys):
+    results, _ = reference
+    before = {rid: (results / rid / "metrics.json").read_bytes() for rid in (LORA, FULL)}
+    assert main(grid_args(results, fake_glue, "workers=2")) == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete") >= 2 and f"summary: {results / 'comparison' / 'summary.md'}" in out
+    for rid in (LORA, FULL):
+        assert (results / rid / "metrics.json").read_bytes() == before[rid]
+        assert len(attempt_logs(results, rid)) == 1
+
+
+def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys):
+    from rankwise.evaluate import EvaluationError, parse_args
+
+    try:
+        parse_args(["results_dir=x", "run_ids=[a]", "out_dir=y"])
+    except EvaluationError as exc:
+        pytest.skip(f"rankwise.evaluate does not take out_dir= yet ({exc})")
+    results, _ = reference
+    assert main(grid_args(results, fake_glue, "workers=2")) == 0
+    for out in (results / "comparison" / "RTE", results / "comparison"):
+        report = json.loads((out / "aggregated_metrics.json").read_text())
+        assert report["run_ids"] == [LORA, FULL] and (out / "summary.md").is_file()
+
+
+def test_sigkill_mid_grid_then_rerun_finishes_without_retraining(tmp_path, fake_glue, reference):
+    results = tmp_path / "r"
+    args = grid_args(results, fake_glue, "workers=1", "compare=false")
+    with open(tmp_path / "grid.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rankwise.grid", *args], stdout=log, stderr=log,
+                                start_new_session=True)
+    checkpoints = results / FULL / "seed1" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(checkpoints.glob("step-*.pt")):  # LoRA done, Full FT past its first epoch
+        assert proc.poll() is None, (tmp_path / "grid.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint of the second cell in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the grid, its workers and their runs
+    proc.wait()
+    assert metrics(results, LORA)["status"] == "complete" and metrics(results, FULL)["status"] == "running"
+    done_before = (results / LORA / "metrics.json").read_bytes()
+
+    assert main(args) == 0
+    assert (results / LORA / "metrics.json").read_bytes() == done_before
+    assert len(attempt_logs(results, LORA)) == 1
+    logs = attempt_logs(results, FULL)
+    assert len(logs) == 2 and "resuming incomplete run" in logs[-1].read_text()
+    ref_results, _ = reference
+    for rid in (LORA, FULL):
+        assert seed_metrics(results, rid) == seed_metrics(ref_results, rid)
+
+
+def test_two_grids_started_together_train_each_cell_once(tmp_path, fake_glue):
+    results = tmp_path / "r"
+    args = grid_args(results, fake_glue, "workers=1", "compare=false", "mode=trial")
+    with open(tmp_path / "other.log", "w") as log:
+        other = subprocess.Popen([sys.executable, "-m", "rankwise.grid", *args], stdout=log, stderr=log)
+    code = main(args)
+    assert other.wait(timeout=300) == 0, (tmp_path / "other.log").read_text()[-3000:]
+    assert code == 0
+    cells = grid_json(results)["cells"]
+    for rid in (LORA, FULL):
+        assert metrics(results, rid)["status"] == "complete"
+        assert len(attempt_logs(results, rid)) == 1
+        assert len(cells[rid]["attempts"]) == 1 and cells[rid]["status"] == "complete"
+
+
+def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fake_glue, fake_evaluate, capsys):
+    import yaml
+
+    bad = yaml.safe_load((packaged_configs() / "runs" / f"{LORA}.yaml").read_text())
+    bad["run_id"] = "cpu-ablation-missing-split-MiniLM-L6--GLUE-RTE"
+    bad["dataset"]["splits"]["validation"] = "missing"
+    bad_path = tmp_path / "bad.yaml"
+    bad_path.write_text(yaml.safe_dump(bad))
+    results = tmp_path / "r"
+    code = main(grid_args(results, fake_glue, "launcher=slurm", "slurm.cluster=local", "slurm.time=10",
+                          "workers=2", "mode=trial", runs=(LORA, bad_path)))
+    out = capsys.readouterr().out
+    assert code == 1
+    cells = grid_json(results)["cells"]
+    assert cells[LORA]["status"] == "complete" and metrics(results, LORA)["mode"] == "trial"
+    failed = cells[bad["run_id"]]
+    assert failed["status"] == "failed" and failed["exit_code"] == 3 and failed["tries"] == 1
+    assert "split 'missing'" in failed["error"]
+    assert f"retry alone: python -m rankwise.main run={bad_path}" in out and bad["run_id"] in out
+    assert all(c["job_id"] and c["job_id"] != "None" for c in cells.values())  # submitit job ids
+    assert list((results / "grid" / "submitit").glob("*_result.pkl"))
+    report = json.loads((results / "comparison" / "RTE" / "aggregated_metrics.json").read_text())
+    assert report["run_ids"] == [LORA] and "allow_trial=true" in report["argv"]
+
+
+def test_ray_launcher_runs_a_cell_on_a_local_ray_instance(tmp_path, fake_glue):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    results = tmp_path / "r"
+    code = main(grid_args(results, fake_glue, "launcher=ray", "mode=trial", "compare=false", runs=(LORA,)))
+    assert code == 0
+    assert metrics(results, LORA)["status"] == "complete"
+    assert metrics(results, LORA)["provenance"]["device"]["torch_threads"] == 1
+    assert len(grid_json(results)["cells"][LORA]["attempts"]) == 1
+
+
+def test_error_line_is_the_message_after_a_progress_bar(tmp_path):
+    from rankwise.grid.worker import last_line
+
+    err = tmp_path / "try1.err"
+    err.write_text("INFO start\nrun seed 1:   0%|          | 0/4 [00:00<?, ?step/s]\rrun seed 1:  25%|##  | 1/4 "
+                   "[00:01<00:04, 1.2step/s]error: data error at split 'validation'\n\n")
+    assert last_line(err) == "error: data error at split 'validation'"
+    err.write_text("Traceback (most recent call last):\nValueError: a | b\n")
+    assert last_line(err) == "ValueError: a | b"
+
+
+def test_grid_eta_schedules_queued_cells_on_free_slots():
+    from rankwise.grid.progress import grid_eta
+
+    # 2 slots: one runs (70 s left), two queued of 100 s: 0→100 on the free slot, 70→170 on the other
+    assert grid_eta([70.0], [100.0, 100.0], 2) == 170.0
+    assert grid_eta([70.0], [100.0, 100.0], float("inf")) == 100.0  # Slurm: everything at once
+    assert grid_eta([30.0], [None], 1) == 60.0  # no estimate yet: the mean of the known ones
+    assert grid_eta([None], [], 1) is None and grid_eta([], [], 1) == 0.0
