@@ -9,9 +9,15 @@ clears the mask afterwards.
 
 DeBERTa-v2/v3 with ``share_att_key`` re-uses ``query_proj`` / ``key_proj`` on the
 relative-position embeddings inside ``disentangled_attention_bias``. Those rows are not
-tokens (no mask, no budget), and their count 2·span can equal a batch's length, so shape alone
-cannot tell them apart. The attention modules' ``disentangled_attention_bias`` is wrapped so
-that calls made inside it are marked as non-token inputs.
+tokens of any example (no mask; one set of 2·span rows per forward, shared by the whole
+batch), and their count 2·span can equal a batch's length, so shape alone cannot tell them
+apart. The attention modules' ``disentangled_attention_bias`` is wrapped so that calls made
+inside it are marked as position rows; the layers adapt them like tokens but keep them out of
+the per-example accounting (``layer.py``, ``SpectralLinear._forward_position_rows``).
+
+Every hooked forward also gets a fresh ``forward_id``, so that a layer can draw one
+input-independent gate sample (BHSP) per forward and reuse it on the token and the
+position rows.
 """
 
 from __future__ import annotations
@@ -33,10 +39,16 @@ class ForwardContext:
         self.attention_mask: torch.Tensor | None = None  # (B, T), 1 = real token
         self.non_token_depth = 0  # > 0 while inside a relative-position projection
         self.statistics: Any = None  # a GateStatistics while an evaluation is recorded
+        self.forward_id: int | None = None  # set for the duration of a hooked model forward
+        self._forwards = 0
 
     @property
     def in_non_token_call(self) -> bool:
         return self.non_token_depth > 0
+
+    def begin_forward(self) -> None:
+        self._forwards += 1
+        self.forward_id = self._forwards
 
     @contextlib.contextmanager
     def non_token_inputs(self) -> Iterator[None]:
@@ -88,6 +100,7 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
         if mask is not None and mask.dim() != 2:
             raise RuntimeError(f"attention_mask must be (batch, tokens), got {tuple(mask.shape)}")
         context.attention_mask = mask
+        context.begin_forward()
         if context.statistics is not None:
             context.statistics.begin_batch(mask)
 
@@ -95,6 +108,7 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
         if context.statistics is not None:
             context.statistics.end_batch()
         context.attention_mask = None
+        context.forward_id = None
 
     handles = [
         model.register_forward_pre_hook(store_mask, with_kwargs=True),
