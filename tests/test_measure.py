@@ -312,7 +312,7 @@ ROW_KEYS = {"variant", "algorithm", "merged", "batch_size", "length", "latency_m
             "adapter_flops_per_example", "controller_flops_per_example", "extra_flops_per_example",
             "backbone_flops_per_example", "total_flops_per_example", "budget_violations",
             "open_gates_per_token", "flop_counter", "source", "examples", "spectral_inference_path",
-            "open_pair_flops_per_example"}
+            "open_pair_flops_per_example", "position_flops_per_forward"}
 
 
 def test_bench_inference_on_trained_runs(trained, tmp_path):
@@ -367,7 +367,7 @@ def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
     assert rows[("tabs", 600)]["budget_violations"] == 0
     assert rows[("tabs", 600)]["open_gates_per_token"] <= 8
     for length in (16, 600):
-        for kind in ("tabs", "cbsp"):  # token-level gates leave the position projections alone
+        for kind in ("tabs", "cbsp", "bhsp"):
             sparse, dense = rows[(kind, length)], rows[(f"{kind}+dense", length)]
             assert sparse["flop_counter"]["agrees"] and dense["flop_counter"]["agrees"]
             # same gates; the sparse path runs the open pairs, the dense one all R per token
@@ -375,9 +375,11 @@ def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
             assert sparse["adapter_flops_per_example"] == sparse["open_pair_flops_per_example"]
             assert dense["adapter_flops_per_example"] == dense["extra_flops_per_example"] - dense[
                 "controller_flops_per_example"] > sparse["adapter_flops_per_example"]
-        for kind in ("bhsp", "lora"):  # DeBERTa's shared position rows pass through their q/k
-            check = rows[(kind, length)]["flop_counter"]
-            assert check["extra_flops_per_example"] > rows[(kind, length)]["extra_flops_per_example"]
+            assert 0 < sparse["position_flops_per_forward"] < dense["position_flops_per_forward"]
+        # every method adapts DeBERTa's shared position rows (counted per forward); the flop
+        # counter sees extra per example + those rows / batch
+        assert rows[("lora", length)]["flop_counter"]["agrees"]
+        assert rows[("lora", length)]["position_flops_per_forward"] > 0
     assert rows[("lora", 16)]["open_pair_flops_per_example"] is None
 
 

@@ -23,7 +23,6 @@ position rows.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,16 +115,24 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
     ]
     for module in model.modules():
         original = getattr(module, "disentangled_attention_bias", None)
-        if callable(original) and not getattr(original, "_marks_non_token_inputs", False):
-            module.disentangled_attention_bias = _marked_non_token(original, context)
+        if callable(original) and not isinstance(original, _MarkedNonToken):
+            module.disentangled_attention_bias = _MarkedNonToken(module, context)
     return handles
 
 
-def _marked_non_token(fn: Any, context: ForwardContext) -> Any:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with context.non_token_inputs():
-            return fn(*args, **kwargs)
+class _MarkedNonToken:
+    """``module.disentangled_attention_bias`` run with ``context`` marking position rows.
 
-    wrapper._marks_non_token_inputs = True  # type: ignore[attr-defined]
-    return wrapper
+    A plain object holding the module and the context (not a closure over them), so that
+    ``copy.deepcopy`` of the model gives the copy a marker bound to the copied module and its
+    copied context; a closure would keep calling the original model's projections.
+    """
+
+    def __init__(self, module: nn.Module, context: ForwardContext):
+        self.module = module
+        self.context = context
+        self.function = type(module).disentangled_attention_bias
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.context.non_token_inputs():
+            return self.function(self.module, *args, **kwargs)
