@@ -203,7 +203,7 @@ def test_position_rows_are_counted_per_forward_and_match_the_flop_counter(tiny_d
     + the position rows' FLOPs of that forward."""
     from rankwise.measure.adapter_flops import forward_cost, measured_flops
 
-    model, tokenizer = tiny_deberta
+    model, _ = tiny_deberta
     reference = copy.deepcopy(model).eval()
     method, wrapped = wrap("tabs", model)
     perturb(wrapped, seed=1)
