@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -18,9 +19,9 @@ from rankwise.measure.adapter_flops import (
     lora_target_costs,
     measured_flops,
 )
-from rankwise.measure.after_training import HEADLINE_KEYS
+from rankwise.measure.after_training import COST_KEYS, HEADLINE_KEYS, TIMING_KEYS
 from rankwise.measure.inputs import token_stream_batch
-from rankwise.measure.latency import LatencyStats, measure_latency
+from rankwise.measure.latency import LatencyStats, measure_latency, measure_latency_cycled
 from rankwise.methods import build_method
 from rankwise.methods.spectral import spectral_layers
 from rankwise.methods.targets import resolve_target_modules
@@ -56,6 +57,32 @@ def test_latency_statistics_from_an_injected_clock():
     timed = events[events.index("clock"):]
     assert timed == ["clock", "fn", "sync", "clock"] + ["sync", "clock", "fn", "sync", "clock"] * 3
     assert events[:4] == ["fn", "fn", "sync", "sync"]
+
+
+def test_cycled_latency_times_each_input_in_turn_with_an_injected_clock():
+    durations = [0.010, 0.020, 0.030]  # seconds per call of input 0, 1, 2
+    calls: list[int] = []
+    state = {"now": 0.0}
+
+    def make(i):
+        def fn():
+            calls.append(i)
+            state["now"] += durations[i]
+        return fn
+
+    stats = measure_latency_cycled([make(i) for i in range(3)], warmup=2, timed=100,
+                                   clock=lambda: state["now"])
+    assert calls[:2] == [0, 1]  # warm-up, untimed
+    timed = calls[2:]
+    assert timed == [(2 + k) % 3 for k in range(100)]
+    assert stats.n == 100
+    ms = np.array([durations[i] * 1e3 for i in timed])
+    # by hand: 34 calls of input 2 (30 ms), 33 each of inputs 0 and 1 -> mean 20.1 ms
+    assert stats.mean_ms == pytest.approx(ms.mean()) == pytest.approx((33 * 10 + 33 * 20 + 34 * 30) / 100)
+    assert stats.p50_ms == pytest.approx(20.0)
+    assert stats.p99_ms == pytest.approx(30.0)
+    with pytest.raises(ValueError):
+        measure_latency_cycled([], warmup=0, timed=1)
 
 
 def test_latency_statistics_need_samples():
@@ -169,7 +196,7 @@ def test_budget_violations_are_zero_with_projection_on(projection, tiny_bert):
 def test_measurement_config_is_validated():
     base = {"run_id": "t", "method": "baseline", "model": {"name": "tiny-bert"}}
     for key, value in (("repeats", 0), ("warmup", -1), ("batch_size", 0), ("lengths", [16, 0]),
-                       ("lengths", []), ("figures", "yes")):
+                       ("lengths", []), ("figures", "yes"), ("timed_batches", 0)):
         run = copy.deepcopy(base) | {"training": {"inference_measurement": {key: value}}}
         with pytest.raises(ConfigError) as info:
             parse_run_config(run)
@@ -247,8 +274,25 @@ def test_post_training_measurement_writes_the_documented_keys(run_id, trained, f
     seed_dir = results / run_id / "seed42"
     report = json.loads((seed_dir / "inference.json").read_text())
     assert [(s["batch_size"], s["length"]) for s in report["shapes"]] == [(32, 32), (32, 64)]
-    assert report["main_shape"] == {"batch_size": 32, "length": 64}
     assert report["headline"] == {k: final[k] for k in report["headline"]}
+    # the headline latency: 100 timed passes over the evaluation batches as evaluated
+    timed = report["latency"]
+    assert final["latency_n_timed"] == timed["n_timed"] == timed["latency_ms"]["n"] == 100
+    n_eval = len(eval_lengths(fake_glue))
+    assert timed["distinct_batches"] == math.ceil(n_eval / 32) and timed["warmup"] == 3
+    lengths = eval_lengths(fake_glue)  # dynamic padding: each batch as long as its longest row
+    assert timed["padded_lengths"] == [max(lengths[i:i + 32]) for i in range(0, n_eval, 32)]
+    assert final["latency_ms_p99"] == timed["latency_ms"]["p99_ms"]
+    assert final["position_mflops_per_forward"] == 0  # BERT: no shared position rows
+    if budgeted:  # the training-time open rate next to the evaluation one
+        assert final["open_gates_per_token"] == final["validation_spectral_open_gates_per_token"]
+        assert 0 < final["train_expected_open_gates_per_token"] <= 4
+        history = [json.loads(line) for line in (seed_dir / "history.jsonl").read_text().splitlines()]
+        steps = [r for r in history if r.get("type") != "eval"]
+        assert steps and all(0 < r["train_expected_open_gates_per_token"] <= 4 for r in steps)
+        assert all(0 <= r["train_sampled_open_gates_per_token"] <= 4 for r in steps)
+    else:
+        assert not {"open_gates_per_token", "train_expected_open_gates_per_token"} & set(final)
     for shape in report["shapes"]:
         assert set(shape["latency_ms"]) >= {"mean_ms", "p50_ms", "p99_ms", "n"}
         assert shape["latency_ms"]["n"] == 5
@@ -282,7 +326,9 @@ def test_post_training_measurement_of_full_ft_and_adalora(adapter, per_token, tm
         per_token * np.mean(eval_lengths(fake_glue)) / 1e6)  # trial: 2 batches of 32 ≥ 40 rows
     report = json.loads((tmp_path / "r" / "tiny-other" / "seed42" / "inference.json").read_text())
     assert [(s["batch_size"], s["length"], s["latency_ms"]["n"]) for s in report["shapes"]] == [
-        (32, 16, 3)]  # trial mode caps the timed passes at 3
+        (32, 16, 3)]  # trial mode caps the timed passes at 3 per length
+    assert final["latency_n_timed"] == report["latency"]["latency_ms"]["n"] == 10  # and 10 batches
+    assert report["latency"]["distinct_batches"] <= 2  # the trial's evaluation batches
     assert report["evaluation"]["source"] == ("none" if adapter is None else "analytic")
     assert (tmp_path / "r" / "tiny-other" / "seed42" / "flops_vs_length.png").exists() == (
         adapter is not None)
@@ -295,7 +341,8 @@ def test_measurement_can_be_disabled(tmp_path, fake_glue):
     assert main([f"run={path}", f"results_dir={tmp_path / 'r'}", "mode=trial",
                  f"dataset.data_dir={fake_glue}", "training.inference_measurement.enabled=false"]) == 0
     final = json.loads((tmp_path / "r" / "tiny-off" / "metrics.json").read_text())["final"]
-    assert not set(HEADLINE_KEYS) & set(final)
+    assert not {*TIMING_KEYS, "latency_n_timed"} & set(final)
+    assert set(COST_KEYS) <= set(final)  # costs need no forward pass: always reported
     assert not (tmp_path / "r" / "tiny-off" / "seed42" / "inference.json").exists()
 
 
@@ -312,7 +359,7 @@ ROW_KEYS = {"variant", "algorithm", "merged", "batch_size", "length", "latency_m
             "adapter_flops_per_example", "controller_flops_per_example", "extra_flops_per_example",
             "backbone_flops_per_example", "total_flops_per_example", "budget_violations",
             "open_gates_per_token", "flop_counter", "source", "examples", "spectral_inference_path",
-            "open_pair_flops_per_example"}
+            "open_pair_flops_per_example", "position_flops_per_forward"}
 
 
 def test_bench_inference_on_trained_runs(trained, tmp_path):
@@ -367,7 +414,7 @@ def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
     assert rows[("tabs", 600)]["budget_violations"] == 0
     assert rows[("tabs", 600)]["open_gates_per_token"] <= 8
     for length in (16, 600):
-        for kind in ("tabs", "cbsp"):  # token-level gates leave the position projections alone
+        for kind in ("tabs", "cbsp", "bhsp"):
             sparse, dense = rows[(kind, length)], rows[(f"{kind}+dense", length)]
             assert sparse["flop_counter"]["agrees"] and dense["flop_counter"]["agrees"]
             # same gates; the sparse path runs the open pairs, the dense one all R per token
@@ -375,9 +422,11 @@ def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
             assert sparse["adapter_flops_per_example"] == sparse["open_pair_flops_per_example"]
             assert dense["adapter_flops_per_example"] == dense["extra_flops_per_example"] - dense[
                 "controller_flops_per_example"] > sparse["adapter_flops_per_example"]
-        for kind in ("bhsp", "lora"):  # DeBERTa's shared position rows pass through their q/k
-            check = rows[(kind, length)]["flop_counter"]
-            assert check["extra_flops_per_example"] > rows[(kind, length)]["extra_flops_per_example"]
+            assert 0 < sparse["position_flops_per_forward"] < dense["position_flops_per_forward"]
+        # every method adapts DeBERTa's shared position rows (counted per forward); the flop
+        # counter sees extra per example + those rows / batch
+        assert rows[("lora", length)]["flop_counter"]["agrees"]
+        assert rows[("lora", length)]["position_flops_per_forward"] > 0
     assert rows[("lora", 16)]["open_pair_flops_per_example"] is None
 
 

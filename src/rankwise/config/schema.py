@@ -163,17 +163,21 @@ class DatasetConfig:
 class InferenceMeasurementConfig:
     """Post-training measurement of every run (``rankwise.measure.after_training``).
 
-    Latency mean / p50 / p99 of ``repeats`` timed forward passes after ``warmup`` untimed ones,
-    at ``batch_size`` (default: the evaluation batch size) and each of ``lengths`` (default:
-    half of and the full ``dataset.max_seq_length``), plus adapter FLOPs per example. Trial
-    mode caps it at the shortest length, 1 warm-up and 3 timed passes.
+    Headline latency mean / p50 / p99: ``timed_batches`` timed forward passes over the primary
+    evaluation split's batches as evaluation runs them (evaluation batch size, dynamic
+    padding, cycling through the batches), after ``warmup`` untimed ones. Per length sweep: at
+    ``batch_size`` (default: the evaluation batch size) and each of ``lengths`` (default: half
+    of and the full ``dataset.max_seq_length``), one counting pass, ``warmup`` untimed and
+    ``repeats`` timed passes. Trial mode caps it at the shortest length, 1 warm-up, 3 timed
+    passes per length and 10 timed evaluation batches.
     """
 
     enabled: bool = True
     lengths: list[int] | None = None
     batch_size: int | None = None
-    warmup: int = 1
+    warmup: int = 3
     repeats: int = 5
+    timed_batches: int = 100
     figures: bool = True
 
     def validate(self, path: str) -> None:
@@ -185,6 +189,8 @@ class InferenceMeasurementConfig:
             require(self.batch_size >= 1, join(path, "batch_size"), f"must be >= 1, got {self.batch_size}")
         require(self.warmup >= 0, join(path, "warmup"), f"must be >= 0, got {self.warmup}")
         require(self.repeats >= 1, join(path, "repeats"), f"must be >= 1, got {self.repeats}")
+        require(self.timed_batches >= 1, join(path, "timed_batches"),
+                f"must be >= 1, got {self.timed_batches}")
 
 
 @dataclass

@@ -19,9 +19,15 @@ Spectral family          open (token, direction) pairs × 4 · (d_in + d_out), p
 The LoRA-family rank is read from the live peft layers (rows of ``lora_A``), not from the
 config, so it is the rank the forward pass actually multiplies with. Padding is not counted
 for any method (an unmerged LoRA layer does multiply padded rows; that cost depends on how a
-batch is padded, not on the method). Inputs that are not tokens — DeBERTa's relative-position
-embeddings, projected once per batch by query/key — are not per example and are left out; a
-``FlopCounterMode`` run of the whole model sees them (see :func:`measured_flops`).
+batch is padded, not on the method).
+
+Inputs that are not tokens — DeBERTa's relative-position embeddings, 2·span rows projected by
+query/key once per forward and shared by the whole batch — are adapted by every method (LoRA,
+AdaLoRA and the whole spectral family alike) but are not per example: their FLOPs are counted
+per forward (``ForwardCost.position_*``), realised from the gates for the spectral family and
+from the rows that actually pass through each peft layer for the LoRA family
+(:func:`count_position_rows`). A ``FlopCounterMode`` run of the whole model over B examples
+counts B · extra per example + the position FLOPs of that forward (:func:`measured_flops`).
 """
 
 from __future__ import annotations
@@ -100,6 +106,11 @@ class ForwardCost:
     histogram: list[int] | None = None  # tokens with j open directions (gated methods)
     open_gates_per_token: float | None = None
     per_token_flops: int | None = None  # analytic methods: Σ_k 2·r·(d_in + d_out)
+    # Batch-shared position rows (DeBERTa), per forward: adapter FLOPs of the open pairs, of
+    # the dense-masked path (all R directions), and the gate controllers'.
+    position_adapter_flops: int = 0
+    position_dense_adapter_flops: int = 0
+    position_controller_flops: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -130,6 +141,7 @@ class ForwardCost:
             "extra_flops_per_example": self.extra_flops_per_example,
             "budget_violations": self.budget_violations,
             "open_gates_per_token": self.open_gates_per_token,
+            "position_flops_per_forward": self.position_adapter_flops + self.position_controller_flops,
         }
 
 
@@ -147,19 +159,30 @@ def analytic_cost(model: nn.Module, valid_tokens: list[int]) -> ForwardCost:
 
 def forward_cost(model: nn.Module, method: Any, forward: Callable[[], Any],
                  attention_mask: torch.Tensor) -> ForwardCost:
-    """Run ``forward()`` once and return its extra FLOPs per example.
+    """Run ``forward()`` once and return its extra FLOPs per example (and per forward for
+    batch-shared position rows).
 
     Spectral models: realised, from the gates of this pass (budget violations and the
     open-gate histogram with them). Others: analytic from the peft layers and the mask.
     """
-    from rankwise.methods.spectral import SpectralFamily, record_gate_statistics, spectral_layers
+    from rankwise.methods.spectral import record_gate_statistics, spectral_layers
 
     layers = spectral_layers(model)
     if not layers:
-        forward()
-        return analytic_cost(model, attention_mask.bool().sum(dim=1).tolist())
+        costs = lora_target_costs(model)
+        with count_position_rows(model, costs) as position:
+            forward()
+        cost = analytic_cost(model, attention_mask.bool().sum(dim=1).tolist())
+        cost.position_adapter_flops = cost.position_dense_adapter_flops = position["flops"]
+        return cost
     with record_gate_statistics(model) as stats:
         forward()
+    return _realised_cost(model, method, stats, layers)
+
+
+def _realised_cost(model: nn.Module, method: Any, stats: Any, layers: dict[str, Any]) -> ForwardCost:
+    from rankwise.methods.spectral import SpectralFamily
+
     gated = any(layer.gate_source is not None for layer in layers.values())
     if isinstance(method, SpectralFamily):
         violations = method.budget_violations(model, stats)
@@ -168,15 +191,64 @@ def forward_cost(model: nn.Module, method: Any, forward: Callable[[], Any],
         violations = stats.budget_violations() if budgeted else None
     tokens = sum(c.tokens for c in stats.targets.values())
     open_pairs = sum(c.open_pairs for c in stats.targets.values())
+    position = stats.position_totals()
     return ForwardCost(
         source=REALISED, valid_tokens=[e.valid_tokens for e in stats.examples],
         adapter_flops=[e.adapter_flops for e in stats.examples],
         controller_flops=[e.controller_flops for e in stats.examples],
         budget_violations=violations, histogram=stats.histogram() if gated else None,
         open_gates_per_token=open_pairs / tokens if tokens else 0.0,
+        position_adapter_flops=position.adapter_flops,
+        position_dense_adapter_flops=position.dense_adapter_flops,
+        position_controller_flops=position.controller_flops,
         detail={"dense_adapter_flops_per_example": ForwardCost._mean(
             [e.dense_adapter_flops for e in stats.examples])},
     )
+
+
+@contextlib.contextmanager
+def count_position_rows(model: nn.Module, costs: dict[str, LoraTargetCost]) -> Iterator[dict[str, int]]:
+    """Count the LoRA-family FLOPs of rows that pass through adapted layers inside DeBERTa's
+    ``disentangled_attention_bias`` (the relative-position rows) while the block runs.
+
+    Yields ``{"flops": n}``, filled as forwards run: rows × 2·r·(d_in + d_out) per layer.
+    """
+    state = {"inside": 0, "flops": 0}
+    patched: list[tuple[nn.Module, Any]] = []
+    for module in model.modules():
+        original = getattr(module, "disentangled_attention_bias", None)
+        if not callable(original):
+            continue
+
+        def marked(*args: Any, _fn: Any = original, **kwargs: Any) -> Any:
+            state["inside"] += 1
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                state["inside"] -= 1
+
+        patched.append((module, module.__dict__.get("disentangled_attention_bias")))
+        module.disentangled_attention_bias = marked
+    modules = dict(model.named_modules())
+    handles = []
+    for key, cost in costs.items():
+
+        def count(module: nn.Module, args: tuple, output: Any, cost: LoraTargetCost = cost) -> None:
+            if state["inside"]:
+                x = args[0]
+                state["flops"] += (x.numel() // x.shape[-1]) * cost.flops_per_token
+
+        handles.append(modules[key.split("[")[0]].register_forward_hook(count))
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, own in patched:
+            if own is None:
+                del module.disentangled_attention_bias
+            else:
+                module.disentangled_attention_bias = own
 
 
 @contextlib.contextmanager

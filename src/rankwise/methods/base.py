@@ -15,6 +15,8 @@ extra it needs. The loop (``rankwise.training.loop``) reads like the algorithm b
         optimizer.step()
         method.on_optimizer_step(model, global_step)  # e.g. AdaLoRA update_and_allocate
         optimizer.zero_grad()
+        log(..., **method.step_log_metrics(model))     # every logging step
+    final |= method.training_metrics(model)           # e.g. the training-time open rate
     method.begin_evaluation(model); ...eval forward passes...; stats = method.end_evaluation(model)
     extra = method.write_artifacts(model, run_dir)     # importance.json, rank pattern, ...
 
@@ -74,6 +76,17 @@ class FineTuningMethod:
 
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
         """Called after ``optimizer.step()`` and before ``zero_grad()``."""
+
+    def begin_epoch(self, model: nn.Module, fresh: bool) -> None:
+        """Called before each training epoch; ``fresh`` is False when resuming inside it."""
+
+    def step_log_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Numbers added to each training step log (since the previous one)."""
+        return {}
+
+    def training_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Training-time numbers added to the seed's final metrics after training."""
+        return {}
 
     # --- evaluation -----------------------------------------------------------------------
     def begin_evaluation(self, model: nn.Module) -> None:

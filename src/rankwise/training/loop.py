@@ -381,6 +381,7 @@ class Trainer:
         with anomaly:
             while self.epoch < self.epochs and self.global_step < self.total_steps:
                 order = epoch_permutation(len(self.data.train), self.seed, self.epoch)
+                self.method.begin_epoch(self.model, fresh=self.batch_in_epoch == 0)
                 cap = TRIAL_MAX_BATCHES if self.trial else None
                 running: dict[str, float] = {}
                 n_running = 0
@@ -413,7 +414,8 @@ class Trainer:
                         rec = {"step": self.global_step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
                                "loss": sum(running.values()) / n_running,
                                **{k: v / n_running for k, v in running.items()},
-                               "lr": self.scheduler.get_last_lr()[0]}
+                               "lr": self.scheduler.get_last_lr()[0],
+                               **self.method.step_log_metrics(self.model)}
                         self._log(rec)
                         progress.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                         running, n_running = {}, 0
@@ -442,6 +444,7 @@ class Trainer:
         progress.close()
         if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
             last_eval, final_predictions = self._evaluate_and_record()
+        last_eval = {**last_eval, **self.method.training_metrics(self.model)}
         if self.dist.is_main:  # timed alone: the other ranks are done (and write nothing)
             last_eval = {**last_eval, **measure_trained_model(self, last_eval)}
         return SeedResult(

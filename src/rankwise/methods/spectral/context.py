@@ -9,15 +9,20 @@ clears the mask afterwards.
 
 DeBERTa-v2/v3 with ``share_att_key`` re-uses ``query_proj`` / ``key_proj`` on the
 relative-position embeddings inside ``disentangled_attention_bias``. Those rows are not
-tokens (no mask, no budget), and their count 2·span can equal a batch's length, so shape alone
-cannot tell them apart. The attention modules' ``disentangled_attention_bias`` is wrapped so
-that calls made inside it are marked as non-token inputs.
+tokens of any example (no mask; one set of 2·span rows per forward, shared by the whole
+batch), and their count 2·span can equal a batch's length, so shape alone cannot tell them
+apart. The attention modules' ``disentangled_attention_bias`` is wrapped so that calls made
+inside it are marked as position rows; the layers adapt them like tokens but keep them out of
+the per-example accounting (``layer.py``, ``SpectralLinear._forward_position_rows``).
+
+Every hooked forward also gets a fresh ``forward_id``, so that a layer can draw one
+input-independent gate sample (BHSP) per forward and reuse it on the token and the
+position rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,10 +38,16 @@ class ForwardContext:
         self.attention_mask: torch.Tensor | None = None  # (B, T), 1 = real token
         self.non_token_depth = 0  # > 0 while inside a relative-position projection
         self.statistics: Any = None  # a GateStatistics while an evaluation is recorded
+        self.forward_id: int | None = None  # set for the duration of a hooked model forward
+        self._forwards = 0
 
     @property
     def in_non_token_call(self) -> bool:
         return self.non_token_depth > 0
+
+    def begin_forward(self) -> None:
+        self._forwards += 1
+        self.forward_id = self._forwards
 
     @contextlib.contextmanager
     def non_token_inputs(self) -> Iterator[None]:
@@ -88,6 +99,7 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
         if mask is not None and mask.dim() != 2:
             raise RuntimeError(f"attention_mask must be (batch, tokens), got {tuple(mask.shape)}")
         context.attention_mask = mask
+        context.begin_forward()
         if context.statistics is not None:
             context.statistics.begin_batch(mask)
 
@@ -95,6 +107,7 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
         if context.statistics is not None:
             context.statistics.end_batch()
         context.attention_mask = None
+        context.forward_id = None
 
     handles = [
         model.register_forward_pre_hook(store_mask, with_kwargs=True),
@@ -102,16 +115,24 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
     ]
     for module in model.modules():
         original = getattr(module, "disentangled_attention_bias", None)
-        if callable(original) and not getattr(original, "_marks_non_token_inputs", False):
-            module.disentangled_attention_bias = _marked_non_token(original, context)
+        if callable(original) and not isinstance(original, _MarkedNonToken):
+            module.disentangled_attention_bias = _MarkedNonToken(module, context)
     return handles
 
 
-def _marked_non_token(fn: Any, context: ForwardContext) -> Any:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with context.non_token_inputs():
-            return fn(*args, **kwargs)
+class _MarkedNonToken:
+    """``module.disentangled_attention_bias`` run with ``context`` marking position rows.
 
-    wrapper._marks_non_token_inputs = True  # type: ignore[attr-defined]
-    return wrapper
+    A plain object holding the module and the context (not a closure over them), so that
+    ``copy.deepcopy`` of the model gives the copy a marker bound to the copied module and its
+    copied context; a closure would keep calling the original model's projections.
+    """
+
+    def __init__(self, module: nn.Module, context: ForwardContext):
+        self.module = module
+        self.context = context
+        self.function = type(module).disentangled_attention_bias
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.context.non_token_inputs():
+            return self.function(self.module, *args, **kwargs)

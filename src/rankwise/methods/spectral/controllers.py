@@ -38,9 +38,10 @@ class StaticGateLogits(nn.Module):
     """One trainable log α per direction of this target (BHSP): (B, 1, R), the same for all."""
 
     shares_gates_across_tokens = True
-    # Static gates are a property of the weight, so they also gate non-token inputs (e.g.
-    # DeBERTa's relative-position embeddings) exactly as a merged weight would.
-    gates_non_token_inputs = True
+    # Static gates are a property of the weight: one sample per forward serves every row the
+    # layer sees in that forward (all sequences and DeBERTa's position rows), as a merged
+    # weight W + Σ_i g_i ΔW_i would (``SpectralLinear.compute_gates``).
+    input_independent = True
 
     def __init__(self, rank: int, init_log_alpha: float):
         super().__init__()
@@ -77,7 +78,7 @@ class SequenceController(nn.Module):
     """CBSP: R logits per sequence from the mean of x_t over its non-padding tokens."""
 
     shares_gates_across_tokens = True
-    gates_non_token_inputs = False
+    input_independent = False
 
     def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True):
         super().__init__()
@@ -100,7 +101,7 @@ class TokenController(nn.Module):
     """TABS: R logits for every token, logits_t = W2 · ReLU(W1 · x_t)."""
 
     shares_gates_across_tokens = False
-    gates_non_token_inputs = False
+    input_independent = False
 
     def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True):
         super().__init__()

@@ -30,6 +30,10 @@ count toward a budget. Two execution paths compute the same update: the dense-ma
 (all R directions for all tokens, then gates multiply) and the sparse path (only open
 (token, direction) pairs, a sampled matmul and a sparse × dense matmul on their CSR pattern),
 used by default at evaluation so that realised compute falls with the gates.
+
+DeBERTa's relative-position rows, which query/key also project, are adapted by every variant
+with the same gates rule as tokens (``_forward_position_rows``), so all methods adapt the same
+computations.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from rankwise.methods.spectral.context import ForwardContext
 from rankwise.methods.spectral.controllers import GateSource
 from rankwise.methods.spectral.flops import adapter_flops_per_pair
 from rankwise.methods.spectral.gates import HardConcreteGate
+from rankwise.methods.spectral.statistics import TrainingOpenTally
 from rankwise.methods.spectral.svd_cache import SpectralFactors
 
 Execution = Literal["auto", "dense", "sparse"]
@@ -113,6 +118,8 @@ class SpectralLinear(nn.Module):
         self.context = context
         self.execution: Execution = "auto"
         self.pending_budget_terms: BudgetTerms | None = None
+        self._static_cache: tuple[int, torch.Tensor] | None = None
+        self.training_tally = TrainingOpenTally()
 
     # --- shapes and costs ------------------------------------------------------------------
     @property
@@ -140,7 +147,7 @@ class SpectralLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
         if self.context.in_non_token_call:
-            return self._forward_non_token(x, base)
+            return self._forward_position_rows(x, base)
         tokens = x.unsqueeze(0) if x.dim() == 2 else x  # (B, T, d_in)
         if tokens.dim() != 3:
             raise RuntimeError(
@@ -148,24 +155,30 @@ class SpectralLinear(nn.Module):
             )
         valid = self.context.valid_tokens(tokens)
         decision = self.compute_gates(tokens, valid)
+        if decision.logits is not None and self.training:
+            self.training_tally.add(self.gate.prob_open(decision.logits.detach()), decision.gates,
+                                    valid)
         if decision.expected_open_pairs is not None and self.training and torch.is_grad_enabled():
             self.pending_budget_terms = BudgetTerms(
                 decision.expected_open_pairs, decision.max_open_pairs, valid.sum(dim=1)
             )
         if self.context.statistics is not None:
-            controller_flops = (
-                self.gate_source.flops(valid.sum(dim=1)) if self.gate_source is not None
-                else torch.zeros(valid.shape[0], dtype=torch.long)
-            )
             self.context.statistics.record(
                 self.target_name, decision.gates, valid, decision.max_open_pairs,
-                self.cost_per_pair, controller_flops,
+                self.cost_per_pair, self._controller_flops(valid.sum(dim=1)),
             )
+        return base + self.scale * self._update(tokens, decision.gates).reshape(base.shape).to(base.dtype)
+
+    def _controller_flops(self, rows: torch.Tensor) -> torch.Tensor:
+        """Controller FLOPs per sequence with ``rows`` (B,) real rows each."""
+        if self.gate_source is None:
+            return torch.zeros(rows.shape[0], dtype=torch.long)
+        return self.gate_source.flops(rows)
+
+    def _update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         if self.uses_sparse_path():
-            update = self.sparse_update(tokens, decision.gates)
-        else:
-            update = self.dense_update(tokens, decision.gates)
-        return base + self.scale * update.reshape(base.shape).to(base.dtype)
+            return self.sparse_update(x, gates)
+        return self.dense_update(x, gates)
 
     def uses_sparse_path(self) -> bool:
         if self.execution == "auto":
@@ -183,7 +196,12 @@ class SpectralLinear(nn.Module):
 
         logits = self.gate_source(x, valid)  # (B, T, R) or (B, 1, R)
         shared = self.gate_source.shares_gates_across_tokens
-        raw = self.gate.sample(logits) if self.training else self.gate.decide(logits)
+        if not self.training:
+            raw = self.gate.decide(logits)
+        elif self.gate_source.input_independent:  # BHSP: one sample per forward, every row
+            raw = self._static_sample(logits[:1]).expand_as(logits)
+        else:
+            raw = self.gate.sample(logits)
         valid_tokens = valid.sum(dim=1)  # (B,)
         max_open = self.budget.max_open_pairs(valid_tokens) if self.budget is not None else None
 
@@ -259,22 +277,53 @@ class SpectralLinear(nn.Module):
             out = torch.sparse.mm(weighted, out_basis.T)  # (N, d_out)
         return out.reshape(B, T, self.d_out).to(x.dtype)
 
-    def _forward_non_token(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Inputs that are not tokens (DeBERTa relative-position embeddings, see context.py).
+    def _static_sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """The training sample of input-independent gates (BHSP) for the current forward.
 
-        They have no controller input, mask or budget: input-adaptive gates leave them on the
-        pretrained directions (g = 0); the ungated adapter and static gates act on them as on
-        any input (as the merged weight W + Σ_i g_i ΔW_i would).
+        Drawn once per hooked model forward (``context.forward_id``) and reused by every call
+        of this layer in that forward: all sequences of the batch and DeBERTa's position rows
+        see the same gates, as the merged weight W + Σ_i g_i ΔW_i of that sample would give
+        (Louizos et al. likewise draw one gate sample per minibatch). Outside a hooked forward
+        every call draws its own.
         """
-        if self.gate_source is None:
-            gates = torch.ones(self.rank, device=x.device)
-        elif self.gate_source.gates_non_token_inputs:
-            no_mask = torch.ones(1, 1, dtype=torch.bool)
-            logits = self.gate_source(x.reshape(1, -1, self.d_in), no_mask)[0, 0]  # (R,)
-            gates = self.gate.sample(logits) if self.training else self.gate.decide(logits)  # (R,)
-        else:
-            return base
-        return base + self.scale * self.dense_update(x, gates).to(base.dtype)
+        forward_id = self.context.forward_id
+        cached = self._static_cache
+        if forward_id is not None and cached is not None and cached[0] == forward_id:
+            return cached[1]
+        sample = self.gate.sample(logits)
+        self._static_cache = (forward_id, sample) if forward_id is not None else None
+        return sample
+
+    def _forward_position_rows(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Rows that are not tokens of an example: DeBERTa's relative-position embeddings,
+        projected once per forward by query/key and shared by the whole batch (context.py).
+
+        Every method adapts them exactly as it adapts tokens, treating the rows as one extra
+        sequence of N = 2·span real rows (design choice, docs/methods.md §5):
+
+        - Spectral Adapter: g ≡ 1 (the merged weight).
+        - BHSP: the same gate sample as the token rows of this forward (``_static_sample``).
+        - CBSP: its controller on the mean of the rows, one gate vector for all of them.
+        - TABS: its controller on every row, then the top-B_max projection with the budget
+          rule at T = N (floor(b·N), or ``budget_tokens``), so the hard cap holds on every
+          call of the layer; the controller is shared with the token path, so without the
+          projection its rows could open gates that no budget limits.
+
+        They add no budget-penalty term and no training open-rate count (both are defined
+        per example) and are recorded apart from the per-example FLOPs (``record_position``):
+        their cost is per forward, whatever the batch size.
+        """
+        rows = x.reshape(1, -1, self.d_in)
+        valid = torch.ones(rows.shape[:2], dtype=torch.bool, device=x.device)
+        decision = self.compute_gates(rows, valid)
+        if self.context.statistics is not None:
+            n_rows = valid.sum(dim=1)
+            self.context.statistics.record_position(
+                self.target_name, decision.gates, self.cost_per_pair,
+                int(self._controller_flops(n_rows)[0]),
+            )
+        update = self._update(rows, decision.gates)
+        return base + self.scale * update.reshape(base.shape).to(base.dtype)
 
     def extra_repr(self) -> str:
         parts = [f"d_in={self.d_in}, d_out={self.d_out}, R={self.rank}, scale={self.scale:g}"]

@@ -15,6 +15,14 @@ The loop then adds ``regularization_losses`` (``budget_penalty``, already × λ)
 For CBSP/TABS the penalty uses the E[r_seq] of the most recent training forward (the loop
 calls it right after the forward), λ · Σ_k mean_seq(max(0, E[r_seq] − B_max))²; for BHSP it is
 computed from the gate parameters, λ · max(0, Σ_k Σ_i P(g_ki ≠ 0) − b·|K|)².
+
+Gated variants also report the training-time open rate (``step_log_metrics`` every logging
+step, ``training_metrics`` for the final metrics): ``train_expected_open_gates_per_token`` =
+Σ_k Σ_tokens Σ_i P(g_ki ≠ 0) / Σ_k tokens over real training tokens (closed form of
+``gates.py``, before the budget projection), and ``train_sampled_open_gates_per_token``, the
+same with the sampled gates as used (after the projection). The final value covers the last
+epoch (the gates the evaluated model was trained with at the end; earlier epochs reflect
+controllers still far from their budget), the step-log value the steps since the previous log.
 """
 
 from __future__ import annotations
@@ -85,6 +93,12 @@ class SpectralFamily(FineTuningMethod):
         self.last_statistics: GateStatistics | None = None
         self.last_evaluation: dict[str, Any] = {}
         self.svd_info: dict[str, Any] = {}
+        self._layers: list[SpectralLinear] = []
+        # Training open-rate totals [expected, sampled, tokens]: since the last step log, this
+        # epoch, the previous epoch.
+        self._window = [0.0, 0.0, 0.0]
+        self._epoch = [0.0, 0.0, 0.0]
+        self._previous_epoch = [0.0, 0.0, 0.0]
 
     # --- building --------------------------------------------------------------------------
     def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:
@@ -128,6 +142,7 @@ class SpectralFamily(FineTuningMethod):
             setattr(parent, attr, layer)
         install_forward_context(backbone, self.context)
         unfreeze_head(backbone)
+        self._layers = list(spectral_layers(backbone).values())
         return backbone
 
     def _gate_source(self, linear: nn.Linear) -> GateSource | None:
@@ -165,6 +180,47 @@ class SpectralFamily(FineTuningMethod):
                 excess = excess / terms.valid_tokens.clamp(min=1)
             total = total + excess.square().mean()
         return {"budget_penalty": r.penalty_weight * total}
+
+    # --- training-time open rate -----------------------------------------------------------
+    @property
+    def gated(self) -> bool:
+        return self.recipe.gate_source != "none"
+
+    def _drain_tallies(self) -> None:
+        for layer in self._layers:
+            counts = layer.training_tally.drain()
+            for totals in (self._window, self._epoch):
+                for i, v in enumerate(counts):
+                    totals[i] += v
+
+    @staticmethod
+    def _open_rates(totals: list[float]) -> dict[str, float]:
+        expected, sampled, tokens = totals
+        if not tokens:
+            return {}
+        return {"train_expected_open_gates_per_token": expected / tokens,
+                "train_sampled_open_gates_per_token": sampled / tokens}
+
+    def begin_epoch(self, model: nn.Module, fresh: bool) -> None:
+        if not fresh:
+            return
+        self._drain_tallies()
+        if self._epoch[2]:
+            self._previous_epoch = self._epoch
+        self._epoch = [0.0, 0.0, 0.0]
+
+    def step_log_metrics(self, model: nn.Module) -> dict[str, float]:
+        if not self.gated:
+            return {}
+        self._drain_tallies()
+        rates, self._window = self._open_rates(self._window), [0.0, 0.0, 0.0]
+        return rates
+
+    def training_metrics(self, model: nn.Module) -> dict[str, float]:
+        if not self.gated:
+            return {}
+        self._drain_tallies()
+        return self._open_rates(self._epoch if self._epoch[2] else self._previous_epoch)
 
     # --- evaluation ------------------------------------------------------------------------
     def begin_evaluation(self, model: nn.Module) -> None:
@@ -254,7 +310,8 @@ class SpectralFamily(FineTuningMethod):
             gates["last_evaluation"] = detail
             (run_dir / "flops_by_length.json").write_text(json.dumps({"examples": examples}))
             for key in ("open_gates_per_token", "budget_violations", "adapter_flops_per_example",
-                        "controller_flops_per_example"):
+                        "controller_flops_per_example", "position_adapter_flops_per_forward",
+                        "position_controller_flops_per_forward"):
                 if f"{PREFIX}{key}" in self.last_evaluation:
                     summary[f"{PREFIX}{key}"] = self.last_evaluation[f"{PREFIX}{key}"]
         (run_dir / "gates.json").write_text(json.dumps(gates, indent=2))
@@ -263,7 +320,10 @@ class SpectralFamily(FineTuningMethod):
     def state_dict(self) -> dict[str, Any]:
         # Parameters (P_U, P_V, controllers, log α) are in the model; the frozen factors are
         # rebuilt from the SVD cache. Record which factors, so a resume cannot silently mix.
-        return {"R": self.recipe.rank, "svd_file": self.svd_info.get("file")}
+        self._drain_tallies()
+        return {"R": self.recipe.rank, "svd_file": self.svd_info.get("file"),
+                "train_open_rate": {"window": list(self._window), "epoch": list(self._epoch),
+                                    "previous_epoch": list(self._previous_epoch)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("R") != self.recipe.rank or state.get("svd_file") != self.svd_info.get("file"):
@@ -271,6 +331,10 @@ class SpectralFamily(FineTuningMethod):
                 f"checkpoint was made with R={state.get('R')} and SVD {state.get('svd_file')}, "
                 f"this run has R={self.recipe.rank} and SVD {self.svd_info.get('file')}"
             )
+        rates = state.get("train_open_rate")
+        if rates is not None:
+            self._window, self._epoch = list(rates["window"]), list(rates["epoch"])
+            self._previous_epoch = list(rates["previous_epoch"])
 
 
 class SpectralAdapter(SpectralFamily):

@@ -6,8 +6,17 @@ and controller FLOPs summed over all targets, for the FLOPs-vs-length figure.
 
 Realised adapter FLOPs of one (target, sequence) = open pairs × cost_per_pair (``flops.py``);
 the dense-masked reference cost T_valid · R · cost_per_pair is reported beside it. Padding
-tokens never count (they open no gate). DeBERTa's relative-position projections are shared by
-the whole batch, not by one example, and are not in the per-example numbers.
+tokens never count (they open no gate). DeBERTa's relative-position rows (projected once per
+forward through query/key and shared by the whole batch, not by one example) are recorded
+apart, per forward: ``spectral_position_adapter_flops_per_forward``,
+``spectral_position_controller_flops_per_forward`` and ``spectral_position_open_gates_per_row``
+(present only when such rows passed through a spectral layer).
+
+:class:`TrainingOpenTally` counts, during training forwards, the expected open gates
+Σ_i P(g_i ≠ 0) (HardConcrete closed form) and the sampled open gates of every real token, per
+target; the method turns them into ``train_expected_open_gates_per_token`` and
+``train_sampled_open_gates_per_token`` (the training-time counterparts of the evaluation
+``open_gates_per_token``: totals over targets and tokens / tokens summed over targets).
 """
 
 from __future__ import annotations
@@ -38,6 +47,44 @@ class TargetGateCounts:
 
 
 @dataclass
+class PositionRowCounts:
+    """Batch-shared, non-token rows (DeBERTa relative positions) through one target."""
+
+    rows: int = 0
+    open_pairs: int = 0
+    adapter_flops: int = 0  # open pairs × cost_per_pair (what the sparse path executes)
+    dense_adapter_flops: int = 0  # rows × R × cost_per_pair (what the dense path executes)
+    controller_flops: int = 0
+
+
+class TrainingOpenTally:
+    """Training-time gate counts of one layer (device tensors: no sync per forward)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.expected: torch.Tensor | float = 0.0  # Σ over real tokens of Σ_i P(g_i ≠ 0)
+        self.sampled: torch.Tensor | float = 0.0  # Σ over real tokens of #{i: g_i > 0}
+        self.tokens: torch.Tensor | float = 0.0
+
+    @torch.no_grad()
+    def add(self, prob_open: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor) -> None:
+        """prob_open (B, T|1, R) before projection; gates (B, T, R) as used; valid (B, T)."""
+        valid_f = valid.to(torch.float64)
+        per_token = prob_open.to(torch.float64).sum(dim=-1)  # (B, T) or (B, 1): broadcasts
+        self.expected = self.expected + (per_token * valid_f).sum()
+        self.sampled = self.sampled + ((gates > 0) & valid.unsqueeze(-1)).sum().to(torch.float64)
+        self.tokens = self.tokens + valid_f.sum()
+
+    def drain(self) -> tuple[float, float, float]:
+        """(expected, sampled, tokens) since the last drain, as Python floats; then reset."""
+        out = tuple(float(v) for v in (self.expected, self.sampled, self.tokens))
+        self.reset()
+        return out  # type: ignore[return-value]
+
+
+@dataclass
 class ExampleCost:
     valid_tokens: int
     adapter_flops: int
@@ -59,11 +106,14 @@ class GateStatistics:
 
     targets: dict[str, TargetGateCounts] = field(default_factory=dict)
     examples: list[ExampleCost] = field(default_factory=list)
+    positions: dict[str, PositionRowCounts] = field(default_factory=dict)
+    forwards: int = 0  # hooked model forwards recorded
     _batch: _BatchAccumulator | None = None
 
     # --- called by the model-level hooks ------------------------------------------------------
     def begin_batch(self, attention_mask: torch.Tensor | None) -> None:
         self.end_batch()
+        self.forwards += 1
         if attention_mask is not None:
             self._start(attention_mask.bool().sum(dim=1))
 
@@ -117,6 +167,27 @@ class GateStatistics:
             self._batch.controller[b] += controller[b]
             self._batch.dense[b] += dense[b]
 
+    @torch.no_grad()
+    def record_position(self, target: str, gates: torch.Tensor, cost_per_pair: int,
+                        controller_flops: int) -> None:
+        """Position rows of one forward through one target: gates (1, N, R) as used."""
+        rows, rank = gates.shape[1], gates.shape[-1]
+        open_pairs = int((gates > 0).sum())
+        counts = self.positions.setdefault(target, PositionRowCounts())
+        counts.rows += rows
+        counts.open_pairs += open_pairs
+        counts.adapter_flops += open_pairs * cost_per_pair
+        counts.dense_adapter_flops += rows * rank * cost_per_pair
+        counts.controller_flops += int(controller_flops)
+
+    def position_totals(self) -> PositionRowCounts:
+        """Position-row counts summed over targets (all recorded forwards)."""
+        total = PositionRowCounts()
+        for c in self.positions.values():
+            for f in dataclasses.fields(total):
+                setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
+        return total
+
     # --- results ------------------------------------------------------------------------------
     def histogram(self) -> list[int]:
         """Tokens with j open directions (j = 0..R), summed over targets."""
@@ -150,6 +221,11 @@ class GateStatistics:
             out[f"{PREFIX}rank_hist_{j}"] = count
         for (lo, hi), flops in self.flops_by_length_bin().items():
             out[f"{PREFIX}adapter_flops_len_{lo}_{hi}"] = flops
+        if self.positions:
+            pos, forwards = self.position_totals(), max(self.forwards, 1)
+            out[f"{PREFIX}position_adapter_flops_per_forward"] = pos.adapter_flops / forwards
+            out[f"{PREFIX}position_controller_flops_per_forward"] = pos.controller_flops / forwards
+            out[f"{PREFIX}position_open_gates_per_row"] = pos.open_pairs / pos.rows if pos.rows else 0.0
         return out
 
     def flops_by_length_bin(self) -> dict[tuple[int, int], float]:
@@ -183,5 +259,7 @@ class GateStatistics:
                 }
                 for name, c in self.targets.items()
             },
+            "position_rows": {name: dataclasses.asdict(c) for name, c in self.positions.items()},
+            "forwards": self.forwards,
             "examples": [dataclasses.asdict(e) for e in self.examples],
         }
