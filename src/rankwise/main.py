@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     made = False  # whether this process creates the run folder
 
     def writes_status() -> bool:
-        return reports and job is not None and job.run_dir.is_dir()
+        # an earlier run's folder that this process has not started on is left as it was
+        return (reports and job is not None and job.run_dir.is_dir()
+                and (job.training_started or run_status(job.run_dir) == "running"))
 
     def cleaned_up() -> bool:
         return reports and remove_unstarted_run_dir(job, made)
