@@ -89,7 +89,7 @@ def test_workers_on_a_cold_cache_build_each_entry_once(tmp_path, fake_glue):
 
 
 def test_a_model_build_that_dies_leaves_no_entry(tmp_path, monkeypatch):
-    import rankwise.models as models
+    from rankwise import models
 
     def broken(spec, out):
         out.mkdir(parents=True)

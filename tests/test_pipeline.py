@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 import yaml
 
 from rankwise.config.loader import load_job, packaged_configs

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
+from wandb.proto import wandb_internal_pb2 as pb
 
-from rankwise.main import main  # noqa: E402
+from rankwise.main import main
 
 RUN = "comparative-1-DeBERTaV3-base-86-M--GLUE-MNLI"
 BLOCK = 32768  # the .wandb file is a LevelDB-style log of protobuf Records in 32 KiB blocks

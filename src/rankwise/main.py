@@ -16,7 +16,7 @@ from typing import Any
 
 from rankwise.config.loader import Job, load_job
 from rankwise.errors import RankwiseError
-from rankwise.results import (atomic_write_json, read_json)
+from rankwise.results import atomic_write_json, read_json
 
 log = logging.getLogger("rankwise")
 
