@@ -147,14 +147,14 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = execute(job, prepare_run_dir)
     except RankwiseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
         if cleaned_up():
-            print(f"error: training had not started; removed {job.run_dir}", file=sys.stderr)
+            log.info("training had not started; removed %s", job.run_dir)
         elif writes_status() and exc.exit_code != 2:
             from rankwise.training.loop import RunInterrupted
 
             write_status(job, "interrupted" if isinstance(exc, RunInterrupted) else "failed",
                          {"error": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)  # the last line: one line naming the problem
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if cleaned_up():
-            print(f"error: training had not started; removed {job.run_dir}", file=sys.stderr)
+            log.info("training had not started; removed %s", job.run_dir)
         elif writes_status():
             write_status(job, "failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
