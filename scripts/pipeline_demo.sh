@@ -33,7 +33,7 @@ rw() {
   local log="log-$(( ++N )).txt"
   echo "+ rankwise $*"
   if ! "${RANKWISE[@]}" "$@" >"$log" 2>&1; then tail -5 "$log" >&2; exit 1; fi
-  grep -E "WARNING|error:|complete|wrote" "$log" | cut -c1-220 || true
+  tr '\r' '\n' <"$log" | grep -E "WARNING|error:|complete|wrote" | sed 's/^[[:space:]]*//' | cut -c1-220 || true
 }
 N=0
 
