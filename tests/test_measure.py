@@ -297,9 +297,11 @@ def test_post_training_measurement_writes_the_documented_keys(run_id, trained, f
         assert set(shape["latency_ms"]) >= {"mean_ms", "p50_ms", "p99_ms", "n"}
         assert shape["latency_ms"]["n"] == 5
         assert shape["examples"] == 32
-    assert (seed_dir / "flops_vs_length.png").stat().st_size > 0
-    assert (seed_dir / "flops_vs_length.pdf").stat().st_size > 0
-    assert (seed_dir / "gate_histogram.png").exists() == budgeted
+    figures = results / run_id  # per-run figures: <run_id>_<topic>_seed<N> at the top
+    assert (figures / f"{run_id}_flops_vs_length_seed42.png").stat().st_size > 0
+    assert (figures / f"{run_id}_flops_vs_length_seed42.pdf").stat().st_size > 0
+    assert (figures / f"{run_id}_gate_histogram_seed42.png").exists() == budgeted
+    assert not list(seed_dir.glob("*.png"))
     if budgeted:
         assert report["budget_violations"]["total"] == 0
         assert sum(report["gate_histogram"]["counts"]) > 0
@@ -330,7 +332,7 @@ def test_post_training_measurement_of_full_ft_and_adalora(adapter, per_token, tm
     assert final["latency_n_timed"] == report["latency"]["latency_ms"]["n"] == 10  # and 10 batches
     assert report["latency"]["distinct_batches"] <= 2  # the trial's evaluation batches
     assert report["evaluation"]["source"] == ("none" if adapter is None else "analytic")
-    assert (tmp_path / "r" / "tiny-other" / "seed42" / "flops_vs_length.png").exists() == (
+    assert (tmp_path / "r" / "tiny-other" / "tiny-other_flops_vs_length_seed42.png").exists() == (
         adapter is not None)
 
 

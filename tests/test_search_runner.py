@@ -132,6 +132,7 @@ def test_each_trial_trains_in_its_own_folder_and_reports_every_epoch(two_workers
         assert not list((run_dir / "optuna" / "trials" / str(t.number)).glob("checkpoints/*"))
     # The final run's outputs hold no trial files, and the study folder no final-run files.
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        f"{RUN}_flops_vs_length_seed42.pdf", f"{RUN}_flops_vs_length_seed42.png",
         "config.yaml", "metrics.json", "optuna", "predictions", "seed42"]
     assert not list((run_dir / "optuna").glob("seed*"))
 

@@ -1,7 +1,8 @@
 """``python -m rankwise.main run=<run_id|path.yaml> results_dir=<dir> mode=trial|full [overrides]``
 
 Validates the whole config before any heavy work (exit 2 naming the dotted key, nothing
-written), then trains (one run per seed; an Optuna search first when ``mode=full`` and
+written), the same in ``mode=trial`` as in ``mode=full`` (search space, storage URL and W&B
+included: :func:`preflight`), then trains (one run per seed; an Optuna search first when ``mode=full`` and
 ``optuna.n_trials > 0``), evaluates and writes ``<results_dir>/<run_id>/``.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from rankwise.config.loader import Job, load_job
 from rankwise.errors import RankwiseError
-from rankwise.results import (atomic_write_json, read_json)
+from rankwise.results import atomic_write_json, read_json
 
 log = logging.getLogger("rankwise")
 
@@ -78,6 +79,43 @@ def write_status(job: Job, status: str, extra: dict[str, Any] | None = None) -> 
     atomic_write_json(path, data)
 
 
+def preflight(job: Job) -> None:
+    """Everything ``mode=full`` checks before its first step, checked in every mode on the full
+    run's config before trial mode trims anything: the search (space, torchrun, storage URL),
+    the W&B package. Raises ConfigError (exit 2)."""
+    from rankwise import distributed
+    from rankwise.errors import ConfigError
+
+    optuna_cfg = job.run.optuna
+    if optuna_cfg.n_trials > 0:
+        from rankwise.search import validate_search_space
+
+        if distributed.launched_by_torchrun():
+            raise ConfigError("optuna.n_trials", "a search is not run under torchrun: start workers "
+                              "as separate processes sharing optuna.storage, or set optuna.n_trials=0")
+        validate_search_space(job.run_dict, optuna_cfg)
+        if optuna_cfg.storage:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(optuna_cfg.storage)
+            except ArgumentError as exc:
+                raise ConfigError("optuna.storage", f"not an SQLAlchemy database URL: {exc}") from None
+    if job.job.wandb.mode != "disabled":
+        from rankwise.tracking import require_wandb
+
+        require_wandb(job.job.wandb.mode)
+
+
+def remove_unstarted_run_dir(job: Job | None, made: bool) -> bool:
+    """Remove the run folder this process made if training had not started; return whether it did."""
+    if job is None or not made or job.training_started or not job.run_dir.exists():
+        return False
+    shutil.rmtree(job.run_dir, ignore_errors=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -85,25 +123,38 @@ def main(argv: list[str] | None = None) -> int:
     from rankwise import distributed
 
     reports = True  # False on torchrun's ranks > 0: rank 0 alone logs progress and writes files
+    made = False  # whether this process creates the run folder
 
     def writes_status() -> bool:
-        return reports and job is not None and job.run_dir.is_dir()
+        # an earlier run's folder that this process has not started on is left as it was
+        return (reports and job is not None and job.run_dir.is_dir()
+                and (job.training_started or run_status(job.run_dir) == "running"))
+
+    def cleaned_up() -> bool:
+        return reports and remove_unstarted_run_dir(job, made)
 
     try:
         job = load_job(argv)  # exit 2 on any config error, before anything is written
         reports = distributed.init_from_env(job.job.device).is_main
         if not reports:
             logging.getLogger().setLevel(logging.WARNING)
+        if job.ignored_sections and reports:
+            log.warning("run config sections not used by rankwise, kept in metrics.json "
+                        "(ignored_sections): %s", ", ".join(job.ignored_sections))
+        preflight(job)
+        made = not job.run_dir.exists()
         from rankwise.runner import execute
 
         summary = execute(job, prepare_run_dir)
     except RankwiseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if writes_status() and exc.exit_code != 2:
+        if cleaned_up():
+            log.info("training had not started; removed %s", job.run_dir)
+        elif writes_status() and exc.exit_code != 2:
             from rankwise.training.loop import RunInterrupted
 
             write_status(job, "interrupted" if isinstance(exc, RunInterrupted) else "failed",
                          {"error": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)  # the last line: one line naming the problem
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -111,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             write_status(job, "interrupted", {"error": "KeyboardInterrupt"})
         return 130
     except Exception as exc:
-        if writes_status():
+        if cleaned_up():
+            log.info("training had not started; removed %s", job.run_dir)
+        elif writes_status():
             write_status(job, "failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
     finally:

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +65,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RANKWISE_CACHE_DIR", Path.home() / ".cache" / "rankwise"))
 
 
-def build_tiny_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
-    """Build (once) and save a random model + tokenizer (``RANDOM_MODELS``); return its directory."""
-    from transformers import BertConfig, BertTokenizerFast, DebertaV2Config
+@contextmanager
+def cache_lock(entry: Path):
+    """Hold ``<entry>.lock`` (an OS file lock through ``filelock``: released when the holder
+    exits or dies). Cache entries are built and published under it, so workers sharing a cache
+    build each entry once and never read one half-written."""
+    from filelock import FileLock
 
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        yield
+
+
+def build_tiny_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
+    """Build (once) and save a random model + tokenizer (``RANDOM_MODELS``); return its directory.
+
+    Built into a temporary sibling under :func:`cache_lock` and renamed into place, so the
+    directory is either absent or complete."""
     if alias not in RANDOM_MODELS:
         raise ModelLoadError(f"unknown random model alias {alias!r} (use one of {RANDOM_ALIASES})")
-    spec = RANDOM_MODELS[alias]
-    max_position = spec.max_position
     cache_dir = cache_dir or default_cache_dir()
-    out = cache_dir / "models" / f"{alias}-p{max_position}"
+    out = cache_dir / "models" / f"{alias}-p{RANDOM_MODELS[alias].max_position}"
     if (out / "tokenizer.json").exists():
         return out
+    with cache_lock(out):
+        if (out / "tokenizer.json").exists():  # another process built it while we waited
+            return out
+        staging = out.parent / f".{out.name}.{os.getpid()}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            _save_random_model(RANDOM_MODELS[alias], staging)
+            shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _save_random_model(spec: RandomModelSpec, out: Path) -> None:
+    from transformers import BertConfig, BertTokenizerFast, DebertaV2Config
+
+    max_position = spec.max_position
     out.mkdir(parents=True, exist_ok=True)
     common = dict(
         vocab_size=len(_TINY_VOCAB), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
@@ -101,7 +133,6 @@ def build_tiny_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
     tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(_TINY_VOCAB)}, do_lower_case=False)
     tok.model_max_length = max_position
     tok.save_pretrained(out)
-    return out
 
 
 def resolve_model_path(name: str) -> str:

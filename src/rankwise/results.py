@@ -1,7 +1,8 @@
 """Self-describing run outputs, written atomically (temp file, fsync, rename).
 
 ``<results_dir>/<run_id>/``: ``metrics.json`` (status running|complete|failed|interrupted),
-``history.jsonl``, ``predictions/<split>/seed<seed>.jsonl``, ``config.yaml``, ``checkpoints/``.
+``history.jsonl``, ``predictions/<split>/seed<seed>.jsonl``, ``config.yaml``, ``checkpoints/``,
+figures ``<run_id>_<topic>_seed<seed>.png/.pdf`` (:func:`run_figure_stem`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -113,3 +115,15 @@ def device_description(device) -> dict[str, Any]:
 def provenance(device) -> dict[str, Any]:
     return {"git": git_state(), "versions": package_versions(), "device": device_description(device),
             "command": " ".join(sys.argv), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_figure_stem(seed_dir: Path, topic: str) -> Path:
+    """Where a figure of one seed goes: ``<run_dir>/<run_id>_<topic>_seed<N>`` for a seed folder
+    ``<run_dir>/seed<N>`` (the run folder is named by its run id); any other folder (a search
+    trial's) keeps ``<folder>/<topic>``."""
+    seed_dir = Path(seed_dir)
+    match = re.fullmatch(r"seed(-?\d+)", seed_dir.name)
+    if match is None:
+        return seed_dir / topic
+    run_dir = seed_dir.parent
+    return run_dir / f"{run_dir.name}_{topic}_seed{match.group(1)}"

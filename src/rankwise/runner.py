@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,8 +57,24 @@ def add_glue_score(dataset: str, subset: str, results: list) -> None:
             r.final["glue_score"] = score
 
 
-def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_outputs: bool = True):
-    """Train the job's configuration once per seed; return the SeedResults."""
+def first_trainer(job: Job) -> tuple[Any, dict[str, Any]]:
+    """The first seed's Trainer (backbone, data, length checks) and the RNG state right after it
+    was built: built before the run folder is touched, so a data, model or length error leaves
+    no folder behind and never clears an earlier run's."""
+    from rankwise.training.checkpoint import rng_state
+    from rankwise.training.loop import Trainer
+
+    seed = job.run.training.seed_list()[0]
+    with distributed.current().main_first():  # under torchrun rank 0 fills the caches
+        trainer = Trainer(job, seed, job.run_dir / f"seed{seed}")
+    return trainer, rng_state()
+
+
+def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_outputs: bool = True,
+                first: tuple[Any, dict[str, Any]] | None = None):
+    """Train the job's configuration once per seed; return the SeedResults. ``first``: the first
+    seed's Trainer and RNG state from :func:`first_trainer` (restored before it trains)."""
+    from rankwise.training.checkpoint import set_rng_state
     from rankwise.training.loop import Trainer, stop_on_signals
 
     ctx = distributed.current()
@@ -67,9 +84,14 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
         seeds = job.run.training.seed_list()
         for seed in seeds[:1] if job.job.mode == "trial" else seeds:  # trial: a smoke run, one seed
             seed_dir = job.run_dir / f"seed{seed}"
-            with ctx.main_first():  # under torchrun rank 0 fills the data and model caches
-                trainer = Trainer(job, seed, seed_dir, reporter=reporter, data=data)
+            if first is not None and not results:
+                trainer, rng = first
+                set_rng_state(rng)  # as if it had been built just now
+            else:
+                with ctx.main_first():  # under torchrun rank 0 fills the data and model caches
+                    trainer = Trainer(job, seed, seed_dir, reporter=reporter, data=data)
             data = trainer.data  # same tokenised data for every seed
+            job.training_started = True  # from here on an error keeps the run folder
             result = trainer.run(resume=resume, stop=stop)
             if write_outputs:
                 write_predictions(job.run_dir, seed, result.predictions)
@@ -111,6 +133,7 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
         log.warning("optuna.selection_split=validation: trials are scored on the split the final "
                     "run reports, so its numbers are optimistic (marked in metrics.json search)")
     study_dir = job.run_dir / "optuna"
+    job.training_started = True  # the study may be shared with other workers: never removed
     seed = job.run.training.seed
     result = run_search(job.run.run_id, job.run_dict, job.run.optuna, seed, study_dir,
                         trial_objective(job, seed))
@@ -198,7 +221,7 @@ def with_params(job: Job, params: dict[str, Any]) -> Job:
     from rankwise.search import apply_params
 
     run_dict = apply_params(job.run_dict, params)
-    return Job(job=job.job, run=parse_run_config(run_dict), run_dict=run_dict)
+    return dataclasses.replace(job, run=parse_run_config(run_dict), run_dict=run_dict)
 
 
 def search_summary(job: Job, result) -> dict[str, Any]:
@@ -258,10 +281,17 @@ def final_run_lock(study_dir: Path) -> Iterator[bool]:
 # --- one configuration -------------------------------------------------------------------
 
 
+def tracked_config(job: Job) -> dict[str, Any]:
+    """What the W&B run's config holds: the resolved run config, the job keys, kept-aside sections."""
+    return {**job.run_dict, "job": dataclasses.asdict(job.job), "mode": job.job.mode,
+            "ignored_sections": job.ignored_sections}
+
+
 def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: float,
                     search: dict[str, Any] | None = None) -> str:
     """Train the configuration once per seed and write the run folder (rank 0 under torchrun)."""
     ctx = distributed.current()
+    first = first_trainer(job)
     # Rank 0 alone decides and clears the folder (a search's optuna/ stays); the others wait.
     keep = ("optuna",) if search is not None else ()
     resume = prepare_run_dir(job, keep=keep) if ctx.is_main else None
@@ -278,7 +308,8 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
                      "is_regression": task.is_regression,
                      **({"f1_positive_class": task.f1_positive_class} if "f1" in task.metrics else {}),
                      "missing_splits": missing_eval_splits(job.run.dataset, task)},
-            "config": job.run_dict, "provenance": provenance(device),
+            "config": job.run_dict, "ignored_sections": job.ignored_sections,
+            "provenance": provenance(device),
             **({"processes": ctx.world_size} if ctx.enabled else {}),
             **({"search": search} if search is not None else {})}
     if ctx.is_main:
@@ -286,9 +317,16 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
         write_yaml(run_dir / "config.yaml", job.run_dict)
     from rankwise.tracking import start_tracker
 
-    tracker = start_tracker(job.job.wandb, job.run.run_id, job.run_dict, run_dir,
+    tracker = start_tracker(job.job.wandb, job.run.run_id, tracked_config(job), run_dir,
                             enabled=job.job.mode == "full" and ctx.is_main)
-    results = train_seeds(job, resume, write_outputs=ctx.is_main)
+    try:
+        results = train_seeds(job, resume, write_outputs=ctx.is_main, first=first)
+    except BaseException as exc:
+        tracker.fail("interrupted" if getattr(exc, "exit_code", None) == 130
+                     or isinstance(exc, KeyboardInterrupt) else "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    for r in results:
+        tracker.log_history(r.seed, r.history)
     first = results[0]
     add_glue_score(job.run.dataset.name, job.run.dataset.subset, results)
     agg = aggregate_seeds(results)
@@ -307,8 +345,7 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
         "method_metrics": first.method_metrics,
         "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},
     }
-    tracker.summary(final)
-    tracker.finish()
+    tracker.complete(metrics)
     if ctx.is_main:
         atomic_write_json(run_dir / "metrics.json", metrics)
     primary = metrics["task"]["primary_metric"]

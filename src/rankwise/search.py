@@ -662,10 +662,12 @@ def _check_study_matches(study: optuna.Study, optuna_cfg: OptunaConfig) -> None:
     )
     stored = study.user_attrs
     if "search_space" not in stored:
-        study.set_user_attr("search_space", space)
+        # Workers started together race here: another may read the attributes between these
+        # writes. ``search_space`` is written last, so a reader that finds it finds the rest.
         study.set_user_attr("metric_name", optuna_cfg.metric_name)
         study.set_user_attr("selection_split", optuna_cfg.selection_label)
         study.set_metric_names([optuna_cfg.metric_name])
+        study.set_user_attr("search_space", space)
         return
     if stored["search_space"] != space:
         raise ConfigError(

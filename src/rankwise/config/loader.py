@@ -7,8 +7,15 @@ CLI arguments use Hydra's override grammar (parsed by Hydra's own parser), e.g.:
 
 Keys whose first component is a run-schema section (``run_id``, ``method``, ``model``,
 ``dataset``, ``training``, ``optuna``) override the run file; the others are job keys
-(``run``, ``results_dir``, ``mode``, ``resume``, ``device``, ``wandb.*``). The composed plain
-dicts go through OmegaConf (interpolation, merging) and then the typed schema.
+(``run``, ``runs_dir``, ``results_dir``, ``mode``, ``resume``, ``device``, ``wandb.*``). The
+composed plain dicts go through OmegaConf (interpolation, merging) and then the typed schema.
+
+``run=<id>`` resolves, in order: a path to a YAML file; ``<runs_dir>/<id>.yaml`` (default
+``config/runs`` under the working directory); the packaged ``configs/runs/<id>.yaml``.
+
+A run file's top-level sections other than the six above are kept aside (``Job.ignored_sections``,
+recorded in metrics.json) unless the name is close to a known section (``modle``), which is an
+error. Unknown keys inside known sections are errors.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from omegaconf import OmegaConf
 
 from rankwise.config.schema import RunConfig, parse_run_config
 from rankwise.config.typed import did_you_mean, from_mapping
+from rankwise.data.tasks import known_splits
 from rankwise.errors import ConfigError
 
 RUN_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
+# An unknown top-level section this close to a known one (difflib ratio) is taken for a typo.
+SECTION_TYPO_CUTOFF = 0.8
 
 
 @dataclass
@@ -39,6 +49,7 @@ class WandbConfig:
 @dataclass
 class JobConfig:
     run: str
+    runs_dir: str = "config/runs"
     results_dir: str = "results"
     mode: Literal["trial", "full"] = "full"
     resume: Literal["auto", True, False] = "auto"
@@ -51,6 +62,10 @@ class Job:
     job: JobConfig
     run: RunConfig
     run_dict: dict[str, Any]  # validated-by-schema plain dict (for search and for config.yaml)
+    # Top-level sections of the run file that rankwise does not use (kept, recorded, warned about).
+    ignored_sections: dict[str, Any] = field(default_factory=dict)
+    # Set once training (or the search) has begun: errors before it leave no run folder behind.
+    training_started: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -78,18 +93,60 @@ def read_yaml(path: Path, key: str) -> dict[str, Any]:
     return data
 
 
-def locate_run_file(run: str) -> Path:
-    if run.endswith((".yaml", ".yml")) or "/" in run:
-        path = Path(run).expanduser()
-        if not path.is_file():
-            raise ConfigError("run", f"run config file {run!r} does not exist")
-        return path
-    path = packaged_configs() / "runs" / f"{run}.yaml"
-    if not path.is_file():
-        runs = available_runs()
-        raise ConfigError("run", f"no run config named {run!r}{did_you_mean(run, runs)} "
-                                 f"({len(runs)} shipped; see configs/runs/)")
-    return path
+def run_file_candidates(run: str, runs_dir: str | Path) -> list[Path]:
+    """Where ``run=<run>`` is looked for, in order: a path, ``<runs_dir>/<run>.yaml``, packaged."""
+    as_path = Path(run).expanduser()
+    candidates = []
+    if run.endswith((".yaml", ".yml")) or "/" in run or as_path.is_file():
+        candidates.append(as_path)
+    if "/" not in run:
+        name = run if run.endswith((".yaml", ".yml")) else f"{run}.yaml"
+        candidates += [Path(runs_dir).expanduser() / name, packaged_configs() / "runs" / name]
+    return candidates
+
+
+def locate_run_file(run: str, runs_dir: str | Path = "config/runs") -> Path:
+    candidates = run_file_candidates(run, runs_dir)
+    for path in candidates:
+        if path.is_file():
+            return path
+    local = sorted(p.stem for p in Path(runs_dir).expanduser().glob("*.yaml"))
+    looked = "; ".join(str(p) for p in candidates)
+    raise ConfigError("run", f"no run config {run!r}{did_you_mean(run, local + available_runs())} "
+                             f"(looked in: {looked})")
+
+
+def split_run_sections(run_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's known sections, other top-level sections). A name close to a known section
+    (``modle``) is a typo: ConfigError with a "did you mean"."""
+    import difflib
+
+    known, other = {}, {}
+    for key, value in run_dict.items():
+        if key in RUN_SECTIONS:
+            known[key] = value
+            continue
+        close = difflib.get_close_matches(str(key).lower(), RUN_SECTIONS, n=1,
+                                          cutoff=SECTION_TYPO_CUTOFF)
+        if close:
+            raise ConfigError(str(key), f"unknown section; did you mean '{close[0]}'? "
+                                        f"(sections: {', '.join(RUN_SECTIONS)})")
+        other[key] = value
+    return known, other
+
+
+def check_splits(run: RunConfig) -> None:
+    """Every ``dataset.splits`` name must be one the task publishes (before anything is loaded)."""
+    ds = run.dataset
+    names = known_splits(ds.name, ds.subset)
+    keys = [("dataset.splits.train", ds.splits.train),
+            ("dataset.splits.validation", ds.splits.validation)]
+    keys += [(f"dataset.splits.extra_validation.{i}", name)
+             for i, name in enumerate(ds.splits.extra_validation or [])]
+    for key, name in keys:
+        if name not in names:
+            raise ConfigError(key, f"unknown split {name!r} of {ds.name}/{ds.subset}"
+                                   f"{did_you_mean(str(name), names)} (splits: {', '.join(names)})")
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any, bool]]:
@@ -160,9 +217,12 @@ def load_job(argv: list[str]) -> Job:
     job_dict["run"] = str(job_dict["run"])
     job = from_mapping(JobConfig, _resolve(job_dict, "config"), "")
 
-    run_dict = read_yaml(locate_run_file(job.run), "run")
+    run_dict = read_yaml(locate_run_file(job.run, job.runs_dir), "run")
+    split_run_sections(run_dict)  # a typo'd section name fails before anything else
     for key, value, delete in run_overrides:
         _set_dotted(run_dict, key, value, delete)
-    run_dict = _resolve(run_dict, "run")
+    # resolved whole, so interpolations may point into the kept-aside sections
+    run_dict, ignored = split_run_sections(_resolve(run_dict, "run"))
     run_cfg = parse_run_config(run_dict)
-    return Job(job=job, run=run_cfg, run_dict=run_dict)
+    check_splits(run_cfg)
+    return Job(job=job, run=run_cfg, run_dict=run_dict, ignored_sections=ignored)

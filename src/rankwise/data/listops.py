@@ -297,6 +297,15 @@ def ensure_listops_cache(cfg: ListOpsConfig, cache_dir: Path | None = None) -> P
     final = listops_cache_dir(cfg, cache_dir)
     if (final / "generation.json").exists():
         return final
+    from rankwise.models import cache_lock
+
+    with cache_lock(final):  # one worker generates; the others wait for its folder
+        if (final / "generation.json").exists():
+            return final
+        return _generate_into(cfg, final)
+
+
+def _generate_into(cfg: ListOpsConfig, final: Path) -> Path:
     check_listops_feasible(cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.{os.getpid()}.partial"
@@ -499,31 +508,34 @@ def encode_listops(
 
 def check_length_fits(
     max_seq_length: int,
-    model_max_positions: int,
+    model_max_positions: int | None,
     key: str = "dataset.max_seq_length",
     listops: ListOpsConfig | None = None,
 ) -> None:
     """ConfigError(``key``) unless the encoded ListOps sequences fit the backbone.
 
     ``max_seq_length`` is the length the run encodes to (``dataset.max_seq_length``);
-    it must not exceed ``model_max_positions`` (e.g. ``config.max_position_embeddings``).
-    With ``listops`` given it must also hold the longest sample plus [CLS] and [SEP]:
-    a truncated expression loses operands and closing brackets, so its label is no
-    longer a function of the input.
+    it must not exceed ``model_max_positions`` (e.g. ``config.max_position_embeddings``;
+    ``None`` for relative positions only, which have no limit).
+    With ``listops`` given it must also hold the longest sample plus [CLS] and [SEP], for every
+    backbone and with truncation on or off: a truncated expression loses operands and closing
+    brackets, so its label is no longer a function of the input.
     """
-    require(
-        max_seq_length <= model_max_positions,
-        key,
-        f"{max_seq_length} exceeds the backbone's {model_max_positions} position embeddings; "
-        f"lower it (and dataset.listops.max_length to at most {model_max_positions - 1}) or "
-        "use a backbone with more positions",
-    )
+    if model_max_positions is not None:
+        require(
+            max_seq_length <= model_max_positions,
+            key,
+            f"{max_seq_length} exceeds the backbone's {model_max_positions} position embeddings; "
+            f"lower it (and dataset.listops.max_length to at most {model_max_positions - 1}) or "
+            "use a backbone with more positions",
+        )
     if listops is not None:
         needed = max_sample_length(listops) + 2
+        at_most = "" if model_max_positions is None else f" (at most {model_max_positions})"
         require(
             needed <= max_seq_length,
             key,
             f"ListOps samples reach {needed - 2} tokens, {needed} with [CLS]/[SEP], but "
-            f"max_seq_length is {max_seq_length}; raise it (at most {model_max_positions}) "
+            f"max_seq_length is {max_seq_length}; raise it{at_most} "
             f"or lower {CONFIG_PATH}.max_length to {max_seq_length - 1}",
         )

@@ -103,9 +103,12 @@ def _tokenise(ds: datasets.Dataset, task: TaskSpec, cfg: DatasetConfig, tokenize
     if "idx" not in ds.column_names:
         ds = ds.add_column("idx", list(range(len(ds))))
     keep = {"idx", "label"}
-    out = ds.map(encode, batched=True, cache_file_name=str(cache_file), load_from_cache_file=True,
-                 remove_columns=[c for c in ds.column_names if c not in keep],
-                 desc=f"tokenising {split}")
+    from rankwise.models import cache_lock
+
+    with cache_lock(cache_file):  # one worker tokenises; the others wait and read its file
+        out = ds.map(encode, batched=True, cache_file_name=str(cache_file), load_from_cache_file=True,
+                     remove_columns=[c for c in ds.column_names if c not in keep],
+                     desc=f"tokenising {split}")
     out = out.rename_column("label", "labels")
     if not cfg.preprocessing.truncation:
         too_long = [i for i, ids in enumerate(out["input_ids"]) if len(ids) > cfg.max_seq_length]
@@ -127,14 +130,16 @@ def load_task_data(cfg: DatasetConfig, tokenizer, cache_dir: Path, max_train: in
     n_train = min(x for x in (cfg.max_train_samples, max_train, 10**12) if x is not None)
     n_eval = min(x for x in (cfg.max_eval_samples, max_eval, 10**12) if x is not None)
 
-    def prepared(split: str, n: int, shuffle: bool) -> datasets.Dataset:
-        raw = _raw_split(cfg, split, cache_dir)
-        raw = _select(raw, n if n < 10**12 else None, subset_seed if shuffle else None)
+    def prepared(split: str, n: int, shuffle: bool, n_configured: int | None) -> datasets.Dataset:
+        full = _raw_split(cfg, split, cache_dir)
+        raw = _select(full, n if n < 10**12 else None, subset_seed if shuffle else None)
         if cfg.name == "glue":
-            glue.validate_rows(raw, task, split)
+            # The rows the configured run reads (trial mode trims to fewer; its check must not)
+            checked = _select(full, n_configured, subset_seed if shuffle else None)
+            glue.validate_rows(checked, task, split)
         return _tokenise(raw, task, cfg, tokenizer, split, cache_dir)
 
-    train = prepared(cfg.splits.train, n_train, shuffle=True)
+    train = prepared(cfg.splits.train, n_train, shuffle=True, n_configured=cfg.max_train_samples)
     eval_names = [cfg.splits.validation]
     extra = cfg.splits.extra_validation
     if extra is None:  # task default, only where the source has it (the local mirror may not)
@@ -145,7 +150,8 @@ def load_task_data(cfg: DatasetConfig, tokenizer, cache_dir: Path, max_train: in
         eval_names += [name for name in task.extra_validation if name not in missing]
     else:
         eval_names += list(extra)
-    evals = [EvalSplit(_eval_split_name(cfg, task, name), prepared(name, n_eval, shuffle=False))
+    evals = [EvalSplit(_eval_split_name(cfg, task, name),
+                       prepared(name, n_eval, shuffle=False, n_configured=cfg.max_eval_samples))
              for name in eval_names]
     return TaskData(task, train, evals)
 

@@ -49,5 +49,19 @@ def known_subsets(dataset_name: str) -> list[str]:
     return list(TASKS.get(dataset_name, {}))
 
 
+# The split names each source publishes (the hub's nyu-mll/glue; ListOps as generated).
+GLUE_SPLITS = ("train", "validation", "test")
+MNLI_SPLITS = ("train", "validation_matched", "validation_mismatched", "test_matched",
+               "test_mismatched")
+LISTOPS_SPLITS = ("train", "validation", "test")
+
+
+def known_splits(dataset_name: str, subset: str) -> tuple[str, ...]:
+    """Split names of one task (``dataset.splits.*`` must be one of them)."""
+    if dataset_name == "lra":
+        return LISTOPS_SPLITS
+    return MNLI_SPLITS if subset == "mnli" else GLUE_SPLITS
+
+
 def get_task(dataset_name: str, subset: str) -> TaskSpec:
     return TASKS[dataset_name][subset]

@@ -17,7 +17,8 @@ Called once per seed by the training loop after the final evaluation
    full fine-tuning (``adapter_flops.py``);
 4. writes ``seed<seed>/inference.json`` (the evaluation-batch latency, every shape, the FLOPs
    per example, the open-gate histogram, budget violations, parameter counts) and figures
-   ``flops_vs_length`` and, for gated methods, ``gate_histogram`` (png + pdf);
+   ``flops_vs_length`` and, for gated methods, ``gate_histogram`` (png + pdf,
+   ``<run_dir>/<run_id>_<topic>_seed<N>``);
 5. returns the headline scalars, which the loop adds to the seed's final metrics, so the
    per-seed aggregation carries them into ``metrics.json`` ``final`` (mean over seeds):
 
@@ -284,7 +285,8 @@ def _write_figures(trainer: Trainer, cost: ForwardCost, split: str) -> None:
     if cost.source != NONE and cost.examples:
         figures.flops_per_example_vs_length(
             cost.valid_tokens, cost.adapter_flops, cost.controller_flops,
-            f"adapter FLOPs per example ({cost.source}): {name}", trainer.seed_dir / "flops_vs_length")
+            f"adapter FLOPs per example ({cost.source}): {name}",
+            figures.run_figure_stem(trainer.seed_dir, "flops_vs_length"))
     if cost.histogram:
         figures.open_gate_histogram(cost.histogram, f"open gates per token: {name}",
-                                    trainer.seed_dir / "gate_histogram")
+                                    figures.run_figure_stem(trainer.seed_dir, "gate_histogram"))

@@ -1,5 +1,11 @@
 """Measurement figures (png + pdf): FLOPs per example vs length, latency vs length, the
-per-token open-gate histogram."""
+per-token open-gate histogram.
+
+A run's own figures lie at the top of its run folder as ``<run_id>_<topic>_seed<N>.png/.pdf``
+(:func:`run_figure_stem`): one file per seed, since each seed is its own measurement, and
+names unique across runs and seeds, so the figures of many runs can be copied into one
+folder without clashing.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import numpy as np
 from matplotlib import ticker
 
 from rankwise.plots import plt, save_figure
+from rankwise.results import run_figure_stem  # noqa: F401  (where run figures go)
 
 
 def _length_bins(lengths: np.ndarray) -> list[tuple[int, int]]:

@@ -40,6 +40,7 @@ from torch import nn
 from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod, zero_loss
 from rankwise.methods.lora import head_modules_to_save
+from rankwise.results import run_figure_stem
 from rankwise.methods.per_matrix_report import (
     layer_index,
     matrix_kind,
@@ -250,7 +251,7 @@ class AdaLoRA(FineTuningMethod):
         }
         (run_dir / "rank_pattern.json").write_text(json.dumps(report, indent=2) + "\n")
         write_layer_kind_heatmap(
-            ranks, run_dir / "rank_pattern_heatmap",
+            ranks, run_figure_stem(run_dir, "rank_pattern_heatmap"),
             title=f"AdaLoRA final ranks (init_r {self.config.init_r}, target_r {self.config.target_r})",
             colorbar_label="rank",
         )

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from rankwise.methods.lora import LoRA
+from rankwise.results import run_figure_stem
 from rankwise.methods.per_matrix_report import (
     backbone_module_name,
     layer_index,
@@ -182,7 +183,8 @@ class IWLoRA(LoRA):
         (run_dir / "importance.json").write_text(json.dumps(
             {"sensitivity": self.iw.sensitivity, "normalise": self.iw.normalise, "beta": self.iw.beta,
              "reg_alpha": self.iw.reg_alpha, "matrices": rows}, indent=2))
-        write_layer_kind_heatmap({r["name"]: r["w_k"] for r in rows}, run_dir / "importance_heatmap",
+        write_layer_kind_heatmap({r["name"]: r["w_k"] for r in rows},
+                                 run_figure_stem(run_dir, "importance_heatmap"),
                                  "IW-LoRA importance weights $w_k$", "$w_k$")
         c = self.coefficients
         spread = coefficient_spread(c)

@@ -232,10 +232,13 @@ class Trainer:
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
         rel = getattr(self.backbone.config, "relative_attention", False) and not getattr(
             self.backbone.config, "position_biased_input", True)
-        if self.cfg.dataset.name == "lra" and limit and not rel:
+        if self.cfg.dataset.name == "lra":
             from rankwise.data.listops import check_length_fits
 
-            check_length_fits(self.cfg.dataset.max_seq_length, limit, listops=self.cfg.dataset.listops)
+            # Relative positions (DeBERTa-v3) have no position limit, but a ListOps sample cut
+            # to max_seq_length (truncation on) loses operands: refused as for absolute ones.
+            check_length_fits(self.cfg.dataset.max_seq_length, None if rel else limit,
+                              listops=self.cfg.dataset.listops)
         if limit and not rel and self.cfg.dataset.max_seq_length > limit:
             from rankwise.errors import ConfigError
 

@@ -9,7 +9,8 @@ s = diag(S)[:R] (descending), V_R = V[:, :R]. The cache file is keyed by
 
 so the same weights always hit, a different checkpoint (or a re-initialised tiny model) never
 does, and the SVD of a 72-matrix DeBERTa-v3-base runs once per machine. Files live in
-``<cache_dir>/svd`` (default ``$RANKWISE_CACHE_DIR/svd``) and are written atomically.
+``<cache_dir>/svd`` (default ``$RANKWISE_CACHE_DIR/svd``) and are written atomically, under a
+file lock (``<file>.lock``), so workers sharing the cache compute each entry once.
 """
 
 from __future__ import annotations
@@ -82,11 +83,14 @@ def load_or_compute_factors(
     weights = {name: modules[name].weight for name in target_names}
     digest = weights_digest(weights)
     path = svd_cache_path(cache_dir, model_identity(model), digest, rank)
-    cached = _read(path, target_names, rank)
-    if cached is not None:
-        return cached, True, path
-    factors = {name: top_r_svd(w, rank) for name, w in weights.items()}
-    _write(path, factors, rank, digest)
+    from rankwise.models import cache_lock
+
+    with cache_lock(path):  # workers on one machine compute each entry once
+        cached = _read(path, target_names, rank)
+        if cached is not None:
+            return cached, True, path
+        factors = {name: top_r_svd(w, rank) for name, w in weights.items()}
+        _write(path, factors, rank, digest)
     return factors, False, path
 
 
