@@ -154,3 +154,35 @@ def test_lora_method_installs_it_and_bernoulli_keeps_peft(tmp_path):
     fast, plain = drops("geometric"), drops("bernoulli")
     assert fast and set(fast) == {GapDropout}
     assert len(plain) == len(fast) and set(plain) == {nn.Dropout}
+
+
+@pytest.mark.parametrize("shape,n,k", [((2, 3, 12), 3, 12), ((2, 3, 3), 12, 3), ((7, 5), 2, 5)])
+def test_factor_matmul_matches_autograd_of_linear(shape, n, k):
+    """LoRAFactor's hand-laid-out backward against autograd of F.linear (float64)."""
+    from rankwise.methods.lora import LoRAFactor, _FactorMatmul
+
+    torch.manual_seed(5)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_FactorMatmul.apply, (x, w))
+    lin = nn.Linear(k, n, bias=False).double()
+    lin.weight.data.copy_(w.detach())
+    ref = lin(x)
+    g = torch.randn_like(ref)
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, lin.weight), g)
+    lin.__class__ = LoRAFactor
+    out = lin(x)
+    gx, gw = torch.autograd.grad(out, (x, lin.weight), g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gw, ref_gw)
+
+
+def test_wrap_turns_peft_factors_into_lora_factor(tmp_path):
+    from rankwise.methods.lora import LoRAFactor, use_factor_matmul
+
+    model = _peft_linear()
+    assert use_factor_matmul(model) == 2
+    layer = model.base_model.model.proj
+    assert type(layer.lora_A["default"]) is LoRAFactor and type(layer.lora_B["default"]) is LoRAFactor
+    assert sorted(model.state_dict()) == sorted(_peft_linear().state_dict())

@@ -79,6 +79,7 @@ class LoRA(FineTuningMethod):
         model = get_peft_model(backbone, self.peft_config(backbone, target_modules))
         if self.config.dropout_sampler == "geometric":
             use_gap_dropout(model)
+        use_factor_matmul(model)
         return model
 
 
@@ -153,3 +154,56 @@ def use_gap_dropout(model: nn.Module) -> int:
                 drops[key] = GapDropout(drop.p)
                 replaced += 1
     return replaced
+
+
+
+class _FactorMatmul(torch.autograd.Function):
+    """y = x Wᵀ for a LoRA factor (one side of W is the rank r), with the backward's two
+    matmuls laid out so the CPU kernel's output has the short side first: autograd's
+    default ``gᵀx`` for lora_B (d_out×M times M×r) and ``g W`` (M×d_out times d_out×r) are
+    3–6× slower on the CPU than the same products computed transposed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        n, k = w.shape
+        g2 = grad.reshape(-1, n)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ w if k >= n else (w.t() @ g2.t()).t()).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, k)
+            gw = g2.t() @ x2 if n <= k else (x2.t() @ g2).t().contiguous()
+        return gx, gw
+
+
+class LoRAFactor(nn.Linear):
+    """peft's bias-free ``lora_A`` / ``lora_B`` ``nn.Linear`` with :class:`_FactorMatmul` on the
+    CPU outside autocast (same parameters, same products; elsewhere plain ``F.linear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.bias is not None or x.device.type != "cpu" or not torch.is_grad_enabled()
+                or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, self.weight, self.bias)
+        return _FactorMatmul.apply(x, self.weight)
+
+
+def use_factor_matmul(model: nn.Module) -> int:
+    """Turn every bias-free ``nn.Linear`` in peft's ``lora_A`` / ``lora_B`` into a
+    :class:`LoRAFactor` (in place: parameters and state-dict names unchanged)."""
+    changed = 0
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B"):
+            factors = getattr(module, attr, None)
+            if not isinstance(factors, nn.ModuleDict):
+                continue
+            for lin in factors.values():
+                if type(lin) is nn.Linear and lin.bias is None:
+                    lin.__class__ = LoRAFactor
+                    changed += 1
+    return changed
