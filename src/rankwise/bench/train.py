@@ -21,6 +21,7 @@ same targets, rank, alpha and dropout.
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import tempfile
 import time
@@ -34,6 +35,8 @@ import torch
 from rankwise.config.loader import Job
 from rankwise.config.schema import parse_run_config
 from rankwise.config.typed import join, require
+
+log = logging.getLogger(__name__)
 
 METHODS = ("full_ft", "lora", "lora_bernoulli", "iw_lora", "adalora", "spectral", "bhsp", "cbsp", "tabs")
 DEFAULT_METHODS = ("full_ft", "lora", "iw_lora", "adalora")
@@ -191,7 +194,8 @@ class HFTrainerDriver:
             target_modules=resolve_target_modules(model, patterns),
             modules_to_save=head_modules_to_save(model)))
         self.model = model
-        rows = data.train.select(order[: n_batches * t.batch_size]).remove_columns(
+        need = n_batches * t.batch_size  # small sets cycle, as the bench's batch list does
+        rows = data.train.select((order * (need // len(order) + 1))[:need]).remove_columns(
             [c for c in ("idx",) if c in data.train.column_names])
         args = TrainingArguments(
             output_dir=str(workdir / "hf"), per_device_train_batch_size=t.batch_size,
@@ -327,6 +331,7 @@ def run(jobs: list[tuple[str, Job]], options: TrainBenchOptions) -> dict[str, An
                 records[label].append(rec)
 
         def rankwise_round(i: int) -> None:
+            log.info("bench train: step %d of %d", i + 1, n_run)
             for s in steppers:  # interleaved: every variant on the same batch in turn
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
