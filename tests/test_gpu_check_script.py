@@ -22,7 +22,7 @@ def test_gpu_check_cpu_fallback_writes_one_json(tmp_path, fake_glue):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["status"] == "ok" and report["device_requested"] == "cpu"
     tests = report["pytest"]
-    assert tests["failed"] == 0 and tests["error"] == 0 and tests["passed"] >= 3
+    assert tests["failed"] == 0 and tests["error"] == 0 and tests["passed"] >= 2
     names = {t["test"] for t in tests["tests"] if t["outcome"] == "passed"}
     assert any(n.startswith("test_mixed_precision_step") for n in names)
     assert any(n.startswith("test_sparse_and_dense_spectral_paths_agree") for n in names)
