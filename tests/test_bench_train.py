@@ -13,11 +13,13 @@ from rankwise.bench import train
 
 def test_summary_statistics_against_numpy():
     totals = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.4, 0.8, 0.6, 1.0]
-    recs = [{"total": t, "forward": t / 2, "backward": t / 4} for t in totals]
+    recs = [{"total": t, "cpu": 2 * t, "forward": t / 2, "backward": t / 4} for t in totals]
     row = train.summarise("x", recs, [32] * len(totals))
     assert row["step_time_s_median"] == pytest.approx(np.median(totals))
     assert row["step_time_s_p90"] == pytest.approx(sorted(totals)[8])  # nearest rank of 10
     assert row["examples_per_s"] == pytest.approx(320 / sum(totals))
+    assert row["step_cpu_time_s_median"] == pytest.approx(2 * np.median(totals))
+    assert "cpu" not in row["breakdown_s_median"]
     assert row["breakdown_s_median"]["forward"] == pytest.approx(np.median(totals) / 2)
     assert row["breakdown_share_of_mean"]["backward"] == pytest.approx(0.25)
 

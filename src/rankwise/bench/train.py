@@ -56,6 +56,7 @@ class TrainBenchOptions:
     pad_to: int | None = None  # pad every batch to this length (None: dynamic padding)
     reference: str | None = None  # label the ratios are taken against (default: lora, else first)
     calibration_batches: int = 1  # IW-LoRA's calibration before timing (untimed)
+    threads: int | None = None  # torch.set_num_threads for the run (None: torch's default)
     out: str = "bench-train"
 
     def validate(self, path: str) -> None:
@@ -63,6 +64,8 @@ class TrainBenchOptions:
         require(self.warmup >= 0, join(path, "warmup"), f"must be >= 0, got {self.warmup}")
         require(self.profile_steps >= 0, join(path, "profile_steps"), "must be >= 0")
         require(self.calibration_batches >= 1, join(path, "calibration_batches"), "must be >= 1")
+        if self.threads is not None:
+            require(self.threads >= 1, join(path, "threads"), f"must be >= 1, got {self.threads}")
         if self.pad_to is not None:
             require(self.pad_to >= 1, join(path, "pad_to"), f"must be >= 1, got {self.pad_to}")
         for i, m in enumerate(self.methods or []):
@@ -151,6 +154,7 @@ class TrainerStep:
     def step(self, batch) -> dict[str, float]:
         tr, clock = self.trainer, self.clock
         clock.acc.clear()
+        c0 = time.process_time()
         t0 = clock.now()
         tr.forward_backward(batch)
         t1 = clock.now()
@@ -158,7 +162,7 @@ class TrainerStep:
         t2 = clock.now()
         tr.global_step += 1
         acc = dict(clock.acc)
-        return {"total": t2 - t0, "forward": acc.get("forward", 0.0),
+        return {"total": t2 - t0, "cpu": time.process_time() - c0, "forward": acc.get("forward", 0.0),
                 "regularisers": acc.get("regularisers", 0.0),
                 "backward": (t1 - t0) - acc.get("forward", 0.0) - acc.get("regularisers", 0.0),
                 "optimizer": (t2 - t1) - acc.get("method_hooks", 0.0),
@@ -220,7 +224,7 @@ class HFTrainerDriver:
             def on_step_begin(self, args, state, control, **kw):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                marks["begin"] = clock.now()
+                marks["begin"], marks["cpu"] = clock.now(), time.process_time()
 
             def on_pre_optimizer_step(self, args, state, control, **kw):
                 marks["pre_opt"] = clock.now()
@@ -229,7 +233,8 @@ class HFTrainerDriver:
                 t2 = clock.now()
                 t0, t1 = marks["begin"], marks.get("pre_opt", t2)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-                on_step(state.global_step - 1, {"total": t2 - t0, "forward_backward_clip": t1 - t0,
+                on_step(state.global_step - 1, {"total": t2 - t0, "cpu": time.process_time() - marks["cpu"],
+                                                "forward_backward_clip": t1 - t0,
                                                 "optimizer": t2 - t1}, peak)
 
         self.trainer.add_callback(Timer())
@@ -301,12 +306,15 @@ def profile_top_ops(stepper, batches: list, device: torch.device, top: int = 12)
 def summarise(label: str, records: list[dict[str, float]], batch_sizes: list[int]) -> dict[str, Any]:
     totals = sorted(r["total"] for r in records)
     p90 = totals[min(len(totals) - 1, int(round(0.9 * (len(totals) - 1))))]
-    phases = [k for k in records[0] if k != "total"]
+    phases = [k for k in records[0] if k not in ("total", "cpu")]
     return {
         "label": label, "timed_steps": len(records),
         "examples_per_s": sum(batch_sizes) / sum(r["total"] for r in records),
         "step_time_s_median": statistics.median(totals), "step_time_s_p90": p90,
         "step_time_s_mean": statistics.fmean(totals),
+        # process CPU time per step: with threads=1, the step's compute cost, much less
+        # sensitive than wall time to other load on a shared machine
+        "step_cpu_time_s_median": statistics.median(r["cpu"] for r in records),
         "breakdown_s_median": {k: statistics.median(r[k] for r in records) for k in phases},
         "breakdown_share_of_mean": {k: statistics.fmean(r[k] for r in records) / statistics.fmean(totals)
                                     for k in phases},
@@ -316,6 +324,8 @@ def summarise(label: str, records: list[dict[str, float]], batch_sizes: list[int
 def run(jobs: list[tuple[str, Job]], options: TrainBenchOptions) -> dict[str, Any]:
     from rankwise.results import provenance
 
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     with tempfile.TemporaryDirectory(prefix="rankwise-bench-train-") as tmp:
         steppers, data, first = build_steppers(jobs, options, Path(tmp))
         device = first.device
@@ -392,13 +402,15 @@ def report_of(results, options: TrainBenchOptions, first, timed, prov) -> dict[s
         "options": dict(options.__dict__), "reference": ref, "results": results,
         "step_time_ratio_to_reference": {lb: by[lb]["step_time_s_median"] / by[ref]["step_time_s_median"]
                                          for lb in labels},
+        "step_cpu_time_ratio_to_reference": {
+            lb: by[lb]["step_cpu_time_s_median"] / by[ref]["step_cpu_time_s_median"] for lb in labels},
         "examples_per_s_ratio_to_reference": {lb: by[lb]["examples_per_s"] / by[ref]["examples_per_s"]
                                               for lb in labels},
         "batches": {"n_timed": len(timed), "batch_size": first.t.batch_size,
                     "lengths": [int(b["input_ids"].shape[1]) for b in timed],
                     "padding": f"to {options.pad_to}" if options.pad_to else "dynamic (longest in batch)",
                     "group_by_length": first.t.group_by_length},
-        "process_max_rss_mb": _max_rss_mb(),
+        "process_max_rss_mb": _max_rss_mb(), "torch_threads": torch.get_num_threads(),
         "note": ("peak_memory_mb is per variant on CUDA; on the CPU only the process's max RSS "
                  "(all variants together) is known."),
         "provenance": prov,
