@@ -7,6 +7,11 @@
 [spectral_path=config|sparse|dense|both] [reference=LABEL] [adapters=[...]] [input_seed=N]
 [out=DIR] [overrides]``
     Latency and adapter FLOPs vs sequence length for several runs side by side (``inference.py``).
+``python -m rankwise.bench train run=<id|yaml> [run=...] [methods=[full_ft,lora,iw_lora,adalora]]
+[steps=N] [warmup=N] [hf_trainer=true|false] [profile_steps=N] [pad_to=N] [reference=LABEL]
+[out=DIR] [overrides]``
+    Training-step speed, phase breakdown and profile of several methods (and an HF Trainer +
+    peft LoRA) interleaved on the same batches (``train.py``).
 
 Benchmark arguments are taken out; everything else is a run/job override as for
 ``rankwise.main``, applied to every run (e.g. ``model.name=long-bert device=cpu``).
@@ -27,7 +32,10 @@ USAGE = (
     "[batch_sizes=[1,8]] [max_tokens=N] [warmup=N] [repeats=N] [lora_merge=both|merged|unmerged] "
     "[weights=auto|trained|fresh] [spectral_path=config|sparse|dense|both] [reference=LABEL] "
     "[adapters=[tabs,cbsp,lora]] [out=DIR] "
-    "[overrides...]"
+    "[overrides...]\n"
+    "       python -m rankwise.bench train run=<id|yaml> [run=...] [methods=[full_ft,lora,iw_lora,adalora]] "
+    "[steps=N] [warmup=N] [hf_trainer=true|false] [profile_steps=N] [pad_to=N] [reference=LABEL] "
+    "[out=DIR] [overrides...]"
 )
 
 
@@ -83,12 +91,41 @@ def inference_main(rest: list[str]) -> int:
     return 0
 
 
+def train_main(rest: list[str]) -> int:
+    import dataclasses
+
+    from rankwise.bench import train
+    from rankwise.config.loader import load_job, parse_overrides
+    from rankwise.config.typed import from_mapping
+    from rankwise.errors import ConfigError
+
+    bench_keys = {f.name for f in dataclasses.fields(train.TrainBenchOptions)}
+    runs, bench, overrides = [], {}, []
+    for arg, (key, value, _) in zip(rest, parse_overrides(rest)):
+        if key == "run":
+            runs.append(str(value))
+        elif key in bench_keys:
+            bench[key] = value
+        else:
+            overrides.append(arg)
+    if not runs:
+        raise ConfigError("run", "required: run=<run_id|path.yaml> (repeat run= for more runs)")
+    options = from_mapping(train.TrainBenchOptions, bench, "")
+    jobs = [load_job([f"run={r}", *overrides]) for r in runs]
+    report = train.run(train.labelled_jobs(jobs, options), options)
+    written = train.write_outputs(report, Path(options.out))
+    for line in train.summary_lines(report):
+        print(line)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from rankwise.main import setup_logging
 
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"overhead": overhead_main, "inference": inference_main}
+    commands = {"overhead": overhead_main, "inference": inference_main, "train": train_main}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)
         return 2

@@ -225,6 +225,11 @@ class TrainingConfig:
     deterministic: bool = False
     detect_anomaly: bool = False
     num_workers: int = 0
+    # batches of similar length: 50-batch mega-batches of the epoch's shuffled order, each
+    # sorted by length, then the batches shuffled (seeded per epoch, so resume is exact)
+    group_by_length: bool = True
+    # AdamW/Adam kernel: "auto" = fused where torch has it for the device, else foreach
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     inference_measurement: InferenceMeasurementConfig = field(
         default_factory=InferenceMeasurementConfig)
 

@@ -166,9 +166,10 @@ def _eval_split_name(cfg: DatasetConfig, task: TaskSpec, split: str) -> str:
 class DynamicPaddingCollator:
     """Pad a list of tokenised rows to the longest in the batch; labels as a tensor."""
 
-    def __init__(self, pad_token_id: int, regression: bool):
+    def __init__(self, pad_token_id: int, regression: bool, pin_memory: bool = False):
         self.pad_token_id = pad_token_id
         self.regression = regression
+        self.pin_memory = pin_memory  # page-locked host tensors (CUDA: non-blocking copies)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -184,6 +185,8 @@ class DynamicPaddingCollator:
         labels = [r["labels"] for r in rows]
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
         batch["idx"] = torch.tensor([r["idx"] for r in rows], dtype=torch.long)
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
 
@@ -191,6 +194,44 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     """The training order of one epoch: a pure function of (seed, epoch), so resume is exact."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+MEGABATCH_BATCHES = 50  # batches per length-sorted mega-batch (HF's LengthGroupedSampler uses 50)
+
+
+def row_lengths(ds: datasets.Dataset) -> list[int]:
+    """Token count of every row (``input_ids``), in dataset order."""
+    return [len(ids) for ids in ds.select_columns(["input_ids"])["input_ids"]]
+
+
+def length_grouped_permutation(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                               megabatch: int = MEGABATCH_BATCHES) -> list[int]:
+    """An epoch's order with batches of similar length, a pure function of (lengths, seed, epoch).
+
+    The epoch's random permutation (:func:`epoch_permutation`) is cut into mega-batches of
+    ``megabatch × batch_size`` examples; each is sorted by length (longest first, ties by
+    position) and cut into batches; the full batches are then shuffled with the same seeded
+    generator and the one short batch (if any) kept last, so batch b of the order is always
+    ``order[b·batch_size:(b+1)·batch_size]`` and resume from a batch index is exact. Every
+    example appears exactly once; each batch pads to a length close to its rows' own.
+    """
+    n = len(lengths)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    size = megabatch * batch_size
+    groups: list[list[int]] = []
+    for start in range(0, n, size):
+        mega = sorted(perm[start:start + size], key=lambda i: -lengths[i])
+        groups += [mega[j:j + batch_size] for j in range(0, len(mega), batch_size)]
+    short = [b for b in groups if len(b) < batch_size]
+    full = [b for b in groups if len(b) == batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+    return [i for b in shuffled + short for i in b]
+
+
+def eval_order(lengths: list[int]) -> list[int]:
+    """Evaluation order: longest first (stable), so each batch pads little."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate, start: int = 0,

@@ -39,7 +39,7 @@ from torch import nn
 
 from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod, zero_loss
-from rankwise.methods.lora import head_modules_to_save
+from rankwise.methods.lora import head_modules_to_save, use_gap_dropout
 from rankwise.results import run_figure_stem
 from rankwise.methods.per_matrix_report import (
     layer_index,
@@ -178,6 +178,7 @@ class AdaLoRA(FineTuningMethod):
         from peft import get_peft_model
 
         self._model = get_peft_model(backbone, self.peft_config(backbone, target_modules))
+        use_gap_dropout(self._model)  # same dropout distribution, fewer random draws (lora.py)
         return self._model
 
     @staticmethod

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from rankwise import distributed
 from rankwise.config.loader import Job
 from rankwise.data.loading import (DynamicPaddingCollator, TaskData, batches, epoch_permutation,
-                                   load_task_data, n_batches)
+                                   eval_order, length_grouped_permutation, load_task_data,
+                                   n_batches, row_lengths)
 from rankwise.errors import NonFiniteLossError, RankwiseError
 from rankwise.measure.after_training import measure_trained_model
 from rankwise.methods import build_method
@@ -159,6 +160,10 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
+def labels_on(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    return batch["labels"].to(device, non_blocking=True)
+
+
 def count_params(model: torch.nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -200,7 +205,9 @@ class Trainer:
             self.cfg.dataset, self.tokenizer, default_cache_dir(),
             max_train=cap * self.t.batch_size * self.t.gradient_accumulation_steps if cap else None,
             max_eval=cap * eval_bs if cap else None)
-        self.collate = DynamicPaddingCollator(self.tokenizer.pad_token_id, self.task.is_regression)
+        self.collate = DynamicPaddingCollator(self.tokenizer.pad_token_id, self.task.is_regression,
+                                              pin_memory=self.device.type == "cuda")
+        self._train_lengths: list[int] | None = None
         self.method, model = wrap_for_run(self.cfg, self.backbone)
         self.model = model.to(self.device)
         # The training forward runs through this (DDP under torchrun); everything else,
@@ -246,6 +253,15 @@ class Trainer:
                               f"{self.cfg.dataset.max_seq_length} exceeds the model's position "
                               f"limit ({limit})")
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Training order of ``epoch``: length-grouped (``training.group_by_length``) or a
+        plain permutation; a pure function of (seed, epoch), so resume is exact."""
+        if not self.t.group_by_length:
+            return epoch_permutation(len(self.data.train), self.seed, epoch)
+        if self._train_lengths is None:
+            self._train_lengths = row_lengths(self.data.train)
+        return length_grouped_permutation(self._train_lengths, self.t.batch_size, self.seed, epoch)
+
     def calibration_batches(self):
         """Training batches in an order drawn from the run's seed; cycles as needed."""
         order = epoch_permutation(len(self.data.train), self.seed, epoch=-1)
@@ -255,7 +271,7 @@ class Trainer:
     def loss_fn(self, model, batch) -> torch.Tensor:
         with self._autocast():
             logits = model(**model_inputs(batch, self.device)).logits
-        return task_loss(logits, batch["labels"].to(self.device), self.task.is_regression)
+        return task_loss(logits, labels_on(batch, self.device), self.task.is_regression)
 
     def _autocast(self):
         return autocast_context(self.device, self.amp_dtype)
@@ -303,7 +319,7 @@ class Trainer:
         return True
 
     # --- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
         t0 = time.perf_counter()
         was_training = self.model.training
@@ -315,22 +331,24 @@ class Trainer:
         for split in self.data.evals:
             self.method.begin_evaluation(self.model)
             losses, preds, labels, idxs = [], [], [], []
-            order = list(range(len(split.data)))
+            # longest first (little padding); results are put back in dataset order below
+            order = eval_order(row_lengths(split.data)) if cap is None else list(range(len(split.data)))
             for batch in batches(split.data, order, eval_bs, self.collate, limit=cap):
                 with self._autocast():
                     logits = self.model(**model_inputs(batch, self.device)).logits.float()
-                y = batch["labels"].to(self.device)
-                losses.append(task_loss(logits, y, self.task.is_regression).item() * len(y))
-                p = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
-                preds.append(p.cpu().numpy())
+                y = labels_on(batch, self.device)
+                losses.append(task_loss(logits, y, self.task.is_regression) * len(y))
+                preds.append(logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1))
                 labels.append(batch["labels"].numpy())
                 idxs.append(batch["idx"].numpy())
-            p_all, y_all = np.concatenate(preds), np.concatenate(labels)
+            back = np.argsort(order[: sum(len(y) for y in labels)], kind="stable")
+            p_all = torch.cat(preds).cpu().numpy()[back]  # one device-to-host copy per split
+            y_all = np.concatenate(labels)[back]
             m = compute_metrics(self.cfg.dataset.name, self.cfg.dataset.subset, p_all, y_all)
-            m["loss"] = float(np.sum(losses) / len(y_all))
+            m["loss"] = float(torch.stack(losses).double().sum()) / len(y_all)
             m.update(self.method.end_evaluation(self.model))
             metrics.update({f"{split.name}_{k}": v for k, v in m.items()})
-            predictions[split.name] = {"idx": np.concatenate(idxs).tolist(), "label": y_all.tolist(),
+            predictions[split.name] = {"idx": np.concatenate(idxs)[back].tolist(), "label": y_all.tolist(),
                                        "prediction": p_all.tolist()}
         if was_training:
             self.model.train()
@@ -383,10 +401,10 @@ class Trainer:
         last_eval: dict[str, float] = {}
         with anomaly:
             while self.epoch < self.epochs and self.global_step < self.total_steps:
-                order = epoch_permutation(len(self.data.train), self.seed, self.epoch)
+                order = self.epoch_order(self.epoch)
                 self.method.begin_epoch(self.model, fresh=self.batch_in_epoch == 0)
                 cap = TRIAL_MAX_BATCHES if self.trial else None
-                running: dict[str, float] = {}
+                running: dict[str, torch.Tensor] = {}  # summed on the device: no per-step sync
                 n_running = 0
                 t_step = time.perf_counter()
                 for batch in batches(self.data.train, order, self.t.batch_size, self.collate,
@@ -395,7 +413,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     terms = self.forward_backward(batch)
                     for k, v in terms.items():
-                        running[k] = running.get(k, 0.0) + float(v.detach())
+                        v = v.detach().double()
+                        running[k] = running[k] + v if k in running else v
                     n_running += 1
                     self.batch_in_epoch += 1
                     end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
@@ -414,9 +433,10 @@ class Trainer:
                     t_step = time.perf_counter()
                     progress.update(1)
                     if self.global_step % self.t.log_every_n_steps == 0 or self.global_step == self.total_steps:
+                        means = {k: float(v) / n_running for k, v in running.items()}  # the sync
                         rec = {"step": self.global_step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
-                               "loss": sum(running.values()) / n_running,
-                               **{k: v / n_running for k, v in running.items()},
+                               "loss": sum(means.values()),
+                               **means,
                                "lr": self.scheduler.get_last_lr()[0],
                                **self.method.step_log_metrics(self.model)}
                         self._log(rec)
@@ -468,7 +488,7 @@ class Trainer:
         """
         with self._autocast():
             logits = self.train_model(**model_inputs(batch, self.device)).logits
-        terms = {"task_loss": task_loss(logits, batch["labels"].to(self.device), self.task.is_regression)}
+        terms = {"task_loss": task_loss(logits, labels_on(batch, self.device), self.task.is_regression)}
         for name, value in self.method.regularization_losses(self.model).items():
             terms[f"reg/{name}"] = value
         loss = sum(terms.values())

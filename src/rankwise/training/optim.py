@@ -37,7 +37,34 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimi
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-               eps=cfg.adam_epsilon)
+               eps=cfg.adam_epsilon, **adam_kernel(groups, cfg.optimizer_impl))
+
+
+def adam_kernel(groups: list[dict], impl: str) -> dict[str, bool]:
+    """``fused=True`` / ``foreach=True`` / neither for torch's Adam(W) (same update rule).
+
+    ``auto``: fused when every trainable parameter is a floating tensor on a device torch's
+    fused Adam supports (CUDA, CPU, ...), else foreach. ``fused`` on an unsupported device
+    is a config error naming ``training.optimizer_impl``."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # private helper; CUDA and CPU have had fused Adam since torch 2.4
+        supported = {"cuda", "cpu"}
+    params = [p for g in groups for p in g["params"]]
+    fusable = all(p.is_floating_point() and p.device.type in supported for p in params)
+    if impl == "fused" and not fusable:
+        from rankwise.errors import ConfigError
+
+        devices = sorted({p.device.type for p in params})
+        raise ConfigError("training.optimizer_impl",
+                          f"fused Adam is not available on {', '.join(devices)}; use auto or foreach")
+    if impl == "fused" or (impl == "auto" and fusable):
+        return {"fused": True}
+    if impl == "for_loop":
+        return {"foreach": False}
+    return {"foreach": True}
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
