@@ -43,6 +43,14 @@ def fake_run(root: Path, run_id: str, role: str, algorithm: str, subset: str, pr
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
 
 
+def edit_metrics(root: Path, run_id: str, edit) -> None:
+    """Rewrite a fake run's metrics.json through ``edit(data)``."""
+    path = root / run_id / "metrics.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
 def with_accuracy(labels: np.ndarray, acc: float, rng) -> np.ndarray:
     """Predictions right on exactly round(acc · n) random examples."""
     n = len(labels)
@@ -250,10 +258,7 @@ def test_methods_by_tasks_table_and_glue_avg(tmp_path):
 
 def test_trial_runs_refused_unless_allowed(results, capsys):
     root, *_ = results
-    path = root / "lora" / "metrics.json"
-    data = json.loads(path.read_text())
-    data["mode"] = "trial"
-    path.write_text(json.dumps(data))
+    edit_metrics(root, "lora", lambda m: m.update(mode="trial"))
     with pytest.raises(EvaluationError, match="'lora' is a trial-mode run"):
         evaluate(root, ["iw", "lora"])
     assert main([f"results_dir={root}", "run_ids=[iw,lora]"]) == 2
@@ -265,10 +270,7 @@ def test_trial_runs_refused_unless_allowed(results, capsys):
 
 def test_incomplete_run_is_refused(results):
     root, *_ = results
-    path = root / "lora" / "metrics.json"
-    data = json.loads(path.read_text())
-    data["status"] = "interrupted"
-    path.write_text(json.dumps(data))
+    edit_metrics(root, "lora", lambda m: m.update(status="interrupted"))
     with pytest.raises(EvaluationError, match="lora.*interrupted"):
         evaluate(root, ["iw", "lora"])
     assert evaluate(root, ["iw", "lora"], allow_incomplete=True)["best_baseline"]["run_id"] == "lora"
@@ -288,11 +290,12 @@ def test_identical_predictions_are_not_significant(tmp_path):
 
 def test_optimistic_selection_and_missing_split_are_shown(results):
     root, *_ = results
-    path = root / "iw" / "metrics.json"
-    data = json.loads(path.read_text())
-    data["search"] = {"selection_split": "validation", "selection_optimistic": True}
-    data["task"]["missing_splits"] = ["validation_mismatched"]
-    path.write_text(json.dumps(data))
+
+    def edit(m):
+        m["search"] = {"selection_split": "validation", "selection_optimistic": True}
+        m["task"]["missing_splits"] = ["validation_mismatched"]
+
+    edit_metrics(root, "iw", edit)
     evaluate(root, ["iw", "lora"])
     summary = (root / "comparison" / "summary.md").read_text()
     assert "**optimistic**" in summary and "validation_mismatched" in summary

@@ -62,15 +62,16 @@ def overhead_main(rest: list[str]) -> int:
     return 0
 
 
-def inference_main(rest: list[str]) -> int:
+def split_bench_args(rest: list[str], options_cls) -> tuple[list, object]:
+    """``run=`` arguments (one job each), the bench's own options (fields of ``options_cls``)
+    and every other ``key=value`` applied to each run."""
     import dataclasses
 
-    from rankwise.bench import inference
     from rankwise.config.loader import load_job, parse_overrides
     from rankwise.config.typed import from_mapping
     from rankwise.errors import ConfigError
 
-    bench_keys = {f.name for f in dataclasses.fields(inference.InferenceBenchOptions)}
+    bench_keys = {f.name for f in dataclasses.fields(options_cls)}
     runs, bench, overrides = [], {}, []
     for arg, (key, value, _) in zip(rest, parse_overrides(rest)):
         if key == "run":
@@ -81,8 +82,14 @@ def inference_main(rest: list[str]) -> int:
             overrides.append(arg)
     if not runs:
         raise ConfigError("run", "required: run=<run_id|path.yaml> (repeat run= for more runs)")
-    options = from_mapping(inference.InferenceBenchOptions, bench, "")
-    jobs = [load_job([f"run={r}", *overrides]) for r in runs]
+    options = from_mapping(options_cls, bench, "")
+    return [load_job([f"run={r}", *overrides]) for r in runs], options
+
+
+def inference_main(rest: list[str]) -> int:
+    from rankwise.bench import inference
+
+    jobs, options = split_bench_args(rest, inference.InferenceBenchOptions)
     report = inference.run(jobs, options)
     written = inference.write_outputs(report, Path(options.out))
     for line in inference.summary_lines(report):
@@ -92,26 +99,9 @@ def inference_main(rest: list[str]) -> int:
 
 
 def train_main(rest: list[str]) -> int:
-    import dataclasses
-
     from rankwise.bench import train
-    from rankwise.config.loader import load_job, parse_overrides
-    from rankwise.config.typed import from_mapping
-    from rankwise.errors import ConfigError
 
-    bench_keys = {f.name for f in dataclasses.fields(train.TrainBenchOptions)}
-    runs, bench, overrides = [], {}, []
-    for arg, (key, value, _) in zip(rest, parse_overrides(rest)):
-        if key == "run":
-            runs.append(str(value))
-        elif key in bench_keys:
-            bench[key] = value
-        else:
-            overrides.append(arg)
-    if not runs:
-        raise ConfigError("run", "required: run=<run_id|path.yaml> (repeat run= for more runs)")
-    options = from_mapping(train.TrainBenchOptions, bench, "")
-    jobs = [load_job([f"run={r}", *overrides]) for r in runs]
+    jobs, options = split_bench_args(rest, train.TrainBenchOptions)
     report = train.run(train.labelled_jobs(jobs, options), options)
     written = train.write_outputs(report, Path(options.out))
     for line in train.summary_lines(report):
