@@ -350,7 +350,8 @@ def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fak
 
     bad = yaml.safe_load((packaged_configs() / "runs" / f"{LORA}.yaml").read_text())
     bad["run_id"] = "cpu-ablation-missing-split-MiniLM-L6--GLUE-RTE"
-    bad["dataset"]["splits"]["validation"] = "missing"
+    # a valid config whose data is not in the mirror: it fails when its cell loads data (exit 3)
+    bad["dataset"]["subset"] = "mrpc"
     bad_path = tmp_path / "bad.yaml"
     bad_path.write_text(yaml.safe_dump(bad))
     results = tmp_path / "r"
@@ -362,7 +363,7 @@ def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fak
     assert cells[LORA]["status"] == "complete" and metrics(results, LORA)["mode"] == "trial"
     failed = cells[bad["run_id"]]
     assert failed["status"] == "failed" and failed["exit_code"] == 3 and failed["tries"] == 1
-    assert "split 'missing'" in failed["error"]
+    assert "glue/mrpc not found" in failed["error"]
     assert f"retry alone: python -m rankwise.main run={bad_path}" in out and bad["run_id"] in out
     assert all(c["job_id"] and c["job_id"] != "None" for c in cells.values())  # submitit job ids
     assert list((results / "grid" / "submitit").glob("*_result.pkl"))
