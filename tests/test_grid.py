@@ -371,6 +371,7 @@ def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fak
     assert report["run_ids"] == [LORA] and "allow_trial=true" in report["argv"]
 
 
+@pytest.mark.slow  # starting a local Ray instance takes minutes on 2 cores
 def test_ray_launcher_runs_a_cell_on_a_local_ray_instance(tmp_path, fake_glue):
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     results = tmp_path / "r"
