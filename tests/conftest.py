@@ -4,8 +4,33 @@ from pathlib import Path
 import pytest
 import torch
 
+# Before any test module imports huggingface_hub / datasets / transformers (they read these once,
+# at import): every hub lookup fails at once instead of retrying an unreachable network for ~50 s.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GLUE_DIR = Path(os.environ.get("RANKWISE_TEST_GLUE_DIR", SHARED / "data" / "glue"))
+
+
+def release_together(procs: list, ready: list[Path], go: Path, timeout: int = 300,
+                     start_timeout: int = 180) -> list[tuple[str, str]]:
+    """Wait until every process has touched its ``ready`` file, touch ``go`` so they proceed at
+    once, and return their (stdout, stderr); a process that dies early fails with its output."""
+    import time
+
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not all(r.exists() for r in ready):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "workers did not get ready in time"
+            time.sleep(0.05)
+        go.touch()
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,8 +39,6 @@ def _isolated_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("rankwise-cache")
     old = os.environ.get("RANKWISE_CACHE_DIR")
     os.environ["RANKWISE_CACHE_DIR"] = str(cache)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield cache
     if old is None:

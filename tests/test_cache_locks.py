@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import release_together
 
 N_WORKERS = 3
 
@@ -62,18 +62,7 @@ def test_workers_on_a_cold_cache_build_each_entry_once(tmp_path, fake_glue):
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(go), str(builds),
                                str(fake_glue)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in ready]
-    try:
-        deadline = time.monotonic() + 180
-        while not all(r.exists() for r in ready):
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        go.touch()
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outputs = release_together(procs, ready, go)
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]

@@ -1,6 +1,7 @@
 """End to end through the real CLI on tiny models and a local fake GLUE mirror."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,11 +18,19 @@ def run_cli(module, *args, timeout=300):
 @pytest.fixture(scope="module")
 def trial_results(tmp_path_factory, fake_glue):
     out = tmp_path_factory.mktemp("results")
-    procs = {}
+    running = {}
     for run_id, model in zip(REFS, ["tiny-deberta", "tiny-bert"]):
-        # the unchanged reference configs: MNLI, validation_matched; only model and data are local
-        procs[run_id] = run_cli("rankwise.main", f"run={run_id}", f"results_dir={out}", "mode=trial",
-                                f"model.name={model}", f"dataset.data_dir={fake_glue}")
+        # the unchanged reference configs: MNLI, validation_matched; only model and data are local.
+        # Both at once (one core each), as a pipeline would start them.
+        running[run_id] = subprocess.Popen(
+            [sys.executable, "-m", "rankwise.main", f"run={run_id}", f"results_dir={out}", "mode=trial",
+             f"model.name={model}", f"dataset.data_dir={fake_glue}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = {}
+    for run_id, proc in running.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        procs[run_id] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     return out, procs
 
 

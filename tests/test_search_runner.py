@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import release_together
 from optuna.trial import TrialState
 
 RUN = "comparative-1-DeBERTaV3-base-86-M--GLUE-MNLI"
@@ -89,18 +90,7 @@ def two_workers(tmp_path_factory, fake_glue):
     ready = [out / "ready0", out / "ready1"]
     go = out / "go"
     procs = [start_worker(args, 0.1, r, go) for r in ready]
-    try:
-        deadline = time.monotonic() + 120
-        while not all(r.exists() for r in ready):
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        go.touch()
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outputs = release_together(procs, ready, go, start_timeout=120)
     return out / RUN, [(p.returncode, o, e) for p, (o, e) in zip(procs, outputs)]
 
 

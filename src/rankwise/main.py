@@ -83,17 +83,13 @@ def preflight(job: Job) -> None:
     """Everything ``mode=full`` checks before its first step, checked in every mode on the full
     run's config before trial mode trims anything: the search (space, torchrun, storage URL),
     the W&B package. Raises ConfigError (exit 2)."""
-    from rankwise import distributed
     from rankwise.errors import ConfigError
 
     optuna_cfg = job.run.optuna
     if optuna_cfg.n_trials > 0:
-        from rankwise.search import validate_search_space
+        from rankwise.runner import check_search_is_runnable
 
-        if distributed.launched_by_torchrun():
-            raise ConfigError("optuna.n_trials", "a search is not run under torchrun: start workers "
-                              "as separate processes sharing optuna.storage, or set optuna.n_trials=0")
-        validate_search_space(job.run_dict, optuna_cfg)
+        check_search_is_runnable(job)
         if optuna_cfg.storage:
             from sqlalchemy.engine import make_url
             from sqlalchemy.exc import ArgumentError

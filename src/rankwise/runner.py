@@ -110,6 +110,16 @@ def execute(job: Job, prepare_run_dir: Callable[..., bool]) -> str:
 # --- search ------------------------------------------------------------------------------
 
 
+def check_search_is_runnable(job: Job) -> None:
+    """Refuse a search under torchrun and a search space the run config cannot take (ConfigError)."""
+    from rankwise.search import validate_search_space
+
+    if distributed.launched_by_torchrun():
+        raise ConfigError("optuna.n_trials", "a search is not run under torchrun: start workers as "
+                          "separate processes sharing optuna.storage, or set optuna.n_trials=0")
+    validate_search_space(job.run_dict, job.run.optuna)
+
+
 def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_start: float) -> str:
     """Optuna search over the run's ``optuna`` block, then the final run with the best params.
 
@@ -122,13 +132,10 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
     an OS file lock: it is released when its holder exits or dies, so re-running the command
     resumes an interrupted final run from its checkpoints.
     """
-    from rankwise.search import SearchAborted, run_search, validate_search_space
+    from rankwise.search import SearchAborted, run_search
 
-    if distributed.launched_by_torchrun():
-        raise ConfigError("optuna.n_trials", "a search is not run under torchrun: start workers as "
-                          "separate processes sharing optuna.storage, or set optuna.n_trials=0")
     # Before anything is written: a bad search space exits 2 naming optuna.search_space.<name>.
-    validate_search_space(job.run_dict, job.run.optuna)
+    check_search_is_runnable(job)
     if job.run.optuna.selection_optimistic:
         log.warning("optuna.selection_split=validation: trials are scored on the split the final "
                     "run reports, so its numbers are optimistic (marked in metrics.json search)")
@@ -142,7 +149,8 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
         raise SearchAborted(f"search {job.run.run_id}: no trial completed, so there is no best "
                             f"configuration; see {study_dir / 'trials.csv'}")
     search = search_summary(job, result)
-    best = f"best {metric}={result.best_value:.4f} (trial #{result.best_trial_number})"
+    best = (f"best {metric}={result.best_value:.4f} on {job.run.optuna.selection_label} "
+            f"(trial #{result.best_trial_number})")
     with final_run_lock(study_dir) as held:
         if not held:
             log.info("search %s finished; another worker holds %s and writes the final run",
