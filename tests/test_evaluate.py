@@ -138,6 +138,7 @@ def test_seed_noise_is_not_significant_but_a_consistent_gain_is(tmp_path):
     assert noisy["difference"] == pytest.approx(0.025, abs=1e-9)
     assert not noisy["significant"] and noisy["p_value"] > 0.05
     assert noisy["aso_epsilon"] is not None  # 3 seeds each
+    assert noisy["identical_predictions"] is False
     # pooled McNemar over the 3 × 2000 predictions would call this highly significant
     pooled_a = np.concatenate([noisy_a[s] == labels for s in (1, 2, 3)])
     pooled_b = np.concatenate([noisy_b[s] == labels for s in (1, 2, 3)])
@@ -284,7 +285,9 @@ def test_identical_predictions_are_not_significant(tmp_path):
     fake_run(tmp_path, "b", "comparative-1", "lora", "rte", {1: preds[1].copy()}, labels)
     report = evaluate(tmp_path, ["p", "b"])
     assert report["significance"]["p_value"] == 1.0 and not report["significance"]["significant"]
-    assert "**not significant**" in (tmp_path / "comparison" / "summary.md").read_text()
+    assert report["significance"]["identical_predictions"] is True
+    assert ("**not significant** (identical predictions on every example of every seed)"
+            in (tmp_path / "comparison" / "summary.md").read_text())
     assert report["gap"] == pytest.approx(0.0)
 
 

@@ -207,6 +207,9 @@ def compare(results_dir: Path, run_a: dict, run_b: dict, n_comparisons: int) -> 
                                  positive=positive)
     n_a, n_b = len(sp.seeds_a), len(sp.seeds_b)
     entry.update(res, n_seeds=[n_a, n_b], seeds=[sp.seeds_a, sp.seeds_b])
+    # Same predictions on every example of every seed: the two runs cannot be told apart by any
+    # test, whatever the metric (a regulariser too weak to flip a single prediction, say).
+    entry["identical_predictions"] = bool(sp.paired and np.array_equal(sp.preds_a, sp.preds_b))
     if min(n_a, n_b) >= ASO_MIN_SEEDS:
         fn = metric_function(leaf, positive)
         sign = -1.0 if is_lower_better(metric) else 1.0  # ASO reads higher = better

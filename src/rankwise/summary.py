@@ -109,6 +109,8 @@ def verdict_line(t: dict) -> str:
     if t["p_value"] is None:
         return f"- {a} vs {b}: no test ({t.get('reason', 'not computed')})"
     verdict = "significant" if t["significant"] else "**not significant**"
+    if t.get("identical_predictions"):
+        verdict += " (identical predictions on every example of every seed)"
     aso = "" if t["aso_epsilon"] is None else f", ASO ε_min = {t['aso_epsilon']:.3f}" + (
         " (A almost stochastically dominates B)" if t["aso_epsilon"] < 0.2 else "")
     lo, hi = t["ci95"]
