@@ -10,6 +10,10 @@ from rankwise.metrics import METRIC_FNS
 ROLE_NOTE = ("Values are means over seeds (± sample std, n seeds). † marks trial-mode runs "
              "(at most 2 batches): not results.")
 
+TIME_NOTE = ("Times: 'train + eval' sums calibration, training steps and evaluation over seeds; "
+             "'job' is the whole command (loading, a search when there is one, the post-training "
+             "FLOPs and latency measurement, writing).")
+
 # (label, key in the comparison's ``costs`` block, format)
 COST_COLUMNS = (
     ("adapter MFLOPs / example", "adapter_mflops_per_example", "{:.3g}"),
@@ -57,15 +61,16 @@ def metrics_section(report: dict, runs: list[dict]) -> list[str]:
     primaries = {t["primary_metric"] for t in report["by_task"].values()}
     others = task_metric_names(runs, primaries)
     head = ["run", "role", "algorithm", "task", "primary metric", "primary (mean ± std)"] + others + [
-        "wall time (s)"]
+        "train + eval (s)", "job (s)"]
     rows = []
     for r in runs:
         primary = report["by_task"][report["tasks"][r["run_id"]]]["primary_metric"]
         rows.append([run_name(r), str(r.get("method")), str(r.get("algorithm")),
                      report["tasks"][r["run_id"]], primary, mean_std_cell(r, primary)]
                     + [mean_std_cell(r, m) for m in others]
-                    + [f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}"])
-    return ["## Task metrics", ""] + table(head, rows) + ["", ROLE_NOTE, ""]
+                    + [f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}",
+                       f"{r.get('job_wall_time_s', float('nan')):.1f}"])
+    return ["## Task metrics", ""] + table(head, rows) + ["", ROLE_NOTE + " " + TIME_NOTE, ""]
 
 
 def costs_section(report: dict, runs: list[dict]) -> list[str]:
