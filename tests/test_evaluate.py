@@ -13,6 +13,7 @@ from scipy import stats
 from sklearn import metrics as skm
 from statsmodels.stats.multitest import multipletests
 
+import rankwise.stats
 from rankwise.evaluate import EvaluationError, evaluate, main
 from rankwise.stats import hierarchical_bootstrap
 
@@ -128,7 +129,8 @@ def seeds_with_gaps(labels, gaps, rng, base_acc=0.80):
     return a, b
 
 
-def test_seed_noise_is_not_significant_but_a_consistent_gain_is(tmp_path):
+def test_seed_noise_is_not_significant_but_a_consistent_gain_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(rankwise.stats, "ASO_BOOTSTRAP_ITERATIONS", 200)  # the verdicts need no more here
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 2000)
     noisy_a, noisy_b = seeds_with_gaps(labels, [4, 4, -0.5], rng)

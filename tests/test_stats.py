@@ -8,12 +8,12 @@ from rankwise.metrics import accuracy, pearson
 from rankwise.stats import mcnemar_test, mean_std_ci95, paired_bootstrap
 
 
-def test_mean_std_ci95_matches_scipy():
-    v = [0.61, 0.64, 0.66, 0.60]
+@pytest.mark.parametrize("v", [[0.61, 0.64, 0.66, 0.60], [0.5, 0.7], list(np.linspace(0.1, 0.9, 30))])
+def test_mean_std_ci95_matches_scipy(v):
     m, s, (lo, hi) = mean_std_ci95(v)
     assert m == pytest.approx(np.mean(v)) and s == pytest.approx(np.std(v, ddof=1))
-    elo, ehi = stats.t.interval(0.95, 3, loc=np.mean(v), scale=stats.sem(v))
-    assert (lo, hi) == pytest.approx((elo, ehi))
+    elo, ehi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+    assert (lo, hi) == pytest.approx((elo, ehi), rel=1e-12)
     assert mean_std_ci95([0.5]) == (0.5, 0.0, (0.5, 0.5))
 
 

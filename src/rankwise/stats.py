@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats
+from scipy import special
+
+# scipy.stats is imported inside the functions that need it: it costs about a second at import,
+# which every training run would pay for one t-quantile.
 
 
 def mean_std_ci95(values) -> tuple[float, float, tuple[float, float]]:
@@ -17,8 +20,8 @@ def mean_std_ci95(values) -> tuple[float, float, tuple[float, float]]:
     s = float(v.std(ddof=1))
     if s == 0:
         return m, 0.0, (m, m)
-    lo, hi = stats.t.interval(0.95, len(v) - 1, loc=m, scale=s / np.sqrt(len(v)))
-    return m, s, (float(lo), float(hi))
+    half = float(special.stdtrit(len(v) - 1, 0.975)) * s / np.sqrt(len(v))  # Student t quantile
+    return m, s, (m - half, m + half)
 
 
 def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
@@ -28,6 +31,8 @@ def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     only_a = int(np.sum(a & ~b))
     only_b = int(np.sum(~a & b))
     n = only_a + only_b
+    from scipy import stats
+
     p = 1.0 if n == 0 else float(stats.binomtest(only_a, n, 0.5).pvalue)
     return {"test": "mcnemar_exact", "only_a_correct": only_a, "only_b_correct": only_b,
             "n_pairs": int(len(a)), "p_value": p}
@@ -157,12 +162,15 @@ def hierarchical_bootstrap(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.
             "n_examples": int(n), "paired_seeds": bool(paired_seeds)}
 
 
+ASO_BOOTSTRAP_ITERATIONS = 1000  # deepsig's default; it loops in Python (several seconds a pair)
+
+
 def aso_epsilon(scores_a, scores_b, num_comparisons: int = 1, seed: int = 0) -> float:
     """ε_min of A over B (almost stochastic order, deepsig); < 0.2 reads "A dominates B"."""
     from deepsig import aso
 
     return float(aso(list(map(float, scores_a)), list(map(float, scores_b)), confidence_level=0.95,
-                     num_comparisons=num_comparisons, num_bootstrap_iterations=1000,
+                     num_comparisons=num_comparisons, num_bootstrap_iterations=ASO_BOOTSTRAP_ITERATIONS,
                      show_progress=False, seed=seed))
 
 
