@@ -68,13 +68,13 @@ from rankwise.measure.adapter_flops import (
     trainable_param_counts,
 )
 from rankwise.measure.inputs import max_input_length, random_token_batch
+from rankwise.methods import FULL, adapter_types
 from rankwise.measure.latency import LatencyStats, synchronizer, timed_call
 from rankwise.results import atomic_write_json, provenance
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
-ADAPTER_TYPES = ("full", "lora", "adalora", "spectral", "bhsp", "cbsp", "tabs")
 
 
 @dataclass
@@ -103,9 +103,10 @@ class InferenceBenchOptions:
         require(self.max_tokens >= 1, join(path, "max_tokens"), "must be >= 1")
         require(self.warmup >= 0, join(path, "warmup"), f"must be >= 0, got {self.warmup}")
         require(self.repeats >= 1, join(path, "repeats"), f"must be >= 1, got {self.repeats}")
+        known = adapter_types()
         for i, a in enumerate(self.adapters or []):
-            require(a in ADAPTER_TYPES, join(join(path, "adapters"), i),
-                    f"unknown adapter type {a!r} (choose from {', '.join(ADAPTER_TYPES)})")
+            require(a in known, join(join(path, "adapters"), i),
+                    f"unknown adapter type {a!r} (choose from {', '.join(known)})")
 
 
 @dataclass
@@ -144,8 +145,8 @@ def with_adapter(job: Job, kind: str) -> Job:
     d = copy.deepcopy(job.run_dict)
     model = d.setdefault("model", {})
     old = model.get("adapter") or {}
-    model["adapter"] = None if kind == "full" else {"type": kind}
-    if old.get("target_modules") and kind != "full":
+    model["adapter"] = None if kind == FULL else {"type": kind}
+    if old.get("target_modules") and kind != FULL:
         model["adapter"]["target_modules"] = old["target_modules"]
     model.setdefault("importance_weighted_regularisation", {})["enabled"] = False
     d["run_id"] = f"{job.run.run_id}-{kind}"

@@ -38,7 +38,9 @@ from rankwise.config.typed import join, require
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full_ft", "lora", "lora_bernoulli", "iw_lora", "adalora", "spectral", "bhsp", "cbsp", "tabs")
+# LoRA-family variants keep the run's rank, alpha and dropout (``lora_bernoulli``: LoRA with
+# peft's per-element dropout draw); every other registered method runs on its defaults.
+LORA_FAMILY_VARIANTS = ("lora", "lora_bernoulli", "iw_lora", "adalora")
 DEFAULT_METHODS = ("full_ft", "lora", "iw_lora", "adalora")
 PHASES = ("forward", "regularisers", "backward", "optimizer", "method_hooks")
 HF_LABEL = "hf_trainer_peft_lora"
@@ -68,9 +70,12 @@ class TrainBenchOptions:
             require(self.threads >= 1, join(path, "threads"), f"must be >= 1, got {self.threads}")
         if self.pad_to is not None:
             require(self.pad_to >= 1, join(path, "pad_to"), f"must be >= 1, got {self.pad_to}")
+        from rankwise.methods import registered_methods
+
+        known = (*registered_methods(), "lora_bernoulli")
         for i, m in enumerate(self.methods or []):
-            require(m in METHODS, join(join(path, "methods"), i),
-                    f"unknown method {m!r} (choose from {', '.join(METHODS)})")
+            require(m in known, join(join(path, "methods"), i),
+                    f"unknown method {m!r} (choose from {', '.join(known)})")
 
 
 # --- variants ----------------------------------------------------------------------------------
@@ -79,12 +84,12 @@ def method_variant(job: Job, kind: str) -> Job:
     from rankwise.bench.inference import with_adapter
     from rankwise.bench.overhead import variant
 
-    if kind == "full_ft":
-        return with_adapter(job, "full")
-    if kind in ("spectral", "bhsp", "cbsp", "tabs"):
-        return with_adapter(job, kind)
+    from rankwise.methods import get_method
+
+    if kind not in LORA_FAMILY_VARIANTS:
+        return with_adapter(job, get_method(kind).adapter_type)
     base = variant(job, "lora" if kind == "lora_bernoulli" else kind)
-    if kind in ("lora", "lora_bernoulli", "iw_lora"):
+    if kind != "adalora":
         d = copy.deepcopy(base.run_dict)
         old = job.run_dict["model"].get("adapter") or {}
         sampler = "bernoulli" if kind == "lora_bernoulli" else old.get("dropout_sampler", "geometric")

@@ -27,7 +27,6 @@ from rankwise.errors import ConfigError
 
 ROLE_PATTERN = re.compile(r"^(proposed|baseline|comparative(-\d+)?|ablation(-[A-Za-z0-9_.+-]+)?)$")
 
-ADAPTER_TYPES = ("full", "lora", "adalora", "spectral", "bhsp", "cbsp", "tabs")
 
 
 @dataclass
@@ -397,16 +396,19 @@ class RunConfig:
 
     @property
     def adapter_type(self) -> str:
-        return "full" if self.model.adapter is None else self.model.adapter.type
+        from rankwise.methods import FULL
+
+        return FULL if self.model.adapter is None else self.model.adapter.type
 
     @property
     def algorithm(self) -> str:
+        """Registry name of the method this config selects (``rankwise.methods``)."""
+        from rankwise.methods import method_for_adapter_type
+
         t = self.adapter_type
-        if t == "full":
-            return "full_ft"
         if t == "lora" and self.model.importance_weighted_regularisation.enabled:
             return "iw_lora"
-        return t
+        return method_for_adapter_type(t)
 
 
 def parse_adapter(raw: Any, path: str) -> Any:
@@ -417,23 +419,22 @@ def parse_adapter(raw: Any, path: str) -> Any:
         return raw
     if not isinstance(raw, dict):
         raise ConfigError(path, f"expected a mapping with a 'type' key, got {type(raw).__name__}")
+    from rankwise.config.typed import did_you_mean
+    from rankwise.methods import FULL, adapter_types, method_for_adapter_type, registered_methods
+
+    known = adapter_types()
     kind = raw.get("type")
     if kind is None:
-        raise ConfigError(join(path, "type"), f"required (one of {', '.join(ADAPTER_TYPES)})")
-    if kind == "full":
+        raise ConfigError(join(path, "type"), f"required (one of {', '.join(known)})")
+    if kind == FULL:
         check_known_keys(raw, ["type"], path)
         return None
-    from rankwise.methods import registered_methods
-    from rankwise.config.typed import did_you_mean
-
-    methods = registered_methods()
-    if kind not in methods or methods[kind].config_cls is None:
-        known = [k for k in ADAPTER_TYPES if k == "full" or (k in methods and methods[k].config_cls)]
+    if kind not in known:
         raise ConfigError(
             join(path, "type"),
-            f"unknown adapter type {kind!r}{did_you_mean(str(kind), known)} (choose from {', '.join(known)})",
+            f"unknown adapter type {kind!r}{did_you_mean(str(kind), list(known))} (choose from {', '.join(known)})",
         )
-    return from_mapping(methods[kind].config_cls, raw, path)
+    return from_mapping(registered_methods()[method_for_adapter_type(kind)].config_cls, raw, path)
 
 
 def dataclasses_is_instance(obj: Any) -> bool:

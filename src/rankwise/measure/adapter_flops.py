@@ -1,5 +1,9 @@
 """Extra FLOPs an adapter adds to a forward pass, per example, for every method.
 
+Each method counts its own cost (``FineTuningMethod.forward_cost`` / ``evaluation_cost``, built
+from ``rankwise.methods.cost``); nothing here asks which method it holds. A method that does
+not implement them raises instead of reporting 0 FLOPs. What the built-in methods count:
+
 Convention of ``torch.utils.flop_counter``: 2 FLOPs per multiply-add of a matmul; elementwise
 work (LoRA's scaling, AdaLoRA's E, gate products) is not counted. Per target k with frozen
 W_k ∈ R^{d_out×d_in} and T_valid real tokens of an example:
@@ -34,221 +38,36 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-REALISED, ANALYTIC, NONE = "realised", "analytic", "none"
-
-
-def trainable_param_counts(model: nn.Module) -> tuple[int, int]:
-    """(every trainable parameter, of which in spectral gate controllers / log α)."""
-    trainable = controller = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            trainable += p.numel()
-            if ".gate_source." in name:
-                controller += p.numel()
-    return trainable, controller
-
-
-def lora_flops_per_token(rank: int, d_in: int, d_out: int) -> int:
-    """Matmul FLOPs of one token through one unmerged LoRA/AdaLoRA target: 2·r·(d_in + d_out)."""
-    return 2 * rank * (d_in + d_out)
-
-
-@dataclass(frozen=True)
-class LoraTargetCost:
-    rank: int
-    d_in: int
-    d_out: int
-
-    @property
-    def flops_per_token(self) -> int:
-        return lora_flops_per_token(self.rank, self.d_in, self.d_out)
-
-
-def lora_target_costs(model: nn.Module) -> dict[str, LoraTargetCost]:
-    """Unmerged, active peft LoRA/AdaLoRA adapters of ``model`` by module name."""
-    try:
-        from peft.tuners.lora import LoraLayer  # AdaLoraLayer subclasses it
-    except ImportError:  # peft is a core dependency; keep the measurement usable without it
-        return {}
-    costs: dict[str, LoraTargetCost] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        merged = set(getattr(module, "merged_adapters", []))
-        for adapter in module.active_adapters:
-            if adapter in merged or adapter not in module.lora_A:
-                continue
-            a = module.lora_A[adapter]
-            weight = a.weight if isinstance(a, nn.Linear) else a  # AdaLoRA: a Parameter (r, d_in)
-            rank = int(weight.shape[0])
-            if rank == 0:
-                continue
-            key = name if len(module.active_adapters) == 1 else f"{name}[{adapter}]"
-            costs[key] = LoraTargetCost(rank, module.in_features, module.out_features)
-    return costs
-
-
-@dataclass
-class ForwardCost:
-    """Extra FLOPs of one forward pass over a batch, per example (see the module table)."""
-
-    source: str  # "realised" | "analytic" | "none"
-    valid_tokens: list[int]
-    adapter_flops: list[int]
-    controller_flops: list[int]
-    budget_violations: int | None = None  # None: the method has no budget
-    histogram: list[int] | None = None  # tokens with j open directions (gated methods)
-    open_gates_per_token: float | None = None
-    per_token_flops: int | None = None  # analytic methods: Σ_k 2·r·(d_in + d_out)
-    # Batch-shared position rows (DeBERTa), per forward: adapter FLOPs of the open pairs, of
-    # the dense-masked path (all R directions), and the gate controllers'.
-    position_adapter_flops: int = 0
-    position_dense_adapter_flops: int = 0
-    position_controller_flops: int = 0
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def examples(self) -> int:
-        return len(self.valid_tokens)
-
-    @staticmethod
-    def _mean(values: list[int]) -> float:
-        return sum(values) / len(values) if values else 0.0
-
-    @property
-    def adapter_flops_per_example(self) -> float:
-        return self._mean(self.adapter_flops)
-
-    @property
-    def controller_flops_per_example(self) -> float:
-        return self._mean(self.controller_flops)
-
-    @property
-    def extra_flops_per_example(self) -> float:
-        return self.adapter_flops_per_example + self.controller_flops_per_example
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "examples": self.examples,
-            "adapter_flops_per_example": self.adapter_flops_per_example,
-            "controller_flops_per_example": self.controller_flops_per_example,
-            "extra_flops_per_example": self.extra_flops_per_example,
-            "budget_violations": self.budget_violations,
-            "open_gates_per_token": self.open_gates_per_token,
-            "position_flops_per_forward": self.position_adapter_flops + self.position_controller_flops,
-        }
-
-
-def analytic_cost(model: nn.Module, valid_tokens: list[int]) -> ForwardCost:
-    """Cost of the LoRA family (or of no adapter) for examples with these T_valid."""
-    costs = lora_target_costs(model)
-    per_token = sum(c.flops_per_token for c in costs.values())
-    return ForwardCost(
-        source=ANALYTIC if costs else NONE, valid_tokens=list(valid_tokens),
-        adapter_flops=[per_token * t for t in valid_tokens],
-        controller_flops=[0] * len(valid_tokens), per_token_flops=per_token,
-        detail={"targets": len(costs), "ranks": sorted({c.rank for c in costs.values()})},
-    )
+from rankwise.methods.cost import (  # noqa: F401  (the measurement's public names)
+    ANALYTIC,
+    NONE,
+    REALISED,
+    ForwardCost,
+    LoraTargetCost,
+    analytic_cost,
+    count_position_rows,
+    lora_flops_per_token,
+    lora_target_costs,
+    peft_forward_cost,
+    trainable_param_counts,
+)
 
 
 def forward_cost(model: nn.Module, method: Any, forward: Callable[[], Any],
                  attention_mask: torch.Tensor) -> ForwardCost:
     """Run ``forward()`` once and return its extra FLOPs per example (and per forward for
-    batch-shared position rows).
+    batch-shared position rows), as the method counts them (``FineTuningMethod.forward_cost``).
 
-    Spectral models: realised, from the gates of this pass (budget violations and the
-    open-gate histogram with them). Others: analytic from the peft layers and the mask.
+    ``method=None`` (a model without its method, e.g. merged LoRA): the peft layers it holds.
     """
-    from rankwise.methods.spectral import record_gate_statistics, spectral_layers
-
-    layers = spectral_layers(model)
-    if not layers:
-        costs = lora_target_costs(model)
-        with count_position_rows(model, costs) as position:
-            forward()
-        cost = analytic_cost(model, attention_mask.bool().sum(dim=1).tolist())
-        cost.position_adapter_flops = cost.position_dense_adapter_flops = position["flops"]
-        return cost
-    with record_gate_statistics(model) as stats:
-        forward()
-    return _realised_cost(model, method, stats, layers)
-
-
-def _realised_cost(model: nn.Module, method: Any, stats: Any, layers: dict[str, Any]) -> ForwardCost:
-    from rankwise.methods.spectral import SpectralFamily
-
-    gated = any(layer.gate_source is not None for layer in layers.values())
-    if isinstance(method, SpectralFamily):
-        violations = method.budget_violations(model, stats)
-    else:
-        budgeted = any(layer.budget is not None for layer in layers.values())
-        violations = stats.budget_violations() if budgeted else None
-    tokens = sum(c.tokens for c in stats.targets.values())
-    open_pairs = sum(c.open_pairs for c in stats.targets.values())
-    position = stats.position_totals()
-    return ForwardCost(
-        source=REALISED, valid_tokens=[e.valid_tokens for e in stats.examples],
-        adapter_flops=[e.adapter_flops for e in stats.examples],
-        controller_flops=[e.controller_flops for e in stats.examples],
-        budget_violations=violations, histogram=stats.histogram() if gated else None,
-        open_gates_per_token=open_pairs / tokens if tokens else 0.0,
-        position_adapter_flops=position.adapter_flops,
-        position_dense_adapter_flops=position.dense_adapter_flops,
-        position_controller_flops=position.controller_flops,
-        detail={"dense_adapter_flops_per_example": ForwardCost._mean(
-            [e.dense_adapter_flops for e in stats.examples])},
-    )
-
-
-@contextlib.contextmanager
-def count_position_rows(model: nn.Module, costs: dict[str, LoraTargetCost]) -> Iterator[dict[str, int]]:
-    """Count the LoRA-family FLOPs of rows that pass through adapted layers inside DeBERTa's
-    ``disentangled_attention_bias`` (the relative-position rows) while the block runs.
-
-    Yields ``{"flops": n}``, filled as forwards run: rows × 2·r·(d_in + d_out) per layer.
-    """
-    state = {"inside": 0, "flops": 0}
-    patched: list[tuple[nn.Module, Any]] = []
-    for module in model.modules():
-        original = getattr(module, "disentangled_attention_bias", None)
-        if not callable(original):
-            continue
-
-        def marked(*args: Any, _fn: Any = original, **kwargs: Any) -> Any:
-            state["inside"] += 1
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                state["inside"] -= 1
-
-        patched.append((module, module.__dict__.get("disentangled_attention_bias")))
-        module.disentangled_attention_bias = marked
-    modules = dict(model.named_modules())
-    handles = []
-    for key, cost in costs.items():
-
-        def count(module: nn.Module, args: tuple, output: Any, cost: LoraTargetCost = cost) -> None:
-            if state["inside"]:
-                x = args[0]
-                state["flops"] += (x.numel() // x.shape[-1]) * cost.flops_per_token
-
-        handles.append(modules[key.split("[")[0]].register_forward_hook(count))
-    try:
-        yield state
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, own in patched:
-            if own is None:
-                del module.disentangled_attention_bias
-            else:
-                module.disentangled_attention_bias = own
+    if method is None:
+        return peft_forward_cost(model, forward, attention_mask)
+    return method.forward_cost(model, forward, attention_mask)
 
 
 @contextlib.contextmanager

@@ -58,7 +58,6 @@ from rankwise.measure.adapter_flops import (
     NONE,
     REALISED,
     ForwardCost,
-    analytic_cost,
     forward_cost,
     trainable_param_counts,
 )
@@ -95,25 +94,16 @@ def _evaluated_token_rows(trainer: Trainer, split_index: int) -> list[list[int]]
 
 
 def _eval_set_cost(trainer: Trainer, split_index: int) -> ForwardCost | None:
-    """Per-example cost over one evaluated split: gate statistics of the final evaluation
-    (spectral; the method keeps those of the last split only, so other splits give None) or
-    analytic (LoRA family, full fine-tuning)."""
-    from rankwise.methods.spectral import spectral_layers
-
-    layers = spectral_layers(trainer.model)
-    if not layers:
-        lengths = [len(r) for r in _evaluated_token_rows(trainer, split_index)]
-        return analytic_cost(trainer.model, lengths)
-    stats = getattr(trainer.method, "last_statistics", None)
-    if stats is None or split_index % len(trainer.data.evals) != len(trainer.data.evals) - 1:
+    """Per-example cost over one evaluated split, as the method counts it
+    (``evaluation_cost``). A realised cost describes the most recent evaluation pass, the
+    final evaluation's last split, so it answers for that split only (None for the others);
+    an analytic one answers for any split's examples."""
+    evals = trainer.data.evals
+    lengths = [len(r) for r in _evaluated_token_rows(trainer, split_index)]
+    cost = trainer.method.evaluation_cost(trainer.model, lengths)
+    if cost is not None and cost.source == REALISED and split_index % len(evals) != len(evals) - 1:
         return None
-    stats.end_batch()
-    gated = any(layer.gate_source is not None for layer in layers.values())
-    return ForwardCost(
-        source=REALISED, valid_tokens=[e.valid_tokens for e in stats.examples],
-        adapter_flops=[e.adapter_flops for e in stats.examples],
-        controller_flops=[e.controller_flops for e in stats.examples],
-        histogram=stats.histogram() if gated else None)
+    return cost
 
 
 def _evaluation_cost(trainer: Trainer, final_metrics: dict[str, Any]) -> tuple[str, float, float] | None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod, zero_loss
+from rankwise.methods.cost import PeftLayerCost
 from rankwise.methods.lora import head_modules_to_save, use_gap_dropout
 from rankwise.results import run_figure_stem
 from rankwise.methods.per_matrix_report import (
@@ -140,7 +141,7 @@ def orthogonality_penalty(model: nn.Module, adapter_name: str = ADAPTER_NAME) ->
     return torch.stack(penalties).mean()
 
 
-class AdaLoRA(FineTuningMethod):
+class AdaLoRA(PeftLayerCost, FineTuningMethod):
     """peft AdaLoRA with the loop hooks it needs (see the module docstring)."""
 
     name = "adalora"

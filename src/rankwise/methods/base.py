@@ -19,6 +19,7 @@ extra it needs. The loop (``rankwise.training.loop``) reads like the algorithm b
     final |= method.training_metrics(model)           # e.g. the training-time open rate
     method.begin_evaluation(model); ...eval forward passes...; stats = method.end_evaluation(model)
     extra = method.write_artifacts(model, run_dir)     # importance.json, rank pattern, ...
+    cost = method.forward_cost(model, forward, mask)   # extra FLOPs per example of one pass
 
 Adapters never edit ``outputs.loss`` behind the loop's back: every regulariser is returned
 by ``regularization_losses`` (already multiplied by its coefficient) and logged under its
@@ -29,10 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from rankwise.methods.cost import ForwardCost
 
 TaskLossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 """``task_loss_fn(model, batch) -> scalar``: forward + task loss (CE or MSE) on one batch."""
@@ -95,6 +99,25 @@ class FineTuningMethod:
     def end_evaluation(self, model: nn.Module) -> dict[str, Any]:
         """Statistics gathered during the evaluation pass, merged into the eval metrics."""
         return {}
+
+    # --- cost (every method says what it costs; nothing outside asks which method it is) -----
+    def forward_cost(self, model: nn.Module, forward: Callable[[], Any],
+                     attention_mask: torch.Tensor) -> ForwardCost:
+        """Run ``forward()`` once and return the extra FLOPs it cost over the frozen backbone:
+        adapter and controller FLOPs per example (real tokens of ``attention_mask``) and the
+        batch-shared position rows per forward. ``rankwise.methods.cost`` has the building
+        blocks (``PeftLayerCost`` for peft LoRA-family layers). There is no default: a method
+        that does not count its cost must not report 0, as full fine-tuning would."""
+        raise NotImplementedError(
+            f"method {self.name!r} does not count its cost: implement forward_cost and "
+            "evaluation_cost (see rankwise.methods.cost)")
+
+    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int]) -> ForwardCost | None:
+        """Per-example cost of the most recent evaluation pass, whose examples had
+        ``valid_tokens`` real tokens; ``None`` when the method kept no record of that pass."""
+        raise NotImplementedError(
+            f"method {self.name!r} does not count its cost: implement forward_cost and "
+            "evaluation_cost (see rankwise.methods.cost)")
 
     # --- outputs and resume ---------------------------------------------------------------
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:

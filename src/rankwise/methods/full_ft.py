@@ -1,13 +1,14 @@
-"""Full fine-tuning (methods.md §1): every parameter trainable, no adapter."""
+"""Full fine-tuning (methods.md §1): every parameter trainable, no adapter (no extra FLOPs)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from rankwise.methods.base import FineTuningMethod
+from rankwise.methods.cost import PeftLayerCost
 
 
-class FullFineTuning(FineTuningMethod):
+class FullFineTuning(PeftLayerCost, FineTuningMethod):
     name = "full_ft"
 
     def wrap(self, backbone: nn.Module, target_modules: list[str]) -> nn.Module:

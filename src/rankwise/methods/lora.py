@@ -26,6 +26,7 @@ from torch import nn
 
 from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod
+from rankwise.methods.cost import PeftLayerCost
 
 
 @dataclass
@@ -56,7 +57,7 @@ def head_modules_to_save(model: nn.Module) -> list[str]:
     return [n for n in ("classifier", "pooler", "score") if n in names]
 
 
-class LoRA(FineTuningMethod):
+class LoRA(PeftLayerCost, FineTuningMethod):
     name = "lora"
 
     def peft_config(self, backbone: nn.Module, target_modules: list[str]):

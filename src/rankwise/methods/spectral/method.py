@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from torch import nn
 
 from rankwise.errors import ConfigError
 from rankwise.methods.base import FineTuningMethod, freeze, unfreeze_head
+from rankwise.methods.cost import REALISED, ForwardCost
 from rankwise.methods.spectral.budget_projection import TopLogitBudgetProjection
 from rankwise.methods.spectral.config import SpectralRecipe
 from rankwise.methods.spectral.context import ForwardContext, install_forward_context
@@ -258,6 +259,41 @@ class SpectralFamily(FineTuningMethod):
         if self.recipe.budget is None:
             return None
         return stats.budget_violations()
+
+    # --- cost: realised from the gates of the pass ---------------------------------------------
+    def forward_cost(self, model: nn.Module, forward: Callable[[], Any],
+                     attention_mask: torch.Tensor) -> ForwardCost:
+        """Open (token, direction) pairs × cost per pair and the controllers' FLOPs, counted
+        from the gates of this very pass, with its budget violations and open-gate histogram."""
+        with record_gate_statistics(model) as stats:
+            forward()
+        return self._realised_cost(model, stats)
+
+    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int]) -> ForwardCost | None:
+        """From the gate statistics of the most recent evaluation pass (``end_evaluation``)."""
+        if self.last_statistics is None:
+            return None
+        self.last_statistics.end_batch()
+        return self._realised_cost(model, self.last_statistics)
+
+    def _realised_cost(self, model: nn.Module, stats: GateStatistics) -> ForwardCost:
+        gated = any(layer.gate_source is not None for layer in spectral_layers(model).values())
+        tokens = sum(c.tokens for c in stats.targets.values())
+        open_pairs = sum(c.open_pairs for c in stats.targets.values())
+        position = stats.position_totals()
+        return ForwardCost(
+            source=REALISED, valid_tokens=[e.valid_tokens for e in stats.examples],
+            adapter_flops=[e.adapter_flops for e in stats.examples],
+            controller_flops=[e.controller_flops for e in stats.examples],
+            budget_violations=self.budget_violations(model, stats),
+            histogram=stats.histogram() if gated else None,
+            open_gates_per_token=open_pairs / tokens if tokens else 0.0,
+            position_adapter_flops=position.adapter_flops,
+            position_dense_adapter_flops=position.dense_adapter_flops,
+            position_controller_flops=position.controller_flops,
+            detail={"dense_adapter_flops_per_example": ForwardCost._mean(
+                [e.dense_adapter_flops for e in stats.examples])},
+        )
 
     def _context(self, model: nn.Module) -> ForwardContext:
         layers = spectral_layers(model)
