@@ -68,8 +68,8 @@ from rankwise.measure.adapter_flops import (
     trainable_param_counts,
 )
 from rankwise.measure.inputs import max_input_length, random_token_batch
-from rankwise.methods import FULL, adapter_types
 from rankwise.measure.latency import LatencyStats, synchronizer, timed_call
+from rankwise.methods import FULL, adapter_types
 from rankwise.results import atomic_write_json, provenance
 
 log = logging.getLogger(__name__)

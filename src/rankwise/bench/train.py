@@ -83,7 +83,6 @@ def method_variant(job: Job, kind: str) -> Job:
     """The job's run turned into ``kind`` (LoRA-family keep the run's rank, alpha, dropout)."""
     from rankwise.bench.inference import with_adapter
     from rankwise.bench.overhead import variant
-
     from rankwise.methods import get_method
 
     if kind not in LORA_FAMILY_VARIANTS:

@@ -13,7 +13,6 @@ from typing import Any
 
 from rankwise.methods.base import FineTuningMethod
 
-
 FULL = "full"  # ``model.adapter.type`` of full fine-tuning (or no adapter block at all)
 
 
