@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rankwise.config.schema import parse_run_config
 from rankwise.measure.adapter_flops import measured_flops
 from rankwise.methods import build_method, register_method, registered_methods, unregister_method
-from rankwise.methods.base import classifier_head_names
+from rankwise.methods.base import is_head_parameter
 from rankwise.methods.lora import LoRA, LoRAConfig
 from rankwise.methods.spectral import spectral_layers
 from rankwise.methods.targets import resolve_target_modules
@@ -107,10 +107,6 @@ def task_loss(model, b):
     return F.cross_entropy(model(**inputs).logits, labels)
 
 
-def is_head(name: str) -> bool:
-    return any(part in name.split(".") for part in classifier_head_names())
-
-
 def open_some_gates(model) -> None:
     """Controllers / log α drawn so that some gates open at evaluation and some stay shut."""
     torch.manual_seed(1)
@@ -149,8 +145,8 @@ def test_contract(method_name, alias, request):
     if method_name == "full_ft":
         assert len(backbone_trainable) == len(before)
     else:
-        assert all(is_head(n) for n in backbone_trainable), backbone_trainable
-        assert any(id(p) not in before and not is_head(n) for n, p in trainable.items())
+        assert all(is_head_parameter(n) for n in backbone_trainable), backbone_trainable
+        assert any(id(p) not in before and not is_head_parameter(n) for n, p in trainable.items())
 
     # one training step: named, finite regularisers; gradients reach the adapter
     model.train()
@@ -164,7 +160,7 @@ def test_contract(method_name, alias, request):
     (loss + sum(regs.values())).backward()
     grads = {n: p.grad for n, p in trainable.items()}
     assert all(g is None or torch.isfinite(g).all() for g in grads.values())
-    assert any(g is not None and g.abs().sum() > 0 and not is_head(n) for n, g in grads.items())
+    assert any(g is not None and g.abs().sum() > 0 and not is_head_parameter(n) for n, g in grads.items())
 
     # state round trip: a fresh wrap of the same backbone + the saved state = the same model
     with torch.no_grad():

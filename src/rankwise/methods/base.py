@@ -144,12 +144,19 @@ def freeze(module: nn.Module) -> None:
 
 
 def classifier_head_names() -> tuple[str, ...]:
-    """Module-name fragments of sequence-classification heads (kept trainable)."""
+    """Module names of sequence-classification heads, pooler included (kept trainable by every
+    method, as PEFT's SEQ_CLS does; ``training.head_learning_rate`` applies to them). The one
+    home of this list."""
     return ("classifier", "pooler", "score")
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether the parameter ``name`` belongs to the classification head (or pooler)."""
+    return any(part in name.split(".") for part in classifier_head_names())
 
 
 def unfreeze_head(model: nn.Module) -> None:
     """Make the classification head (and pooler, as PEFT's SEQ_CLS does) trainable."""
     for name, p in model.named_parameters():
-        if any(part in name.split(".") for part in classifier_head_names()):
+        if is_head_parameter(name):
             p.requires_grad_(True)

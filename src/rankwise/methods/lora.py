@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.config.typed import join, require
-from rankwise.methods.base import FineTuningMethod
+from rankwise.methods.base import FineTuningMethod, classifier_head_names
 from rankwise.methods.cost import PeftLayerCost
 
 
@@ -54,7 +54,7 @@ class LoRAConfig:
 def head_modules_to_save(model: nn.Module) -> list[str]:
     """Names of the classification head (and pooler) modules present in ``model``."""
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    return [n for n in ("classifier", "pooler", "score") if n in names]
+    return [n for n in classifier_head_names() if n in names]
 
 
 class LoRA(PeftLayerCost, FineTuningMethod):

@@ -6,19 +6,20 @@ import torch
 from torch import nn
 
 from rankwise.config.schema import TrainingConfig
+from rankwise.methods.base import is_head_parameter
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias", "norm.weight")
 
 
 def parameter_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
-    """Trainable parameters split into decay / no-decay groups (and a head group when
-    ``head_learning_rate`` is set)."""
+    """Trainable parameters split into decay / no-decay groups (and a head group, classifier
+    and pooler, when ``head_learning_rate`` is set)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS)
-        head = cfg.head_learning_rate is not None and ("classifier" in name or "score" in name)
+        head = cfg.head_learning_rate is not None and is_head_parameter(name)
         groups.setdefault((no_decay, head), []).append(p)
     out = []
     for (no_decay, head), params in sorted(groups.items()):
