@@ -166,6 +166,9 @@ BROKEN = [
     (["mdoe=trial"], "mdoe", "did you mean 'mode'"),
     (["mode=fast"], "mode", "choose from"),
     (["training.seeds=[1,1]"], "training.seeds", "distinct"),
+    # keys that were accepted and never applied: refused with the reason
+    (["model.dropout_override=0.2"], "model.dropout_override", "never applied"),
+    (["training.num_workers=4"], "training.num_workers", "never applied"),
 ]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from rankwise.config.typed import check_known_keys, from_mapping, join, require
 from rankwise.errors import ConfigError
@@ -72,7 +72,11 @@ class ModelConfig:
     tokenizer: str | None = None
     # Overrides the per-architecture default target modules (also settable per adapter).
     target_modules: list[str] | None = None
-    dropout_override: float | None = None
+    # keys that older files may hold; each is refused with the reason
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "dropout_override": "it was accepted but never applied; the backbone's own dropout is used "
+                            "(set the adapter's `dropout` for LoRA-family methods)",
+    }
 
     def validate(self, path: str) -> None:
         require(bool(self.name), join(path, "name"), "must be a hub id, a local path or 'minilm'")
@@ -223,7 +227,10 @@ class TrainingConfig:
     eval_every_n_steps: int | None = None
     deterministic: bool = False
     detect_anomaly: bool = False
-    num_workers: int = 0
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "num_workers": "it was accepted but never applied; batches are built in the training "
+                       "process from the tokenised cache (no DataLoader workers)",
+    }
     # batches of similar length: 50-batch mega-batches of the epoch's shuffled order, each
     # sorted by length, then the batches shuffled (seeded per epoch, so resume is exact)
     group_by_length: bool = True

@@ -45,6 +45,10 @@ def from_mapping(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(path or "<root>", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    for key in data:
+        if key in removed:
+            raise ConfigError(join(path, key), f"no longer accepted: {removed[key]}")
     check_known_keys(data, [f.name for f in fields], path)
     kwargs = {}
     for f in fields:
