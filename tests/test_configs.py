@@ -123,7 +123,7 @@ def test_reference_configs_resolve_algorithms_and_strings():
 def test_overrides_reach_the_run_and_job():
     job = load_job([f"run={REF_COMPARATIVE}", "mode=trial", "model.name=minilm",
                     "training.seeds=[1,2,3]", "model.adapter.rank=4"])
-    assert job.job.mode == "trial"
+    assert job.command.mode == "trial"
     assert job.run.model.name == "minilm"
     assert job.run.training.seed_list() == [1, 2, 3]
     assert job.run.model.adapter.rank == 4

@@ -61,7 +61,7 @@ def make_trainer(tmp_path: Path, glue: Path, model: str, method: str, precision:
     from rankwise.config.loader import Job
     from rankwise.config.schema import parse_run_config
 
-    job = Job(job=job.job, run=parse_run_config(d), run_dict=d)
+    job = Job(command=job.command, run=parse_run_config(d), run_dict=d)
     torch.manual_seed(0)
     tr = Trainer(job, 0, tmp_path / f"{model}-{method}-{precision}")
     batch = next(tr.calibration_batches())

@@ -54,7 +54,7 @@ def prepare_run_dir(job: Job, keep: tuple[str, ...] = ()) -> bool:
     run_dir = job.run_dir
     status = run_status(run_dir)
     has_ckpt = any(list_checkpoints(p / "checkpoints") for p in run_dir.glob("seed*")) if run_dir.exists() else False
-    resume = job.job.resume
+    resume = job.command.resume
     if resume is True and not has_ckpt:
         raise RankwiseError(f"resume=true but {run_dir} has no checkpoint to resume from")
     if resume in (True, "auto") and has_ckpt and status != "complete":
@@ -98,10 +98,10 @@ def preflight(job: Job) -> None:
                 make_url(optuna_cfg.storage)
             except ArgumentError as exc:
                 raise ConfigError("optuna.storage", f"not an SQLAlchemy database URL: {exc}") from None
-    if job.job.wandb.mode != "disabled":
+    if job.command.wandb.mode != "disabled":
         from rankwise.tracking import require_wandb
 
-        require_wandb(job.job.wandb.mode)
+        require_wandb(job.command.wandb.mode)
 
 
 def remove_unstarted_run_dir(job: Job | None, made: bool) -> bool:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         job = load_job(argv)  # exit 2 on any config error, before anything is written
-        reports = distributed.init_from_env(job.job.device).is_main
+        reports = distributed.init_from_env(job.command.device).is_main
         if not reports:
             logging.getLogger().setLevel(logging.WARNING)
         if job.ignored_sections and reports:

@@ -82,7 +82,7 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
     data = None
     with stop_on_signals() as stop:
         seeds = job.run.training.seed_list()
-        for seed in seeds[:1] if job.job.mode == "trial" else seeds:  # trial: a smoke run, one seed
+        for seed in seeds[:1] if job.command.mode == "trial" else seeds:  # trial: a smoke run, one seed
             seed_dir = job.run_dir / f"seed{seed}"
             if first is not None and not results:
                 trainer, rng = first
@@ -102,7 +102,7 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
 def execute(job: Job, prepare_run_dir: Callable[..., bool]) -> str:
     """Run the job (search first when it asks for one); return the CLI's one-line summary."""
     t_start = time.perf_counter()
-    if job.job.mode == "full" and job.run.optuna.n_trials > 0:
+    if job.command.mode == "full" and job.run.optuna.n_trials > 0:
         return search_then_final_run(job, prepare_run_dir, t_start)
     return train_and_write(job, prepare_run_dir, t_start)
 
@@ -156,7 +156,7 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
             log.info("search %s finished; another worker holds %s and writes the final run",
                      job.run.run_id, study_dir / "final.lock")
             return f"search finished, {best}; the final run is written by another worker -> {job.run_dir}"
-        if job.job.resume is not False and final_run_is_complete(job.run_dir, search):
+        if job.command.resume is not False and final_run_is_complete(job.run_dir, search):
             log.info("final run of this study already complete in %s; kept (resume=false retrains it)",
                      job.run_dir)
             return f"search finished, {best}; final run already complete -> {job.run_dir / 'metrics.json'}"
@@ -203,7 +203,7 @@ def trial_objective(job: Job, seed: int) -> Callable:
         training.update(save_strategy="no", save_every_n_steps=None)
         training["inference_measurement"] = {**(training.get("inference_measurement") or {}),
                                              "enabled": False}
-        trial_job = Job(job=job.job, run=parse_run_config(trial_cfg), run_dict=trial_cfg)
+        trial_job = Job(command=job.command, run=parse_run_config(trial_cfg), run_dict=trial_cfg)
         model = trial_job.run.model
         source = json.dumps([trial_cfg.get("dataset"), model.name, model.tokenizer], sort_keys=True,
                             default=str)
@@ -291,7 +291,7 @@ def final_run_lock(study_dir: Path) -> Iterator[bool]:
 
 def tracked_config(job: Job) -> dict[str, Any]:
     """What the W&B run's config holds: the resolved run config, the job keys, kept-aside sections."""
-    return {**job.run_dict, "job": dataclasses.asdict(job.job), "mode": job.job.mode,
+    return {**job.run_dict, "job": dataclasses.asdict(job.command), "mode": job.command.mode,
             "ignored_sections": job.ignored_sections}
 
 
@@ -308,9 +308,9 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
     task = get_task(job.run.dataset.name, job.run.dataset.subset)
     from rankwise.training.loop import resolve_device
 
-    device = resolve_device(job.job.device)
+    device = resolve_device(job.command.device)
     base = {"run_id": job.run.run_id, "method": job.run.method, "algorithm": job.run.algorithm,
-            "status": "running", "mode": job.job.mode,
+            "status": "running", "mode": job.command.mode,
             "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
                      "primary_metric": f"validation_{task.primary_metric}",
                      "is_regression": task.is_regression,
@@ -325,8 +325,8 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
         write_yaml(run_dir / "config.yaml", job.run_dict)
     from rankwise.tracking import start_tracker
 
-    tracker = start_tracker(job.job.wandb, job.run.run_id, tracked_config(job), run_dir,
-                            enabled=job.job.mode == "full" and ctx.is_main)
+    tracker = start_tracker(job.command.wandb, job.run.run_id, tracked_config(job), run_dir,
+                            enabled=job.command.mode == "full" and ctx.is_main)
     try:
         results = train_seeds(job, resume, write_outputs=ctx.is_main, first=first)
     except BaseException as exc:

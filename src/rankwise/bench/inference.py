@@ -150,7 +150,7 @@ def with_adapter(job: Job, kind: str) -> Job:
         model["adapter"]["target_modules"] = old["target_modules"]
     model.setdefault("importance_weighted_regularisation", {})["enabled"] = False
     d["run_id"] = f"{job.run.run_id}-{kind}"
-    return Job(job=job.job, run=parse_run_config(d), run_dict=d)
+    return Job(command=job.command, run=parse_run_config(d), run_dict=d)
 
 
 def build_model(job: Job, device: torch.device):
@@ -344,7 +344,7 @@ def run(jobs: list[Job], options: InferenceBenchOptions) -> dict[str, Any]:
     from rankwise.training.loop import resolve_device
 
     start = time.perf_counter()
-    device = resolve_device(jobs[0].job.device)
+    device = resolve_device(jobs[0].command.device)
     variants = build_variants(jobs, options, device)
     labels = [v.label for v in variants]
     reference = options.reference or labels[0]

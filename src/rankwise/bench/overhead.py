@@ -41,7 +41,7 @@ def variant(job: Job, kind: str) -> Job:
         d["model"]["adapter"] = {"type": "lora", "rank": rank, "lora_alpha": alpha,
                                  "dropout": adapter.get("dropout", 0.1)}
     d["run_id"] = f"{job.run.run_id}-{kind}"
-    return Job(job=job.job, run=parse_run_config(d), run_dict=d)
+    return Job(command=job.command, run=parse_run_config(d), run_dict=d)
 
 
 def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | None = None,
@@ -50,7 +50,7 @@ def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | N
     from rankwise.results import device_description
     from rankwise.training.loop import Trainer
 
-    workdir = workdir or Path(job.job.results_dir) / "bench-overhead"
+    workdir = workdir or Path(job.command.results_dir) / "bench-overhead"
     from rankwise.methods import registered_methods
 
     kinds = tuple(k for k in ("lora", "iw_lora", "adalora") if k in registered_methods())

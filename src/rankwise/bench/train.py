@@ -97,7 +97,7 @@ def method_variant(job: Job, kind: str) -> Job:
             if key in old:
                 d["model"]["adapter"][key] = old[key]
         d["run_id"] = f"{job.run.run_id}-{kind}"
-        return Job(job=base.job, run=parse_run_config(d), run_dict=d)
+        return Job(command=base.command, run=parse_run_config(d), run_dict=d)
     return base
 
 
@@ -282,7 +282,7 @@ def batch_list(first, options: TrainBenchOptions) -> list[dict[str, torch.Tensor
 
     n = options.warmup + options.steps + options.profile_steps
     order = first.epoch_order(0)
-    out = list(batches(first.data.train, order, first.t.batch_size, first.collate, limit=n))
+    out = list(batches(first.data.train, order, first.training.batch_size, first.collate, limit=n))
     while len(out) < n:  # small datasets: cycle
         out += out[: n - len(out)]
     if options.pad_to:
@@ -410,10 +410,10 @@ def report_of(results, options: TrainBenchOptions, first, timed, prov) -> dict[s
             lb: by[lb]["step_cpu_time_s_median"] / by[ref]["step_cpu_time_s_median"] for lb in labels},
         "examples_per_s_ratio_to_reference": {lb: by[lb]["examples_per_s"] / by[ref]["examples_per_s"]
                                               for lb in labels},
-        "batches": {"n_timed": len(timed), "batch_size": first.t.batch_size,
+        "batches": {"n_timed": len(timed), "batch_size": first.training.batch_size,
                     "lengths": [int(b["input_ids"].shape[1]) for b in timed],
                     "padding": f"to {options.pad_to}" if options.pad_to else "dynamic (longest in batch)",
-                    "group_by_length": first.t.group_by_length},
+                    "group_by_length": first.training.group_by_length},
         "process_max_rss_mb": _max_rss_mb(), "torch_threads": torch.get_num_threads(),
         "note": ("peak_memory_mb is per variant on CUDA; on the CPU only the process's max RSS "
                  "(all variants together) is known."),

@@ -59,7 +59,7 @@ class JobConfig:
 
 @dataclass
 class Job:
-    job: JobConfig
+    command: JobConfig  # the command's own keys: run, results_dir, mode, resume, device, wandb
     run: RunConfig
     run_dict: dict[str, Any]  # validated-by-schema plain dict (for search and for config.yaml)
     # Top-level sections of the run file that rankwise does not use (kept, recorded, warned about).
@@ -69,7 +69,7 @@ class Job:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.job.results_dir) / self.run.run_id
+        return Path(self.command.results_dir) / self.run.run_id
 
 
 def packaged_configs() -> Path:
@@ -225,4 +225,4 @@ def load_job(argv: list[str]) -> Job:
     run_dict, ignored = split_run_sections(_resolve(run_dict, "run"))
     run_cfg = parse_run_config(run_dict)
     check_splits(run_cfg)
-    return Job(job=job, run=run_cfg, run_dict=run_dict, ignored_sections=ignored)
+    return Job(command=job, run=run_cfg, run_dict=run_dict, ignored_sections=ignored)

@@ -88,7 +88,7 @@ def _evaluated_token_rows(trainer: Trainer, split_index: int) -> list[list[int]]
     from rankwise.training.loop import TRIAL_MAX_BATCHES
 
     data = trainer.data.evals[split_index].data
-    eval_bs = trainer.t.eval_batch_size or trainer.t.batch_size
+    eval_bs = trainer.training.eval_batch_size or trainer.training.batch_size
     n = min(len(data), TRIAL_MAX_BATCHES * eval_bs) if trainer.trial else len(data)
     return data.select(range(n))["input_ids"]
 
@@ -139,7 +139,7 @@ def _timed_evaluation_batches(trainer: Trainer, n_timed: int, warmup: int, sync)
     from rankwise.training.loop import TRIAL_MAX_BATCHES, model_inputs
 
     split = trainer.data.evals[0].data
-    eval_bs = trainer.t.eval_batch_size or trainer.t.batch_size
+    eval_bs = trainer.training.eval_batch_size or trainer.training.batch_size
     cap = TRIAL_MAX_BATCHES if trainer.trial else None
     limit = min(n_timed + warmup, cap) if cap else n_timed + warmup
     inputs = [model_inputs(b, trainer.device)
@@ -177,7 +177,7 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
     """Run the measurement pass; return the headline scalars (see the module docstring)."""
     from rankwise.training.loop import autocast_context
 
-    cfg = trainer.t.inference_measurement
+    cfg = trainer.training.inference_measurement
     headline = cost_headline(trainer, final_metrics)
     if not cfg.enabled:
         return headline
@@ -191,7 +191,7 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
     if skipped:
         log.info("inference measurement: lengths %s exceed the model's %d positions; skipped",
                  skipped, limit)
-    batch_size = cfg.batch_size or trainer.t.eval_batch_size or trainer.t.batch_size
+    batch_size = cfg.batch_size or trainer.training.eval_batch_size or trainer.training.batch_size
     warmup, repeats, n_timed = cfg.warmup, cfg.repeats, cfg.timed_batches
     if trainer.trial:  # a smoke run: one length, one warm-up, a few timed passes
         warmup, repeats = min(warmup, TRIAL_WARMUP), min(repeats, TRIAL_REPEATS)

@@ -187,23 +187,23 @@ class Trainer:
     def __init__(self, job: Job, seed: int, seed_dir: Path, reporter: Callable | None = None,
                  data: TaskData | None = None):
         self.job, self.cfg, self.seed, self.seed_dir = job, job.run, seed, seed_dir
-        self.t = job.run.training
-        self.trial = job.job.mode == "trial"
+        self.training = job.run.training  # the run's TrainingConfig (training: block)
+        self.trial = job.command.mode == "trial"
         self.reporter = reporter
         self.dist = distributed.current()  # one process unless launched by torchrun
-        self.device = resolve_device(job.job.device)
+        self.device = resolve_device(job.command.device)
         self.amp_dtype = autocast_dtype(job, self.device)
-        seed_everything(seed, self.t.deterministic)
+        seed_everything(seed, self.training.deterministic)
         from rankwise.data.tasks import get_task
 
         self.task = get_task(self.cfg.dataset.name, self.cfg.dataset.subset)
         self.backbone, self.tokenizer = load_run_backbone(self.cfg, self.task)
         self._check_lengths()
         cap = TRIAL_MAX_BATCHES if self.trial else None
-        eval_bs = self.t.eval_batch_size or self.t.batch_size
+        eval_bs = self.training.eval_batch_size or self.training.batch_size
         self.data = data or load_task_data(
             self.cfg.dataset, self.tokenizer, default_cache_dir(),
-            max_train=cap * self.t.batch_size * self.t.gradient_accumulation_steps if cap else None,
+            max_train=cap * self.training.batch_size * self.training.gradient_accumulation_steps if cap else None,
             max_eval=cap * eval_bs if cap else None)
         self.collate = DynamicPaddingCollator(self.tokenizer.pad_token_id, self.task.is_regression,
                                               pin_memory=self.device.type == "cuda")
@@ -213,14 +213,14 @@ class Trainer:
         # The training forward runs through this (DDP under torchrun); everything else,
         # method hooks included, sees the unwrapped ``self.model``.
         self.train_model = self.model
-        self.epochs = 1 if self.trial else self.t.epochs
-        self.batches_per_epoch = n_batches(len(self.data.train), self.t.batch_size, cap)
-        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.t.gradient_accumulation_steps))
+        self.epochs = 1 if self.trial else self.training.epochs
+        self.batches_per_epoch = n_batches(len(self.data.train), self.training.batch_size, cap)
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.training.gradient_accumulation_steps))
         self.total_steps = self.steps_per_epoch * self.epochs
-        if self.t.max_steps is not None and not self.trial:
-            self.total_steps = min(self.total_steps, self.t.max_steps)
-        self.optimizer = build_optimizer(self.model, self.t)
-        self.scheduler = build_scheduler(self.optimizer, self.t, self.total_steps)
+        if self.training.max_steps is not None and not self.trial:
+            self.total_steps = min(self.total_steps, self.training.max_steps)
+        self.optimizer = build_optimizer(self.model, self.training)
+        self.scheduler = build_scheduler(self.optimizer, self.training, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.amp_skipped_steps = 0  # optimizer steps the GradScaler skipped (fp16 overflow)
         self.history: list[dict[str, Any]] = []
@@ -256,17 +256,17 @@ class Trainer:
     def epoch_order(self, epoch: int) -> list[int]:
         """Training order of ``epoch``: length-grouped (``training.group_by_length``) or a
         plain permutation; a pure function of (seed, epoch), so resume is exact."""
-        if not self.t.group_by_length:
+        if not self.training.group_by_length:
             return epoch_permutation(len(self.data.train), self.seed, epoch)
         if self._train_lengths is None:
             self._train_lengths = row_lengths(self.data.train)
-        return length_grouped_permutation(self._train_lengths, self.t.batch_size, self.seed, epoch)
+        return length_grouped_permutation(self._train_lengths, self.training.batch_size, self.seed, epoch)
 
     def calibration_batches(self):
         """Training batches in an order drawn from the run's seed; cycles as needed."""
         order = epoch_permutation(len(self.data.train), self.seed, epoch=-1)
         while True:
-            yield from batches(self.data.train, order, self.t.batch_size, self.collate)
+            yield from batches(self.data.train, order, self.training.batch_size, self.collate)
 
     def loss_fn(self, model, batch) -> torch.Tensor:
         with self._autocast():
@@ -297,7 +297,7 @@ class Trainer:
             "calibration_metrics": self.calibration_metrics,
             "method": self.method.state_dict(),
         }
-        return ckpt.save_checkpoint(self.checkpoint_dir, self.global_step, payload, self.t.save_total_limit)
+        return ckpt.save_checkpoint(self.checkpoint_dir, self.global_step, payload, self.training.save_total_limit)
 
     def try_resume(self) -> bool:
         found = ckpt.latest_valid_checkpoint(self.checkpoint_dir)
@@ -326,7 +326,7 @@ class Trainer:
         self.model.eval()
         metrics: dict[str, float] = {}
         predictions: dict[str, dict[str, list]] = {}
-        eval_bs = self.t.eval_batch_size or self.t.batch_size
+        eval_bs = self.training.eval_batch_size or self.training.batch_size
         cap = TRIAL_MAX_BATCHES if self.trial else None
         for split in self.data.evals:
             self.method.begin_evaluation(self.model)
@@ -393,11 +393,11 @@ class Trainer:
         self.train_model = self.dist.wrap(self.model)  # after hooks that set requires_grad
         final_predictions: dict[str, dict[str, list]] = {}
         self.model.train()
-        accum = self.t.gradient_accumulation_steps
+        accum = self.training.gradient_accumulation_steps
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{self.cfg.run_id} seed {self.seed}",
                         unit="step", dynamic_ncols=True, mininterval=1.0, leave=False,
                         disable=not self.dist.is_main)
-        anomaly = torch.autograd.set_detect_anomaly(True) if self.t.detect_anomaly else nullcontext()
+        anomaly = torch.autograd.set_detect_anomaly(True) if self.training.detect_anomaly else nullcontext()
         last_eval: dict[str, float] = {}
         with anomaly:
             while self.epoch < self.epochs and self.global_step < self.total_steps:
@@ -407,7 +407,7 @@ class Trainer:
                 running: dict[str, torch.Tensor] = {}  # summed on the device: no per-step sync
                 n_running = 0
                 t_step = time.perf_counter()
-                for batch in batches(self.data.train, order, self.t.batch_size, self.collate,
+                for batch in batches(self.data.train, order, self.training.batch_size, self.collate,
                                      start=self.batch_in_epoch, limit=cap,
                                      shard=self.dist.shard if self.dist.enabled else None):
                     t0 = time.perf_counter()
@@ -432,7 +432,7 @@ class Trainer:
                     self.step_times.append(time.perf_counter() - t_step)
                     t_step = time.perf_counter()
                     progress.update(1)
-                    if self.global_step % self.t.log_every_n_steps == 0 or self.global_step == self.total_steps:
+                    if self.global_step % self.training.log_every_n_steps == 0 or self.global_step == self.total_steps:
                         means = {k: float(v) / n_running for k, v in running.items()}  # the sync
                         rec = {"step": self.global_step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
                                "loss": sum(means.values()),
@@ -442,11 +442,11 @@ class Trainer:
                         self._log(rec)
                         progress.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                         running, n_running = {}, 0
-                    if (self.t.evaluation_strategy == "steps" and not self.trial
-                            and self.global_step % self.t.eval_every_n_steps == 0):
+                    if (self.training.evaluation_strategy == "steps" and not self.trial
+                            and self.global_step % self.training.eval_every_n_steps == 0):
                         last_eval, final_predictions = self._evaluate_and_record()
-                    if (self.t.save_strategy == "steps" or self.t.save_every_n_steps) and not self.trial:
-                        every = self.t.save_every_n_steps
+                    if (self.training.save_strategy == "steps" or self.training.save_every_n_steps) and not self.trial:
+                        every = self.training.save_every_n_steps
                         if every and self.global_step % every == 0:
                             self.save()
                     if stop is not None and self.dist.any_rank(stop.signal is not None):
@@ -458,11 +458,11 @@ class Trainer:
                         break
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if self.t.evaluation_strategy == "epoch" or self.trial:
+                if self.training.evaluation_strategy == "epoch" or self.trial:
                     last_eval, final_predictions = self._evaluate_and_record()
                     if self.reporter is not None:
                         self.reporter(last_eval.get(self.cfg.optuna.metric_name), self.epoch)
-                if self.t.save_strategy == "epoch" and not self.trial:
+                if self.training.save_strategy == "epoch" and not self.trial:
                     self.save()
         progress.close()
         if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
@@ -498,7 +498,7 @@ class Trainer:
             self._nonfinite("loss", logged)
         if weight != 1.0:
             loss = loss * weight
-        self.scaler.scale(loss / self.t.gradient_accumulation_steps).backward()
+        self.scaler.scale(loss / self.training.gradient_accumulation_steps).backward()
         return {k: v.detach() for k, v in logged.items()}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -520,11 +520,11 @@ class Trainer:
         ``optimizer.step()``, and never otherwise (the same test as accelerate's
         ``step_was_skipped``).
         """
-        if self.t.max_grad_norm is not None or self.amp_dtype == torch.float16:
+        if self.training.max_grad_norm is not None or self.amp_dtype == torch.float16:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.t.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm)
+        if self.training.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
