@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -173,40 +174,83 @@ def _length_sweep(trainer: Trainer, lengths: list[int], batch_size: int, warmup:
     return shapes
 
 
-def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> dict[str, float]:
-    """Run the measurement pass; return the headline scalars (see the module docstring)."""
+@dataclass(frozen=True)
+class MeasurementPlan:
+    """What the pass times: the sweep's lengths (those the model can take) and batch size, and
+    the warm-up / timed counts (trial mode: one length, one warm-up, a few timed passes)."""
+
+    lengths: list[int]
+    skipped: list[int]  # configured lengths beyond the model's positions
+    position_limit: int | None
+    batch_size: int
+    warmup: int
+    repeats: int
+    n_timed: int
+
+    @classmethod
+    def for_trainer(cls, trainer: Trainer) -> MeasurementPlan:
+        cfg, t = trainer.training.inference_measurement, trainer.training
+        max_len = trainer.cfg.dataset.max_seq_length
+        lengths = sorted(set(cfg.lengths or [max(1, max_len // 2), max_len]))
+        limit = max_input_length(trainer.backbone.config)
+        skipped = [n for n in lengths if limit is not None and n > limit]
+        lengths = [n for n in lengths if n not in skipped]
+        if skipped:
+            log.info("inference measurement: lengths %s exceed the model's %d positions; skipped",
+                     skipped, limit)
+        warmup, repeats, n_timed = cfg.warmup, cfg.repeats, cfg.timed_batches
+        if trainer.trial:
+            warmup, repeats = min(warmup, TRIAL_WARMUP), min(repeats, TRIAL_REPEATS)
+            n_timed, lengths = min(n_timed, TRIAL_TIMED_BATCHES), lengths[:1]
+        return cls(lengths, skipped, limit, cfg.batch_size or t.eval_batch_size or t.batch_size,
+                   warmup, repeats, n_timed)
+
+
+def _timed_passes(trainer: Trainer, plan: MeasurementPlan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(evaluation-batch latency, length sweep), in eval mode under the run's autocast."""
     from rankwise.training.loop import autocast_context
 
+    model, sync = trainer.model, synchronizer(trainer.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_context(trainer.device, trainer.amp_dtype):
+            timed = _timed_evaluation_batches(trainer, plan.n_timed, plan.warmup, sync)
+            shapes = _length_sweep(trainer, plan.lengths, plan.batch_size, plan.warmup,
+                                   plan.repeats, sync)
+    finally:
+        model.train(was_training)
+    return timed, shapes
+
+
+def _budget_violations(final_metrics: dict[str, Any], shapes: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Violations in the final evaluation (all splits) and in the measurement passes; None
+    for a method without a budget."""
+    evaluation = [v for k, v in final_metrics.items() if k.endswith("_spectral_budget_violations")]
+    passes = [s["budget_violations"] for s in shapes if s["budget_violations"] is not None]
+    if not (evaluation or passes):
+        return None
+    return {"evaluation": int(sum(evaluation)), "measurement": int(sum(passes)),
+            "total": int(sum(evaluation) + sum(passes))}
+
+
+def _sweep_cost(shapes: list[dict[str, Any]]) -> tuple[str, float, float]:
+    """(source, adapter, controller FLOPs per example) averaged over the length sweep."""
+    n = max(len(shapes), 1)
+    return (f"{REALISED} (measurement passes)",
+            sum(s["adapter_flops_per_example"] for s in shapes) / n,
+            sum(s["controller_flops_per_example"] for s in shapes) / n)
+
+
+def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> dict[str, float]:
+    """Run the measurement pass; return the headline scalars (see the module docstring)."""
     cfg = trainer.training.inference_measurement
     headline = cost_headline(trainer, final_metrics)
     if not cfg.enabled:
         return headline
     start = time.perf_counter()
-    model, device = trainer.model, trainer.device
-    max_len = trainer.cfg.dataset.max_seq_length
-    lengths = sorted(set(cfg.lengths or [max(1, max_len // 2), max_len]))
-    limit = max_input_length(trainer.backbone.config)
-    skipped = [n for n in lengths if limit is not None and n > limit]
-    lengths = [n for n in lengths if n not in skipped]
-    if skipped:
-        log.info("inference measurement: lengths %s exceed the model's %d positions; skipped",
-                 skipped, limit)
-    batch_size = cfg.batch_size or trainer.training.eval_batch_size or trainer.training.batch_size
-    warmup, repeats, n_timed = cfg.warmup, cfg.repeats, cfg.timed_batches
-    if trainer.trial:  # a smoke run: one length, one warm-up, a few timed passes
-        warmup, repeats = min(warmup, TRIAL_WARMUP), min(repeats, TRIAL_REPEATS)
-        n_timed = min(n_timed, TRIAL_TIMED_BATCHES)
-        lengths = lengths[:1]
-    sync = synchronizer(device)
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast_context(device, trainer.amp_dtype):
-            timed = _timed_evaluation_batches(trainer, n_timed, warmup, sync)
-            shapes = _length_sweep(trainer, lengths, batch_size, warmup, repeats, sync)
-    finally:
-        model.train(was_training)
+    plan = MeasurementPlan.for_trainer(trainer)
+    timed, shapes = _timed_passes(trainer, plan)
     latency = timed["latency_ms"]
     headline.update(latency_ms_mean=latency["mean_ms"], latency_ms_p50=latency["p50_ms"],
                     latency_ms_p99=latency["p99_ms"], latency_n_timed=latency["n"])
@@ -215,34 +259,27 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
 
     eval_cost = _evaluation_cost(trainer, final_metrics)
     if eval_cost is None:  # no evaluation statistics: fall back to the measurement passes
-        source = f"{REALISED} (measurement passes)"
-        adapter = sum(s["adapter_flops_per_example"] for s in shapes) / max(len(shapes), 1)
-        controller = sum(s["controller_flops_per_example"] for s in shapes) / max(len(shapes), 1)
-        headline.update(adapter_mflops_per_example=adapter / 1e6,
-                        controller_mflops_per_example=controller / 1e6)
-    else:
-        source, adapter, controller = eval_cost
-
-    eval_violations = [v for k, v in final_metrics.items() if k.endswith("_spectral_budget_violations")]
-    pass_violations = [s["budget_violations"] for s in shapes if s["budget_violations"] is not None]
-    budgeted = bool(eval_violations or pass_violations)
-    violations = int(sum(eval_violations) + sum(pass_violations)) if budgeted else None
+        eval_cost = _sweep_cost(shapes)
+        headline.update(adapter_mflops_per_example=eval_cost[1] / 1e6,
+                        controller_mflops_per_example=eval_cost[2] / 1e6)
+    source, adapter, controller = eval_cost
+    violations = _budget_violations(final_metrics, shapes)
     if violations is not None:
-        headline["budget_violations"] = violations
+        headline["budget_violations"] = violations["total"]
 
-    _, controller_params = trainable_param_counts(model)
+    _, controller_params = trainable_param_counts(trainer.model)
     primary, last_split = trainer.data.evals[0].name, trainer.data.evals[-1].name
     figure_cost = _eval_set_cost(trainer, len(trainer.data.evals) - 1)
     per_token = _eval_set_cost(trainer, 0)
     report = {
-        "algorithm": trainer.cfg.algorithm, "device": str(device),
+        "algorithm": trainer.cfg.algorithm, "device": str(trainer.device),
         "torch_threads": torch.get_num_threads(),
-        "dtype": str(trainer.amp_dtype or next(model.parameters()).dtype),
+        "dtype": str(trainer.amp_dtype or next(trainer.model.parameters()).dtype),
         "latency": timed,
         "inputs": "length sweep: evaluation-set tokens cut into full rows (no padding)",
-        "warmup": warmup, "repeats": repeats,
-        "sweep_batch_size": batch_size,
-        "skipped_lengths": skipped, "position_limit": limit,
+        "warmup": plan.warmup, "repeats": plan.repeats,
+        "sweep_batch_size": plan.batch_size,
+        "skipped_lengths": plan.skipped, "position_limit": plan.position_limit,
         "shapes": shapes,
         "evaluation": {
             "split": primary, "adapter_flops_per_example": adapter,
@@ -254,9 +291,7 @@ def measure_trained_model(trainer: Trainer, final_metrics: dict[str, Any]) -> di
         },
         "gate_histogram": {"split": last_split, "counts": figure_cost.histogram}
         if figure_cost is not None and figure_cost.histogram else None,
-        "budget_violations": None if violations is None else {
-            "evaluation": int(sum(eval_violations)), "measurement": int(sum(pass_violations)),
-            "total": violations},
+        "budget_violations": violations,
         "trainable_params_incl_controllers": headline["trainable_params_incl_controllers"],
         "controller_params": controller_params,
         "headline": headline,
