@@ -325,6 +325,11 @@ def test_sigkill_mid_grid_then_rerun_finishes_without_retraining(tmp_path, fake_
     assert len(attempt_logs(results, LORA)) == 1
     logs = attempt_logs(results, FULL)
     assert len(logs) == 2 and "resuming incomplete run" in logs[-1].read_text()
+    # grid.json tells the truth after the kill: the killed grid and its attempt are "lost"
+    state = grid_json(results)
+    assert [g["status"] for g in state["grids"]] == ["lost", "finished"]
+    assert [a["status"] for a in state["cells"][FULL]["attempts"]] == ["lost", "complete"]
+    assert [a["status"] for a in state["cells"][LORA]["attempts"]] == ["complete"]
     ref_results, _ = reference
     for rid in (LORA, FULL):
         assert seed_metrics(results, rid) == seed_metrics(ref_results, rid)

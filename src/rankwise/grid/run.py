@@ -131,11 +131,21 @@ class Grid:
                 self.pending.appendleft(rid)
 
     def mark_running(self) -> None:
+        """Cells whose worker has taken them: status running, and a running attempt written to
+        grid.json at once, so a grid killed outright (SIGKILL) still leaves its attempt on record
+        (the next grid marks it lost; ``GridState.save``)."""
+        started = False
         for rid, (_, spec) in self.inflight.items():
             owner = read_owner(self.owner_path(rid))
             if owner.get("token") == self.token and owner.get("attempt") == spec.attempt \
                     and self.state.cells[rid].get("status") != "running":
                 self.state.set(rid, status="running", started_at=owner.get("started_at"), host=owner.get("host"))
+                self.state.add_attempt(rid, {"grid": self.token, "try": spec.attempt, "host": owner.get("host"),
+                                             "pid": owner.get("pid"), "started_at": owner.get("started_at"),
+                                             "ended_at": None, "status": "running"})
+                started = True
+        if started:
+            self.state.save()
 
     def harvest(self) -> None:
         for rid, (handle, spec) in list(self.inflight.items()):

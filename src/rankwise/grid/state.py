@@ -65,6 +65,7 @@ class GridState:
                 attempts = sorted(merged.values(), key=lambda a: a.get("started_at") or 0)
                 cells[run_id] = {**theirs, **ours, "attempts": attempts}
             grids = [g for g in (disk.get("grids") or []) if g.get("token") != self.token]
+            mark_lost(grids, cells)
             comparisons = {**(disk.get("comparisons") or {}), **self.comparisons}
             atomic_write_json(self.path, {"version": STATE_VERSION, "updated_at": time.time(),
                                           "grids": (grids + [self.info])[-KEEP_GRIDS:],
@@ -79,6 +80,33 @@ class GridState:
                 if a.get("status") == "complete" and a.get("started_at") and a.get("ended_at"):
                     out.setdefault(cell["run_id"], []).append(a["ended_at"] - a["started_at"])
         return out
+
+
+def pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def mark_lost(grids: list[dict[str, Any]], cells: dict[str, dict[str, Any]]) -> None:
+    """Grids recorded as running whose process is gone from this host (killed outright, e.g.
+    SIGKILL or a lost node) become ``lost``, and so do their running attempts: a later grid
+    resumes those cells from their checkpoints."""
+    host = socket.gethostname()
+    lost = {g["token"] for g in grids if g.get("status") == "running" and g.get("host") == host
+            and not pid_alive(g.get("pid"))}
+    for g in grids:
+        if g.get("token") in lost:
+            g["status"] = "lost"
+    for cell in cells.values():
+        for a in cell.get("attempts") or []:
+            if a.get("status") == "running" and a.get("grid") in lost:
+                a["status"] = "lost"
+                a["error"] = "the grid running it was killed; a later grid resumes the cell"
 
 
 def a_key(attempt: dict[str, Any]) -> tuple:
