@@ -28,7 +28,6 @@ from rankwise.errors import ConfigError
 ROLE_PATTERN = re.compile(r"^(proposed|baseline|comparative(-\d+)?|ablation(-[A-Za-z0-9_.+-]+)?)$")
 
 
-
 @dataclass
 class IWRegularisationConfig:
     """IW-LoRA (methods.md §4): calibration, importance weights, weighted L2 penalty."""
