@@ -47,6 +47,19 @@ def _isolated_cache(tmp_path_factory):
         os.environ["RANKWISE_CACHE_DIR"] = old
 
 
+
+def draw_gate_parameters(model, seed: int, std: float) -> None:
+    """Redraw every spectral gate controller / log α of ``model`` from N(0, std²) under
+    ``seed``, so that some gates open at evaluation and some stay shut (ungated layers are
+    left alone)."""
+    from rankwise.methods.spectral import spectral_layers
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in spectral_layers(model).values():
+            for p in (layer.gate_source.parameters() if layer.gate_source is not None else []):
+                p.normal_(0, std)
+
 @pytest.fixture(scope="session")
 def glue_dir():
     if not (GLUE_DIR / "rte" / "train-00000-of-00001.parquet").exists():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import draw_gate_parameters
 
 from rankwise.config.schema import parse_run_config
 from rankwise.errors import ConfigError
@@ -157,11 +158,7 @@ def test_spectral_realised_flops_match_flop_counter(kind, tiny_bert):
     reference = copy.deepcopy(backbone).eval()
     method, model = wrapped({"type": kind, "R": 4} | ({} if kind == "spectral" else {"budget": 2}),
                             backbone)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in spectral_layers(model).values():
-            for p in (layer.gate_source.parameters() if layer.gate_source is not None else []):
-                p.normal_(0, 1.5)
+    draw_gate_parameters(model, seed=1, std=1.5)
     inputs = unpadded()
     with torch.no_grad():
         cost = forward_cost(model, method, lambda: model(**inputs), inputs["attention_mask"])
@@ -178,11 +175,7 @@ def test_budget_violations_are_zero_with_projection_on(projection, tiny_bert):
     method, model = wrapped({"type": "tabs", "R": 4, "budget": 2, "budget_tokens": 3,
                              "projection": projection},
                             backbone)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in spectral_layers(model).values():
-            for p in layer.gate_source.parameters():
-                p.normal_(0, 2.0)  # far more than 3 pairs per sequence want to open
+    draw_gate_parameters(model, seed=0, std=2.0)  # far more than 3 pairs per sequence want to open
     inputs = unpadded(batch=3, length=64)
     with torch.no_grad():
         cost = forward_cost(model, method, lambda: model(**inputs), inputs["attention_mask"])

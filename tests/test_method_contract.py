@@ -19,13 +19,13 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import draw_gate_parameters
 
 from rankwise.config.schema import parse_run_config
 from rankwise.measure.adapter_flops import measured_flops
 from rankwise.methods import build_method, register_method, registered_methods, unregister_method
 from rankwise.methods.base import is_head_parameter
 from rankwise.methods.lora import LoRA, LoRAConfig
-from rankwise.methods.spectral import spectral_layers
 from rankwise.methods.targets import resolve_target_modules
 from rankwise.training.checkpoint import load_trainable_state, trainable_state
 
@@ -107,15 +107,6 @@ def task_loss(model, b):
     return F.cross_entropy(model(**inputs).logits, labels)
 
 
-def open_some_gates(model) -> None:
-    """Controllers / log α drawn so that some gates open at evaluation and some stay shut."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in spectral_layers(model).values():
-            for p in (layer.gate_source.parameters() if layer.gate_source is not None else []):
-                p.normal_(0, 1.5)
-
-
 BACKBONES = ["tiny-bert", "tiny-deberta"]
 MATRIX = pytest.mark.parametrize("method_name", [*BUILTIN, TOY], indirect=True)
 
@@ -166,7 +157,7 @@ def test_contract(method_name, alias, request):
     with torch.no_grad():
         for p in trainable.values():
             p.add_(0.01 * torch.randn_like(p))
-    open_some_gates(model)
+    draw_gate_parameters(model, seed=1, std=1.5)  # some gates open, some shut
     saved, method_state = trainable_state(model), method.state_dict()
     fresh_method, fresh = build(method_name, alias, copy.deepcopy(reference))
     load_trainable_state(fresh, saved)
