@@ -30,8 +30,9 @@ query/key once per forward and shared by the whole batch — are adapted by ever
 AdaLoRA and the whole spectral family alike) but are not per example: their FLOPs are counted
 per forward (``ForwardCost.position_*``), realised from the gates for the spectral family and
 from the rows that actually pass through each peft layer for the LoRA family
-(:func:`count_position_rows`). A ``FlopCounterMode`` run of the whole model over B examples
-counts B · extra per example + the position FLOPs of that forward (:func:`measured_flops`).
+(``rankwise.methods.cost.count_position_rows``). A ``FlopCounterMode`` run of the whole model
+over B examples counts B · extra per example + the position FLOPs of that forward
+(:func:`measured_flops`).
 """
 
 from __future__ import annotations
@@ -43,15 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.methods.cost import (  # noqa: F401  (the measurement's public names)
-    ANALYTIC,
+from rankwise.methods.cost import (  # noqa: F401  (names the measurement and benches use)
     NONE,
     REALISED,
     ForwardCost,
-    LoraTargetCost,
-    analytic_cost,
-    count_position_rows,
-    lora_flops_per_token,
     lora_target_costs,
     peft_forward_cost,
     trainable_param_counts,
