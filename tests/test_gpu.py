@@ -58,10 +58,7 @@ def make_trainer(tmp_path: Path, glue: Path, model: str, method: str, precision:
     job = load_job(over)
     d = dict(job.run_dict)
     d["model"] = {**d["model"], "adapter": adapter}
-    from rankwise.config.loader import Job
-    from rankwise.config.schema import parse_run_config
-
-    job = Job(command=job.command, run=parse_run_config(d), run_dict=d)
+    job = job.with_run(d)
     torch.manual_seed(0)
     tr = Trainer(job, 0, tmp_path / f"{model}-{method}-{precision}")
     batch = next(tr.calibration_batches())
@@ -114,7 +111,7 @@ def test_sparse_and_dense_spectral_paths_agree(tmp_path, fake_glue, model, metho
     """The CSR (SDDMM + SpMM) path against the dense-masked path: outputs and the gradients
     of the spectral parameters, same gates (evaluation mode)."""
     from rankwise.bench.inference import set_spectral_path
-    from rankwise.training.loop import model_inputs
+    from rankwise.runtime import model_inputs
 
     tr, batch = make_trainer(tmp_path, fake_glue, model, method, "fp32")
     tr.model.eval()

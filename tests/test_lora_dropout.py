@@ -140,7 +140,7 @@ def test_gradcheck_of_the_masked_scale():
 
 def test_lora_method_installs_it_and_bernoulli_keeps_peft(tmp_path):
     from rankwise.config.loader import load_job
-    from rankwise.training.loop import load_run_backbone, wrap_for_run
+    from rankwise.training.build import load_run_backbone, wrap_for_run
     from rankwise.data.tasks import get_task
 
     def drops(sampler):

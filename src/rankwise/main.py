@@ -85,7 +85,7 @@ def preflight(job: Job) -> None:
     the W&B package. Raises ConfigError (exit 2)."""
     from rankwise.errors import ConfigError
 
-    optuna_cfg = job.run.optuna
+    optuna_cfg = job.as_configured.optuna
     if optuna_cfg.n_trials > 0:
         from rankwise.runner import check_search_is_runnable
 

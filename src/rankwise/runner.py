@@ -81,8 +81,7 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
     results = []
     data = None
     with stop_on_signals() as stop:
-        seeds = job.run.training.seed_list()
-        for seed in seeds[:1] if job.command.mode == "trial" else seeds:  # trial: a smoke run, one seed
+        for seed in job.run.training.seed_list():
             seed_dir = job.run_dir / f"seed{seed}"
             if first is not None and not results:
                 trainer, rng = first
@@ -102,7 +101,7 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
 def execute(job: Job, prepare_run_dir: Callable[..., bool]) -> str:
     """Run the job (search first when it asks for one); return the CLI's one-line summary."""
     t_start = time.perf_counter()
-    if job.command.mode == "full" and job.run.optuna.n_trials > 0:
+    if job.run.optuna.n_trials > 0:  # 0 in trial mode (config.loader.resolve_mode)
         return search_then_final_run(job, prepare_run_dir, t_start)
     return train_and_write(job, prepare_run_dir, t_start)
 
@@ -117,7 +116,7 @@ def check_search_is_runnable(job: Job) -> None:
     if distributed.launched_by_torchrun():
         raise ConfigError("optuna.n_trials", "a search is not run under torchrun: start workers as "
                           "separate processes sharing optuna.storage, or set optuna.n_trials=0")
-    validate_search_space(job.run_dict, job.run.optuna)
+    validate_search_space(job.run_dict, job.as_configured.optuna)
 
 
 def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_start: float) -> str:
@@ -174,7 +173,6 @@ def trial_objective(job: Job, seed: int) -> Callable:
     With ``optuna.selection_split`` a fraction, the trial trains on the training split minus a
     held-out slice (seeded by ``seed``, stratified) and the metric is measured on the slice
     (:mod:`rankwise.data.selection`); with ``validation``, on the validation split."""
-    from rankwise.config.schema import parse_run_config
     from rankwise.errors import RankwiseError
     from rankwise.training.loop import Trainer, stop_on_signals
 
@@ -190,7 +188,7 @@ def trial_objective(job: Job, seed: int) -> Callable:
         from rankwise.data.loading import load_task_data
         from rankwise.data.selection import selection_data
         from rankwise.models import default_cache_dir
-        from rankwise.training.loop import load_run_backbone
+        from rankwise.training.build import load_run_backbone
 
         _, tokenizer = load_run_backbone(run, get_task(run.dataset.name, run.dataset.subset))
         full = load_task_data(run.dataset, tokenizer, default_cache_dir())
@@ -203,7 +201,7 @@ def trial_objective(job: Job, seed: int) -> Callable:
         training.update(save_strategy="no", save_every_n_steps=None)
         training["inference_measurement"] = {**(training.get("inference_measurement") or {}),
                                              "enabled": False}
-        trial_job = Job(command=job.command, run=parse_run_config(trial_cfg), run_dict=trial_cfg)
+        trial_job = job.with_run(trial_cfg)
         model = trial_job.run.model
         source = json.dumps([trial_cfg.get("dataset"), model.name, model.tokenizer], sort_keys=True,
                             default=str)
@@ -225,11 +223,11 @@ def trial_objective(job: Job, seed: int) -> Callable:
 
 def with_params(job: Job, params: dict[str, Any]) -> Job:
     """The job with search parameters written into its run config (and re-validated)."""
-    from rankwise.config.schema import parse_run_config
     from rankwise.search import apply_params
 
-    run_dict = apply_params(job.run_dict, params)
-    return dataclasses.replace(job, run=parse_run_config(run_dict), run_dict=run_dict)
+    final = job.with_run(apply_params(job.run_dict, params))
+    final.training_started = job.training_started
+    return final
 
 
 def search_summary(job: Job, result) -> dict[str, Any]:
@@ -295,6 +293,49 @@ def tracked_config(job: Job) -> dict[str, Any]:
             "ignored_sections": job.ignored_sections}
 
 
+def run_header(job: Job, search: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json as written before training (status ``running``): the run, its task, the
+    config as written, provenance and, after a search, the search block."""
+    from rankwise.runtime import resolve_device
+
+    ctx = distributed.current()
+    task = get_task(job.run.dataset.name, job.run.dataset.subset)
+    return {"run_id": job.run.run_id, "method": job.run.method, "algorithm": job.run.algorithm,
+            "status": "running", "mode": job.command.mode,
+            "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
+                     "primary_metric": f"validation_{task.primary_metric}",
+                     "is_regression": task.is_regression,
+                     **({"f1_positive_class": task.f1_positive_class} if "f1" in task.metrics else {}),
+                     "missing_splits": missing_eval_splits(job.run.dataset, task)},
+            "config": job.run_dict, "ignored_sections": job.ignored_sections,
+            "provenance": provenance(resolve_device(job.command.device)),
+            **({"processes": ctx.world_size} if ctx.enabled else {}),
+            **({"search": search} if search is not None else {})}
+
+
+def complete_metrics(job: Job, base: dict[str, Any], results: list, t_start: float) -> dict[str, Any]:
+    """metrics.json of the finished run: the seeds' final metrics aggregated (mean, std, 95 %
+    interval), the first seed's best and history, times, memory and method metrics."""
+    first = results[0]
+    add_glue_score(job.run.dataset.name, job.run.dataset.subset, results)
+    agg = aggregate_seeds(results)
+    # fp16 steps the GradScaler skipped (nothing advanced on them): per seed and summed.
+    agg["per_seed"] = {str(r.seed): {**r.final, "amp_skipped_steps": r.amp_skipped_steps} for r in results}
+    return {
+        **base, "status": "complete",
+        "final": dict(agg["mean"]), "best": first.best,
+        "history": [h for h in first.history if h.get("type") == "eval"],
+        **agg,
+        "params": first.params,
+        "wall_time_s": {k: float(np.sum([r.wall_time_s[k] for r in results])) for k in first.wall_time_s},
+        "job_wall_time_s": time.perf_counter() - t_start,
+        "amp_skipped_steps": int(sum(r.amp_skipped_steps for r in results)),
+        "step_time_s": first.step_time_s, "peak_memory_mb": max((r.peak_memory_mb or 0) for r in results) or None,
+        "method_metrics": first.method_metrics,
+        "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},
+    }
+
+
 def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: float,
                     search: dict[str, Any] | None = None) -> str:
     """Train the configuration once per seed and write the run folder (rank 0 under torchrun)."""
@@ -305,21 +346,7 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
     resume = prepare_run_dir(job, keep=keep) if ctx.is_main else None
     resume = ctx.broadcast(resume)
     run_dir = job.run_dir
-    task = get_task(job.run.dataset.name, job.run.dataset.subset)
-    from rankwise.training.loop import resolve_device
-
-    device = resolve_device(job.command.device)
-    base = {"run_id": job.run.run_id, "method": job.run.method, "algorithm": job.run.algorithm,
-            "status": "running", "mode": job.command.mode,
-            "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
-                     "primary_metric": f"validation_{task.primary_metric}",
-                     "is_regression": task.is_regression,
-                     **({"f1_positive_class": task.f1_positive_class} if "f1" in task.metrics else {}),
-                     "missing_splits": missing_eval_splits(job.run.dataset, task)},
-            "config": job.run_dict, "ignored_sections": job.ignored_sections,
-            "provenance": provenance(device),
-            **({"processes": ctx.world_size} if ctx.enabled else {}),
-            **({"search": search} if search is not None else {})}
+    base = run_header(job, search)
     if ctx.is_main:
         atomic_write_json(run_dir / "metrics.json", base)
         write_yaml(run_dir / "config.yaml", job.run_dict)
@@ -335,28 +362,11 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
         raise
     for r in results:
         tracker.log_history(r.seed, r.history)
-    first = results[0]
-    add_glue_score(job.run.dataset.name, job.run.dataset.subset, results)
-    agg = aggregate_seeds(results)
-    # fp16 steps the GradScaler skipped (nothing advanced on them): per seed and summed.
-    agg["per_seed"] = {str(r.seed): {**r.final, "amp_skipped_steps": r.amp_skipped_steps} for r in results}
-    final = dict(agg["mean"])
-    metrics = {
-        **base, "status": "complete",
-        "final": final, "best": first.best, "history": [h for h in first.history if h.get("type") == "eval"],
-        **agg,
-        "params": first.params,
-        "wall_time_s": {k: float(np.sum([r.wall_time_s[k] for r in results])) for k in first.wall_time_s},
-        "job_wall_time_s": time.perf_counter() - t_start,
-        "amp_skipped_steps": int(sum(r.amp_skipped_steps for r in results)),
-        "step_time_s": first.step_time_s, "peak_memory_mb": max((r.peak_memory_mb or 0) for r in results) or None,
-        "method_metrics": first.method_metrics,
-        "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},
-    }
+    metrics = complete_metrics(job, base, results, t_start)
     tracker.complete(metrics)
     if ctx.is_main:
         atomic_write_json(run_dir / "metrics.json", metrics)
-    primary = metrics["task"]["primary_metric"]
-    std = agg["std"].get(primary, 0.0)
+    primary, final = metrics["task"]["primary_metric"], metrics["final"]
+    std = metrics["std"].get(primary, 0.0)
     seeds = len(results)
     return f"{primary}={final.get(primary, float('nan')):.4f}" + (f" ± {std:.4f} over {seeds} seeds" if seeds > 1 else "") + f" -> {run_dir / 'metrics.json'}"

@@ -52,13 +52,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from rankwise.config.loader import Job
-from rankwise.config.schema import parse_run_config
 from rankwise.config.typed import join, require
 from rankwise.errors import ConfigError
 from rankwise.measure.adapter_flops import (
@@ -150,19 +149,14 @@ def with_adapter(job: Job, kind: str) -> Job:
         model["adapter"]["target_modules"] = old["target_modules"]
     model.setdefault("importance_weighted_regularisation", {})["enabled"] = False
     d["run_id"] = f"{job.run.run_id}-{kind}"
-    return Job(command=job.command, run=parse_run_config(d), run_dict=d)
+    return job.with_run(d)
 
 
 def build_model(job: Job, device: torch.device):
     """(model, method, tokenizer) exactly as the training loop builds them (seeded)."""
-    from rankwise.data.tasks import get_task
-    from rankwise.training.loop import load_run_backbone, seed_everything, wrap_for_run
+    from rankwise.training.build import build_model
 
-    run = job.run
-    seed_everything(run.training.seed, deterministic=False)
-    backbone, tokenizer = load_run_backbone(run, get_task(run.dataset.name, run.dataset.subset))
-    method, model = wrap_for_run(run, backbone)
-    model = model.to(device)
+    model, method, tokenizer = build_model(job.run, job.run.training.seed, device)
     model.eval()
     return model, method, tokenizer
 
@@ -217,7 +211,7 @@ def realistic_fresh_gates(method: Any, model: nn.Module) -> dict[str, Any]:
 
 
 def build_variants(jobs: list[Job], options: InferenceBenchOptions, device: torch.device) -> list[Variant]:
-    from rankwise.training.loop import autocast_dtype
+    from rankwise.runtime import autocast_dtype
 
     if options.adapters:
         if len(jobs) != 1:
@@ -238,7 +232,7 @@ def build_variants(jobs: list[Job], options: InferenceBenchOptions, device: torc
         trainable, controller = trainable_param_counts(model)
         common = {"job": job, "method": method, "tokenizer": tokenizer, "weights": weights,
                   "trainable_params": trainable, "controller_params": controller,
-                  "amp_dtype": autocast_dtype(job, device)}
+                  "amp_dtype": autocast_dtype(job.run.training, device)}
         is_lora = bool(lora_target_costs(model)) and hasattr(model, "merge_and_unload")
         paths = spectral_paths(method, model, options.spectral_path)
         if paths:
@@ -282,7 +276,7 @@ def set_spectral_path(model: nn.Module, path: str) -> None:
 
 # --- the sweep --------------------------------------------------------------------------------
 def _forward(variant: Variant, inputs: dict[str, torch.Tensor], device: torch.device):
-    from rankwise.training.loop import autocast_context
+    from rankwise.runtime import autocast_context
 
     def run():
         with autocast_context(device, variant.amp_dtype):
@@ -340,8 +334,78 @@ def _hf_config(model: nn.Module):
     return hf.config if hf is not None else None
 
 
+def _cost_row(v: Variant, inputs: dict[str, torch.Tensor], forward: Callable[[], Any], batch: int,
+              length: int, backbone: float, count: bool) -> dict[str, Any]:
+    """One variant's FLOPs at one shape: the method's own count (``forward_cost``) and, when
+    ``count``, ``FlopCounterMode``'s count of the whole model checked against it."""
+    counted: dict[str, int] = {}
+
+    def instrumented():
+        if count:
+            counted["flops"] = measured_flops(v.model, forward)
+        else:
+            forward()
+
+    cost = forward_cost(v.model, v.method, instrumented, inputs["attention_mask"])
+    summary = cost.summary()
+    open_pairs = summary["adapter_flops_per_example"] if v.execution else None
+    if v.execution == "dense":  # executes all R directions of every token
+        summary["adapter_flops_per_example"] = cost.detail["dense_adapter_flops_per_example"]
+        summary["extra_flops_per_example"] = (summary["adapter_flops_per_example"]
+                                              + summary["controller_flops_per_example"])
+        summary["position_flops_per_forward"] = (cost.position_dense_adapter_flops
+                                                 + cost.position_controller_flops)
+    row = {"variant": v.label, "algorithm": v.job.run.algorithm, "merged": v.merged,
+           "spectral_inference_path": v.execution,
+           "batch_size": batch, "length": length, **summary,
+           "open_pair_flops_per_example": open_pairs,
+           "backbone_flops_per_example": backbone,
+           "total_flops_per_example": backbone + summary["extra_flops_per_example"],
+           "flop_counter": None}
+    if "flops" in counted:
+        per_example = counted["flops"] / batch
+        measured_extra = per_example - backbone
+        expected = (summary["extra_flops_per_example"]
+                    + summary["position_flops_per_forward"] / batch)
+        row["flop_counter"] = {
+            "model_flops_per_example": per_example,
+            "extra_flops_per_example": measured_extra,
+            "agrees": math.isclose(measured_extra, expected, rel_tol=0, abs_tol=0.5),
+        }
+    return row
+
+
+def _shape_rows(variants: list[Variant], batch: int, length: int, options: InferenceBenchOptions,
+                base_flops: dict[str, dict[int, float]], count: bool, device: torch.device,
+                sync) -> list[dict[str, Any]]:
+    """Every variant at one (batch, length): its cost row, then ``warmup`` untimed and
+    ``repeats`` timed forwards, interleaved in a rotating order."""
+    rows: dict[str, dict[str, Any]] = {}
+    forwards = {}
+    with torch.no_grad():
+        for v in variants:
+            inputs = {k: x.to(device) for k, x in random_token_batch(
+                v.tokenizer, batch, length, options.input_seed).items()}
+            forward = forwards[v.label] = _forward(v, inputs, device)
+            rows[v.label] = _cost_row(v, inputs, forward, batch, length,
+                                      base_flops[v.job.run.model.name][length], count)
+        for _ in range(options.warmup):
+            for v in variants:
+                forwards[v.label]()
+        samples: dict[str, list[float]] = {v.label: [] for v in variants}
+        for rep in range(options.repeats):
+            shift = rep % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                samples[v.label].append(timed_call(forwards[v.label], synchronize=sync))
+    for v in variants:
+        rows[v.label]["latency_ms"] = LatencyStats.from_seconds(samples[v.label]).to_dict()
+    return [rows[v.label] for v in variants]
+
+
 def run(jobs: list[Job], options: InferenceBenchOptions) -> dict[str, Any]:
-    from rankwise.training.loop import resolve_device
+    """Build the variants, plan the shapes, count and time every variant at every shape
+    (interleaved, one process) and return the report."""
+    from rankwise.runtime import resolve_device
 
     start = time.perf_counter()
     device = resolve_device(jobs[0].command.device)
@@ -358,65 +422,11 @@ def run(jobs: list[Job], options: InferenceBenchOptions) -> dict[str, Any]:
     base_flops = backbone_flops([v.job for v in variants], lengths, tokenizers, options.input_seed, device)
     smallest_batch = min(batch for batch, _ in shapes)
     sync = synchronizer(device)
-
     results: list[dict[str, Any]] = []
     for batch, length in shapes:
         log.info("bench inference: batch %d × length %d", batch, length)
-        rows: dict[str, dict[str, Any]] = {}
-        forwards = {}
-        with torch.no_grad():
-            for v in variants:
-                inputs = {k: x.to(device) for k, x in random_token_batch(
-                    v.tokenizer, batch, length, options.input_seed).items()}
-                forward = forwards[v.label] = _forward(v, inputs, device)
-                counted: dict[str, int] = {}
-
-                def instrumented(v=v, forward=forward, counted=counted, count=batch == smallest_batch):
-                    if count:
-                        counted["flops"] = measured_flops(v.model, forward)
-                    else:
-                        forward()
-
-                cost = forward_cost(v.model, v.method, instrumented, inputs["attention_mask"])
-                summary = cost.summary()
-                open_pairs = summary["adapter_flops_per_example"] if v.execution else None
-                if v.execution == "dense":  # executes all R directions of every token
-                    summary["adapter_flops_per_example"] = cost.detail["dense_adapter_flops_per_example"]
-                    summary["extra_flops_per_example"] = (summary["adapter_flops_per_example"]
-                                                          + summary["controller_flops_per_example"])
-                    summary["position_flops_per_forward"] = (cost.position_dense_adapter_flops
-                                                             + cost.position_controller_flops)
-                backbone = base_flops[v.job.run.model.name][length]
-                row = {"variant": v.label, "algorithm": v.job.run.algorithm, "merged": v.merged,
-                       "spectral_inference_path": v.execution,
-                       "batch_size": batch, "length": length, **summary,
-                       "open_pair_flops_per_example": open_pairs,
-                       "backbone_flops_per_example": backbone,
-                       "total_flops_per_example": backbone + summary["extra_flops_per_example"],
-                       "flop_counter": None}
-                if "flops" in counted:
-                    per_example = counted["flops"] / batch
-                    measured_extra = per_example - backbone
-                    expected = (summary["extra_flops_per_example"]
-                                + summary["position_flops_per_forward"] / batch)
-                    row["flop_counter"] = {
-                        "model_flops_per_example": per_example,
-                        "extra_flops_per_example": measured_extra,
-                        "agrees": math.isclose(measured_extra, expected, rel_tol=0, abs_tol=0.5),
-                    }
-                rows[v.label] = row
-            for _ in range(options.warmup):
-                for v in variants:
-                    forwards[v.label]()
-            samples: dict[str, list[float]] = {v.label: [] for v in variants}
-            for rep in range(options.repeats):
-                shift = rep % len(variants)
-                for v in variants[shift:] + variants[:shift]:
-                    samples[v.label].append(timed_call(forwards[v.label], synchronize=sync))
-        for v in variants:
-            rows[v.label]["latency_ms"] = LatencyStats.from_seconds(samples[v.label]).to_dict()
-            results.append(rows[v.label])
-
+        results += _shape_rows(variants, batch, length, options, base_flops,
+                               batch == smallest_batch, device, sync)
     report = {
         "benchmark": "inference",
         "runs": [job.run.run_id for job in jobs],

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from rankwise.config.loader import Job
-from rankwise.config.schema import parse_run_config
 
 MNLI_TRAIN_EXAMPLES = 392_702
 
@@ -41,7 +40,7 @@ def variant(job: Job, kind: str) -> Job:
         d["model"]["adapter"] = {"type": "lora", "rank": rank, "lora_alpha": alpha,
                                  "dropout": adapter.get("dropout", 0.1)}
     d["run_id"] = f"{job.run.run_id}-{kind}"
-    return Job(command=job.command, run=parse_run_config(d), run_dict=d)
+    return job.with_run(d)
 
 
 def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | None = None,

@@ -33,7 +33,6 @@ from typing import Any, Callable
 import torch
 
 from rankwise.config.loader import Job
-from rankwise.config.schema import parse_run_config
 from rankwise.config.typed import join, require
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def method_variant(job: Job, kind: str) -> Job:
             if key in old:
                 d["model"]["adapter"][key] = old[key]
         d["run_id"] = f"{job.run.run_id}-{kind}"
-        return Job(command=base.command, run=parse_run_config(d), run_dict=d)
+        return base.with_run(d)
     return base
 
 
@@ -191,7 +190,7 @@ class HFTrainerDriver:
 
         from rankwise.methods.lora import head_modules_to_save
         from rankwise.methods.targets import resolve_target_modules
-        from rankwise.training.loop import load_run_backbone
+        from rankwise.training.build import load_run_backbone
 
         t, a = job.run.training, job.run.model.adapter
         torch.manual_seed(t.seed)
@@ -381,7 +380,7 @@ def run(jobs: list[tuple[str, Job]], options: TrainBenchOptions) -> dict[str, An
 
 
 def _count(model) -> dict[str, Any]:
-    from rankwise.training.loop import count_params
+    from rankwise.runtime import count_params
 
     return count_params(model)
 

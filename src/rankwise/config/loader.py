@@ -57,19 +57,82 @@ class JobConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """The caps a run trains under that no run key expresses; a full run has none.
+
+    ``max_batches``: training batches per epoch and evaluation batches per split (the data
+    loaded is cut to the rows they read; the data check still reads the configured rows).
+    ``calibration_batches``: the batches a method's calibration may read."""
+
+    max_batches: int | None = None
+    calibration_batches: int | None = None
+
+
+# mode=trial: a smoke run of the whole pipeline (see resolve_mode).
+TRIAL_LIMITS = RunLimits(max_batches=2, calibration_batches=1)
+TRIAL_MEASUREMENT = {"warmup": 1, "repeats": 3, "timed_batches": 10}
+
+
+def resolve_mode(run: RunConfig, mode: str) -> tuple[RunConfig, RunLimits]:
+    """The run's values under ``mode``, resolved once at load: nothing downstream reads the mode.
+
+    ``full`` changes nothing. ``trial`` is a smoke run: one seed (the first), one epoch of at
+    most two batches (no ``max_steps``), evaluated at its end on at most two batches per
+    split, no checkpoints, no search (``optuna.n_trials=0``), one calibration batch, and a
+    measurement pass at the shortest length with at most 1 warm-up, 3 timed passes per
+    length and 10 timed evaluation batches."""
+    if mode == "full":
+        return run, RunLimits()
+    t = run.training
+    m = t.inference_measurement
+    max_len = run.dataset.max_seq_length
+    shortest = min(m.lengths or [max(1, max_len // 2), max_len])
+    measurement = dataclasses.replace(
+        m, lengths=[shortest], **{k: min(getattr(m, k), v) for k, v in TRIAL_MEASUREMENT.items()})
+    training = dataclasses.replace(
+        t, epochs=1, max_steps=None, evaluation_strategy="epoch", save_strategy="no",
+        save_every_n_steps=None, seeds=t.seed_list()[:1], n_seeds=None,
+        inference_measurement=measurement)
+    optuna = dataclasses.replace(run.optuna, n_trials=0)
+    return dataclasses.replace(run, training=training, optuna=optuna), TRIAL_LIMITS
+
+
 @dataclass
 class Job:
     command: JobConfig  # the command's own keys: run, results_dir, mode, resume, device, wandb
-    run: RunConfig
-    run_dict: dict[str, Any]  # validated-by-schema plain dict (for search and for config.yaml)
+    run: RunConfig  # the run's values under the command's mode (resolve_mode)
+    run_dict: dict[str, Any]  # the run config as written (schema-checked): search, config.yaml
     # Top-level sections of the run file that rankwise does not use (kept, recorded, warned about).
     ignored_sections: dict[str, Any] = field(default_factory=dict)
+    limits: RunLimits = field(default_factory=RunLimits)  # caps from the mode (resolve_mode)
+    # The run as written, before the mode trimmed it: what preflight checks in every mode.
+    configured_run: RunConfig | None = None
     # Set once training (or the search) has begun: errors before it leave no run folder behind.
     training_started: bool = False
 
     @property
     def run_dir(self) -> Path:
         return Path(self.command.results_dir) / self.run.run_id
+
+    @property
+    def as_configured(self) -> RunConfig:
+        return self.configured_run or self.run
+
+    def with_run(self, run_dict: dict[str, Any]) -> Job:
+        """This job's command with another run config (a search trial, the best parameters,
+        a bench variant), parsed and resolved for the command's mode like the original."""
+        return make_job(self.command, run_dict, self.ignored_sections)
+
+
+def make_job(command: JobConfig, run_dict: dict[str, Any],
+             ignored_sections: dict[str, Any] | None = None) -> Job:
+    """The one way a Job is built: schema-checked run config, resolved for the mode."""
+    configured = parse_run_config(run_dict)
+    run, limits = resolve_mode(configured, command.mode)
+    return Job(command=command, run=run, run_dict=run_dict,
+               ignored_sections=dict(ignored_sections or {}), limits=limits,
+               configured_run=configured)
 
 
 def packaged_configs() -> Path:
@@ -223,6 +286,6 @@ def load_job(argv: list[str]) -> Job:
         _set_dotted(run_dict, key, value, delete)
     # resolved whole, so interpolations may point into the kept-aside sections
     run_dict, ignored = split_run_sections(_resolve(run_dict, "run"))
-    run_cfg = parse_run_config(run_dict)
-    check_splits(run_cfg)
-    return Job(command=job, run=run_cfg, run_dict=run_dict, ignored_sections=ignored)
+    built = make_job(job, run_dict, ignored)
+    check_splits(built.run)
+    return built

@@ -17,7 +17,7 @@ extra it needs. The loop (``rankwise.training.loop``) reads like the algorithm b
         optimizer.zero_grad()
         log(..., **method.step_log_metrics(model))     # every logging step
     final |= method.training_metrics(model)           # e.g. the training-time open rate
-    method.begin_evaluation(model); ...eval forward passes...; stats = method.end_evaluation(model)
+    method.begin_evaluation(model, split); ...eval forward passes...; stats = method.end_evaluation(model)
     extra = method.write_artifacts(model, run_dir)     # importance.json, rank pattern, ...
     cost = method.forward_cost(model, forward, mask)   # extra FLOPs per example of one pass
 
@@ -93,8 +93,9 @@ class FineTuningMethod:
         return {}
 
     # --- evaluation -----------------------------------------------------------------------
-    def begin_evaluation(self, model: nn.Module) -> None:
-        """Reset per-evaluation statistics (gate counts, FLOPs, budget violations)."""
+    def begin_evaluation(self, model: nn.Module, split: str | None = None) -> None:
+        """Reset per-evaluation statistics (gate counts, FLOPs, budget violations) before the
+        evaluation pass over ``split`` (its metric prefix, e.g. ``validation``)."""
 
     def end_evaluation(self, model: nn.Module) -> dict[str, Any]:
         """Statistics gathered during the evaluation pass, merged into the eval metrics."""
@@ -112,9 +113,11 @@ class FineTuningMethod:
             f"method {self.name!r} does not count its cost: implement forward_cost and "
             "evaluation_cost (see rankwise.methods.cost)")
 
-    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int]) -> ForwardCost | None:
-        """Per-example cost of the most recent evaluation pass, whose examples had
-        ``valid_tokens`` real tokens; ``None`` when the method kept no record of that pass."""
+    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int],
+                        split: str | None = None) -> ForwardCost | None:
+        """Per-example cost of the most recent evaluation pass over ``split`` (None: the most
+        recent pass of any split), whose examples had ``valid_tokens`` real tokens; ``None``
+        when the method kept no record of that pass."""
         raise NotImplementedError(
             f"method {self.name!r} does not count its cost: implement forward_cost and "
             "evaluation_cost (see rankwise.methods.cost)")

@@ -200,5 +200,6 @@ class PeftLayerCost:
                      attention_mask: torch.Tensor) -> ForwardCost:
         return peft_forward_cost(model, forward, attention_mask)
 
-    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int]) -> ForwardCost | None:
-        return analytic_cost(model, valid_tokens)
+    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int],
+                        split: str | None = None) -> ForwardCost | None:
+        return analytic_cost(model, valid_tokens)  # the same for every split

@@ -4,9 +4,9 @@ backward, step, (method hook), log → evaluate → save. One call trains one se
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import random
 import signal
 import threading
 import time
@@ -17,30 +17,21 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rankwise import distributed
 from rankwise.config.loader import Job
-from rankwise.data.loading import (DynamicPaddingCollator, TaskData, batches, epoch_permutation,
-                                   eval_order, length_grouped_permutation, load_task_data,
-                                   n_batches, row_lengths)
+from rankwise.data.loading import TaskData, batches, epoch_permutation, eval_order, length_grouped_permutation, row_lengths
 from rankwise.errors import NonFiniteLossError, RankwiseError
-from rankwise.measure.after_training import measure_trained_model
-from rankwise.methods import build_method
-from rankwise.methods.base import FineTuningMethod
-from rankwise.methods.targets import resolve_target_modules
+from rankwise.measure.after_training import TrainedRun, measure_trained_model
 from rankwise.metrics import compute_metrics
-from rankwise.models import default_cache_dir, load_backbone
 from rankwise.results import append_jsonl
+from rankwise.runtime import (autocast_context, count_params, labels_on, model_inputs,
+                              peak_memory_mb, task_loss)
 from rankwise.training import checkpoint as ckpt
-from rankwise.training.optim import build_optimizer, build_scheduler
+from rankwise.training.build import Optimisation, Schedule, build_run
 
 log = logging.getLogger(__name__)
-
-TRIAL_MAX_BATCHES = 2
-# Batch entries that are not model inputs (``loss_weight``: a process's share, see distributed).
-NOT_MODEL_INPUTS = ("labels", "idx", "loss_weight")
 
 
 class RunInterrupted(RankwiseError):
@@ -62,67 +53,6 @@ class SeedResult:
     peak_memory_mb: float | None
     method_metrics: dict[str, Any] = field(default_factory=dict)
     amp_skipped_steps: int = 0  # optimizer steps the fp16 GradScaler skipped (overflow)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            from rankwise.errors import ConfigError
-
-            raise ConfigError("device", "cuda requested but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_dtype(job: Job, device: torch.device) -> torch.dtype | None:
-    t = job.run.training
-    if not (t.fp16 or t.bf16):
-        return None
-    if device.type != "cuda":
-        log.info("training.%s=true needs CUDA; running in float32 on %s",
-                 "fp16" if t.fp16 else "bf16", device.type)
-        return None
-    return torch.float16 if t.fp16 else torch.bfloat16
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context without one."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def load_run_backbone(run, task):
-    """(backbone, tokenizer) of a run's model with the task's head."""
-    return load_backbone(
-        run.model.name, task.num_labels,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-        tokenizer_name=run.model.tokenizer)
-
-
-def wrap_for_run(run, backbone: torch.nn.Module) -> tuple[FineTuningMethod, torch.nn.Module]:
-    """(method, model): the run's method built and wrapped around ``backbone``'s targets."""
-    method = build_method(run)
-    patterns = getattr(run.model.adapter, "target_modules", None) or run.model.target_modules
-    try:
-        targets = resolve_target_modules(backbone, patterns)
-    except ValueError as exc:
-        from rankwise.errors import ConfigError
-
-        raise ConfigError("model.adapter.target_modules", str(exc)) from None
-    return method, method.wrap(backbone, targets)
 
 
 class StopFlag:
@@ -150,78 +80,34 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    if regression:
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
-
-
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-
-
-def labels_on(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    return batch["labels"].to(device, non_blocking=True)
-
-
-def count_params(model: torch.nn.Module) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
-
-
-def peak_memory_mb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    except (ImportError, OSError):
-        return None
-
-
 class Trainer:
-    """Trains one seed of one run. ``reporter(value, epoch)`` feeds Optuna's pruner."""
+    """Trains one seed of one run. ``reporter(value, epoch)`` feeds Optuna's pruner.
+
+    The run is built by :func:`rankwise.training.build.build_run` (seed, device, precision,
+    backbone, data, method) and :class:`~rankwise.training.build.Optimisation`; the Trainer
+    owns only the loop and its state (step, epoch, history, checkpoints). Trial mode's caps
+    arrive resolved in ``job.run`` and ``job.limits``."""
 
     def __init__(self, job: Job, seed: int, seed_dir: Path, reporter: Callable | None = None,
                  data: TaskData | None = None):
         self.job, self.cfg, self.seed, self.seed_dir = job, job.run, seed, seed_dir
         self.training = job.run.training  # the run's TrainingConfig (training: block)
-        self.trial = job.command.mode == "trial"
+        self.limits = job.limits
         self.reporter = reporter
         self.dist = distributed.current()  # one process unless launched by torchrun
-        self.device = resolve_device(job.command.device)
-        self.amp_dtype = autocast_dtype(job, self.device)
-        seed_everything(seed, self.training.deterministic)
-        from rankwise.data.tasks import get_task
-
-        self.task = get_task(self.cfg.dataset.name, self.cfg.dataset.subset)
-        self.backbone, self.tokenizer = load_run_backbone(self.cfg, self.task)
-        self._check_lengths()
-        cap = TRIAL_MAX_BATCHES if self.trial else None
-        eval_bs = self.training.eval_batch_size or self.training.batch_size
-        self.data = data or load_task_data(
-            self.cfg.dataset, self.tokenizer, default_cache_dir(),
-            max_train=cap * self.training.batch_size * self.training.gradient_accumulation_steps if cap else None,
-            max_eval=cap * eval_bs if cap else None)
-        self.collate = DynamicPaddingCollator(self.tokenizer.pad_token_id, self.task.is_regression,
-                                              pin_memory=self.device.type == "cuda")
+        built = build_run(job, seed, data)
+        self.task, self.device, self.amp_dtype = built.task, built.device, built.amp_dtype
+        self.backbone, self.tokenizer, self.data = built.backbone, built.tokenizer, built.data
+        self.collate, self.method, self.model = built.collate, built.method, built.model
         self._train_lengths: list[int] | None = None
-        self.method, model = wrap_for_run(self.cfg, self.backbone)
-        self.model = model.to(self.device)
         # The training forward runs through this (DDP under torchrun); everything else,
         # method hooks included, sees the unwrapped ``self.model``.
         self.train_model = self.model
-        self.epochs = 1 if self.trial else self.training.epochs
-        self.batches_per_epoch = n_batches(len(self.data.train), self.training.batch_size, cap)
-        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.training.gradient_accumulation_steps))
-        self.total_steps = self.steps_per_epoch * self.epochs
-        if self.training.max_steps is not None and not self.trial:
-            self.total_steps = min(self.total_steps, self.training.max_steps)
-        self.optimizer = build_optimizer(self.model, self.training)
-        self.scheduler = build_scheduler(self.optimizer, self.training, self.total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.schedule = Schedule.of(self.training, len(self.data.train), self.limits)
+        self.epochs, self.total_steps = self.schedule.epochs, self.schedule.total_steps
+        self.batches_per_epoch = self.schedule.batches_per_epoch
+        opt = Optimisation.of(self.model, self.training, self.total_steps, self.device, self.amp_dtype)
+        self.optimizer, self.scheduler, self.scaler = opt.optimizer, opt.scheduler, opt.scaler
         self.amp_skipped_steps = 0  # optimizer steps the GradScaler skipped (fp16 overflow)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
@@ -235,24 +121,6 @@ class Trainer:
         self.history_file = seed_dir / "history.jsonl"
 
     # --- setup helpers ----------------------------------------------------------------------
-    def _check_lengths(self) -> None:
-        limit = getattr(self.backbone.config, "max_position_embeddings", None)
-        rel = getattr(self.backbone.config, "relative_attention", False) and not getattr(
-            self.backbone.config, "position_biased_input", True)
-        if self.cfg.dataset.name == "lra":
-            from rankwise.data.listops import check_length_fits
-
-            # Relative positions (DeBERTa-v3) have no position limit, but a ListOps sample cut
-            # to max_seq_length (truncation on) loses operands: refused as for absolute ones.
-            check_length_fits(self.cfg.dataset.max_seq_length, None if rel else limit,
-                              listops=self.cfg.dataset.listops)
-        if limit and not rel and self.cfg.dataset.max_seq_length > limit:
-            from rankwise.errors import ConfigError
-
-            raise ConfigError("dataset.max_seq_length",
-                              f"{self.cfg.dataset.max_seq_length} exceeds the model's position "
-                              f"limit ({limit})")
-
     def epoch_order(self, epoch: int) -> list[int]:
         """Training order of ``epoch``: length-grouped (``training.group_by_length``) or a
         plain permutation; a pure function of (seed, epoch), so resume is exact."""
@@ -327,9 +195,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         predictions: dict[str, dict[str, list]] = {}
         eval_bs = self.training.eval_batch_size or self.training.batch_size
-        cap = TRIAL_MAX_BATCHES if self.trial else None
+        cap = self.limits.max_batches
         for split in self.data.evals:
-            self.method.begin_evaluation(self.model)
+            self.method.begin_evaluation(self.model, split.name)
             losses, preds, labels, idxs = [], [], [], []
             # longest first (little padding); results are put back in dataset order below
             order = eval_order(row_lengths(split.data)) if cap is None else list(range(len(split.data)))
@@ -375,101 +243,128 @@ class Trainer:
         self.save()
 
     def run(self, resume: bool, stop: StopFlag | None = None) -> SeedResult:
+        """Calibrate (once), train to ``total_steps`` with per-epoch evaluation and checkpoints,
+        evaluate the final model, measure it; resumes from the latest checkpoint if asked."""
         self.seed_dir.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.try_resume()
         if not resumed and self.history_file.exists() and self.dist.is_main:
             self.history_file.unlink()
-        if not self.calibrated:
-            t0 = time.perf_counter()
-            cal = self.calibration_batches()
-            if self.trial:  # trial mode: one calibration batch
-                import itertools
-
-                cal = itertools.islice(cal, 1)
-            self.calibration_metrics = self.method.calibrate(self.model, cal, self.loss_fn)
-            self.wall["calibration"] = time.perf_counter() - t0
-            self.calibrated = True
+        self._calibrate()
         self.method.prepare_training(self.model, self.total_steps)
         self.train_model = self.dist.wrap(self.model)  # after hooks that set requires_grad
-        final_predictions: dict[str, dict[str, list]] = {}
         self.model.train()
-        accum = self.training.gradient_accumulation_steps
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{self.cfg.run_id} seed {self.seed}",
                         unit="step", dynamic_ncols=True, mininterval=1.0, leave=False,
                         disable=not self.dist.is_main)
         anomaly = torch.autograd.set_detect_anomaly(True) if self.training.detect_anomaly else nullcontext()
-        last_eval: dict[str, float] = {}
+        last: tuple[dict[str, float], dict[str, dict[str, list]]] = ({}, {})
         with anomaly:
             while self.epoch < self.epochs and self.global_step < self.total_steps:
-                order = self.epoch_order(self.epoch)
-                self.method.begin_epoch(self.model, fresh=self.batch_in_epoch == 0)
-                cap = TRIAL_MAX_BATCHES if self.trial else None
-                running: dict[str, torch.Tensor] = {}  # summed on the device: no per-step sync
-                n_running = 0
-                t_step = time.perf_counter()
-                for batch in batches(self.data.train, order, self.training.batch_size, self.collate,
-                                     start=self.batch_in_epoch, limit=cap,
-                                     shard=self.dist.shard if self.dist.enabled else None):
-                    t0 = time.perf_counter()
-                    terms = self.forward_backward(batch)
-                    for k, v in terms.items():
-                        v = v.detach().double()
-                        running[k] = running[k] + v if k in running else v
-                    n_running += 1
-                    self.batch_in_epoch += 1
-                    end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
-                    self.wall["training"] += time.perf_counter() - t0
-                    if self.batch_in_epoch % accum and not end_of_epoch:
-                        continue
-                    t0 = time.perf_counter()
-                    stepped = self._optimizer_step()
-                    self.wall["training"] += time.perf_counter() - t0
-                    if not stepped:  # fp16 overflow: nothing advanced, gradients cleared
-                        if self.global_step >= self.total_steps or end_of_epoch:
-                            break
-                        continue
-                    self.global_step += 1
-                    self.step_times.append(time.perf_counter() - t_step)
-                    t_step = time.perf_counter()
-                    progress.update(1)
-                    if self.global_step % self.training.log_every_n_steps == 0 or self.global_step == self.total_steps:
-                        means = {k: float(v) / n_running for k, v in running.items()}  # the sync
-                        rec = {"step": self.global_step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
-                               "loss": sum(means.values()),
-                               **means,
-                               "lr": self.scheduler.get_last_lr()[0],
-                               **self.method.step_log_metrics(self.model)}
-                        self._log(rec)
-                        progress.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-                        running, n_running = {}, 0
-                    if (self.training.evaluation_strategy == "steps" and not self.trial
-                            and self.global_step % self.training.eval_every_n_steps == 0):
-                        last_eval, final_predictions = self._evaluate_and_record()
-                    if (self.training.save_strategy == "steps" or self.training.save_every_n_steps) and not self.trial:
-                        every = self.training.save_every_n_steps
-                        if every and self.global_step % every == 0:
-                            self.save()
-                    if stop is not None and self.dist.any_rank(stop.signal is not None):
-                        self.save()
-                        raise RunInterrupted(f"stopped by signal {stop.signal or '(on another rank)'} at "
-                                             f"step {self.global_step}; checkpoint saved, continue with "
-                                             f"resume=true")
-                    if self.global_step >= self.total_steps or end_of_epoch:
-                        break
+                last = self._train_epoch(progress, stop) or last
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if self.training.evaluation_strategy == "epoch" or self.trial:
-                    last_eval, final_predictions = self._evaluate_and_record()
+                if self.training.evaluation_strategy == "epoch":
+                    last = self._evaluate_and_record()
                     if self.reporter is not None:
-                        self.reporter(last_eval.get(self.cfg.optuna.metric_name), self.epoch)
-                if self.training.save_strategy == "epoch" and not self.trial:
+                        self.reporter(last[0].get(self.cfg.optuna.metric_name), self.epoch)
+                if self.training.save_strategy == "epoch":
                     self.save()
         progress.close()
+        return self._finish(*last)
+
+    def _calibrate(self) -> None:
+        """The method's calibration (IW-LoRA's importance weights), once per seed: a resumed
+        run keeps the checkpointed result. ``limits.calibration_batches`` caps its batches."""
+        if self.calibrated:
+            return
+        t0 = time.perf_counter()
+        cal = self.calibration_batches()
+        if self.limits.calibration_batches is not None:
+            cal = itertools.islice(cal, self.limits.calibration_batches)
+        self.calibration_metrics = self.method.calibrate(self.model, cal, self.loss_fn)
+        self.wall["calibration"] = time.perf_counter() - t0
+        self.calibrated = True
+
+    def _train_epoch(self, progress, stop: StopFlag | None):
+        """The rest of the current epoch's batches (from ``batch_in_epoch``): forward/backward
+        per batch, an optimizer step per ``gradient_accumulation_steps`` batches, then the
+        step's logging, evaluation, checkpoint and signal check. Returns the latest step
+        evaluation's (metrics, predictions), or None when there was none."""
+        order = self.epoch_order(self.epoch)
+        self.method.begin_epoch(self.model, fresh=self.batch_in_epoch == 0)
+        accum = self.training.gradient_accumulation_steps
+        running: dict[str, torch.Tensor] = {}  # summed on the device: no per-step sync
+        n_running = 0
+        last = None
+        t_step = time.perf_counter()
+        for batch in batches(self.data.train, order, self.training.batch_size, self.collate,
+                             start=self.batch_in_epoch, limit=self.limits.max_batches,
+                             shard=self.dist.shard if self.dist.enabled else None):
+            t0 = time.perf_counter()
+            terms = self.forward_backward(batch)
+            for k, v in terms.items():
+                v = v.detach().double()
+                running[k] = running[k] + v if k in running else v
+            n_running += 1
+            self.batch_in_epoch += 1
+            end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
+            self.wall["training"] += time.perf_counter() - t0
+            if self.batch_in_epoch % accum and not end_of_epoch:
+                continue
+            t0 = time.perf_counter()
+            stepped = self._optimizer_step()
+            self.wall["training"] += time.perf_counter() - t0
+            if stepped:  # not stepped: fp16 overflow, nothing advanced, gradients cleared
+                self.global_step += 1
+                self.step_times.append(time.perf_counter() - t_step)
+                t_step = time.perf_counter()
+                progress.update(1)
+                if self._log_due():
+                    self._log_running(running, n_running, progress)
+                    running, n_running = {}, 0
+                last = self._after_step(stop) or last
+            if self.global_step >= self.total_steps or end_of_epoch:
+                break
+        return last
+
+    def _log_due(self) -> bool:
+        return (self.global_step % self.training.log_every_n_steps == 0
+                or self.global_step == self.total_steps)
+
+    def _log_running(self, running: dict[str, torch.Tensor], n: int, progress) -> None:
+        """Log the mean loss terms since the last record (the one host sync per record)."""
+        means = {k: float(v) / n for k, v in running.items()}
+        rec = {"step": self.global_step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
+               "loss": sum(means.values()),
+               **means,
+               "lr": self.scheduler.get_last_lr()[0],
+               **self.method.step_log_metrics(self.model)}
+        self._log(rec)
+        progress.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+
+    def _after_step(self, stop: StopFlag | None):
+        """Step-based evaluation and checkpoint, then the signal check (checkpoint and
+        RunInterrupted). Returns the evaluation's (metrics, predictions) when one ran."""
+        t, evaluated = self.training, None
+        if t.evaluation_strategy == "steps" and self.global_step % t.eval_every_n_steps == 0:
+            evaluated = self._evaluate_and_record()
+        if t.save_every_n_steps and self.global_step % t.save_every_n_steps == 0:
+            self.save()  # required by save_strategy=steps, honoured with any strategy
+        if stop is not None and self.dist.any_rank(stop.signal is not None):
+            self.save()
+            raise RunInterrupted(f"stopped by signal {stop.signal or '(on another rank)'} at "
+                                 f"step {self.global_step}; checkpoint saved, continue with "
+                                 f"resume=true")
+        return evaluated
+
+    def _finish(self, last_eval: dict[str, float], final_predictions: dict[str, dict[str, list]]) -> SeedResult:
+        """Evaluate the final model unless the last evaluation was at the last step, add the
+        method's training metrics and the measurement pass (rank 0), collect the SeedResult."""
         if not last_eval or self.history[-1].get("type") != "eval" or self.history[-1]["step"] != self.global_step:
             last_eval, final_predictions = self._evaluate_and_record()
         last_eval = {**last_eval, **self.method.training_metrics(self.model)}
         if self.dist.is_main:  # timed alone: the other ranks are done (and write nothing)
-            last_eval = {**last_eval, **measure_trained_model(self, last_eval)}
+            last_eval = {**last_eval, **measure_trained_model(self.trained_run())}
         return SeedResult(
             seed=self.seed, final=last_eval, best=self.best, history=self.history,
             predictions=final_predictions, params=count_params(self.model),
@@ -479,6 +374,17 @@ class Trainer:
             method_metrics={**self.calibration_metrics,
                             **(self.method.write_artifacts(self.model, self.seed_dir)
                                if self.dist.is_main else {})})
+
+    def trained_run(self) -> TrainedRun:
+        """What the measurement pass reads, as plain values."""
+        t = self.training
+        return TrainedRun(
+            model=self.model, method=self.method, device=self.device, amp_dtype=self.amp_dtype,
+            evals=self.data.evals, collate=self.collate,
+            eval_batch_size=t.eval_batch_size or t.batch_size,
+            eval_batches=self.limits.max_batches, config=t.inference_measurement,
+            max_seq_length=self.cfg.dataset.max_seq_length, model_config=self.backbone.config,
+            seed_dir=self.seed_dir, run_id=self.cfg.run_id, algorithm=self.cfg.algorithm)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward, task loss + each regulariser, backward (scaled for accumulation).

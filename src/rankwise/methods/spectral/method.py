@@ -91,7 +91,10 @@ class SpectralFamily(FineTuningMethod):
         super().__init__(config, run_cfg)
         self.recipe: SpectralRecipe = config.recipe()
         self.context: ForwardContext | None = None
-        self.last_statistics: GateStatistics | None = None
+        self.last_statistics: GateStatistics | None = None  # the most recent evaluation pass
+        # each split's most recent evaluation pass (the final evaluation's, after training)
+        self.split_statistics: dict[str, GateStatistics] = {}
+        self._evaluating: str | None = None
         self.last_evaluation: dict[str, Any] = {}
         self.svd_info: dict[str, Any] = {}
         self._layers: list[SpectralLinear] = []
@@ -224,8 +227,9 @@ class SpectralFamily(FineTuningMethod):
         return self._open_rates(self._epoch if self._epoch[2] else self._previous_epoch)
 
     # --- evaluation ------------------------------------------------------------------------
-    def begin_evaluation(self, model: nn.Module) -> None:
+    def begin_evaluation(self, model: nn.Module, split: str | None = None) -> None:
         self._context(model).statistics = GateStatistics()
+        self._evaluating = split
 
     def end_evaluation(self, model: nn.Module) -> dict[str, Any]:
         context = self._context(model)
@@ -233,6 +237,8 @@ class SpectralFamily(FineTuningMethod):
         if stats is None:
             return {}
         self.last_statistics = stats
+        if self._evaluating is not None:
+            self.split_statistics[self._evaluating] = stats
         summary = stats.summary()
         if self.recipe.penalty == "static_total":
             summary[f"{PREFIX}static_open_gates"] = sum(
@@ -269,12 +275,15 @@ class SpectralFamily(FineTuningMethod):
             forward()
         return self._realised_cost(model, stats)
 
-    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int]) -> ForwardCost | None:
-        """From the gate statistics of the most recent evaluation pass (``end_evaluation``)."""
-        if self.last_statistics is None:
+    def evaluation_cost(self, model: nn.Module, valid_tokens: list[int],
+                        split: str | None = None) -> ForwardCost | None:
+        """From the gate statistics of the most recent evaluation pass over ``split`` (any
+        split when None), as ``end_evaluation`` recorded them."""
+        stats = self.last_statistics if split is None else self.split_statistics.get(split)
+        if stats is None:
             return None
-        self.last_statistics.end_batch()
-        return self._realised_cost(model, self.last_statistics)
+        stats.end_batch()
+        return self._realised_cost(model, stats)
 
     def _realised_cost(self, model: nn.Module, stats: GateStatistics) -> ForwardCost:
         gated = any(layer.gate_source is not None for layer in spectral_layers(model).values())
