@@ -45,7 +45,6 @@ def variant(job: Job, kind: str) -> Job:
 
 def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | None = None,
         workdir: Path | None = None) -> dict[str, Any]:
-    from rankwise.data.loading import batches, epoch_permutation
     from rankwise.results import device_description
     from rankwise.training.loop import Trainer
 
@@ -58,52 +57,77 @@ def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | N
     for kind in kinds:
         trainers[kind] = Trainer(variant(job, kind), job.run.training.seed, workdir / kind, data=data)
         data = trainers[kind].data
-    iw = trainers["iw_lora"]
     n_cal = calibration_batches or job.run.model.importance_weighted_regularisation.sensitivity_warmup_steps
-    t0 = time.perf_counter()
-    cal_iter = iw.calibration_batches()
-    cal_metrics = iw.method.calibrate(iw.model, (next(cal_iter) for _ in range(n_cal)), iw.loss_fn)
-    calibration_s = time.perf_counter() - t0
+    cal_metrics, calibration_s = _calibrate(trainers["iw_lora"], n_cal)
     total = warmup + steps
     for tr in trainers.values():
         tr.method.prepare_training(tr.model, max(total, 10))
         tr.model.train()
-    order = epoch_permutation(len(data.train), job.run.training.seed, 0)
-    bs = job.run.training.batch_size
-    batch_list = list(batches(data.train, order, bs, trainers["lora"].collate,
-                              limit=total))
-    while len(batch_list) < total:  # small datasets: cycle
-        batch_list += batch_list[: total - len(batch_list)]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for i, batch in enumerate(batch_list):
-        for kind in kinds:
-            t0 = time.perf_counter()
-            trainers[kind].train_step(batch)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[kind].append(time.perf_counter() - t0)
+    batch_list = _timed_batches(job, data, trainers["lora"].collate, total)
+    times = _interleaved_step_times(trainers, batch_list, warmup)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
-    per_cal_batch = calibration_s / n_cal
+    bs = job.run.training.batch_size
 
     def share(n_examples: int, epochs: int, batch: int) -> dict[str, float]:
-        n_steps = math.ceil(n_examples / batch) * epochs
-        train_s = n_steps * mean["iw_lora"]
-        return {"train_steps": n_steps, "calibration_batches": n_cal,
-                "calibration_share": calibration_s / (calibration_s + train_s)}
+        return _calibration_share(n_examples, epochs, batch, mean["iw_lora"], n_cal, calibration_s)
 
-    t = job.run.training
     return {
         "run": job.run.run_id, "model": job.run.model.name, "batch_size": bs, "timed_steps": steps,
         "warmup_steps": warmup, "step_time_s_mean": mean, "step_time_s_median": median,
         "ratio_to_lora_mean": {k: mean[k] / mean["lora"] for k in kinds},
         "ratio_to_lora_median": {k: median[k] / median["lora"] for k in kinds},
-        "calibration_s": calibration_s, "calibration_s_per_batch": per_cal_batch,
+        "calibration_s": calibration_s, "calibration_s_per_batch": calibration_s / n_cal,
         "calibration": cal_metrics,
-        "calibration_share_this_run": share(len(data.train), t.epochs, bs),
+        "calibration_share_this_run": share(len(data.train), job.run.training.epochs, bs),
         "calibration_share_mnli_sized_run": share(MNLI_TRAIN_EXAMPLES, 3, 32),
         "note": ("AdaLoRA masks pruned ranks instead of shrinking them: its compute stays at "
                  "init_r throughout training."),
         "device": device_description(trainers["lora"].device),
     }
+
+
+def _calibrate(iw: Any, n_cal: int) -> tuple[dict[str, Any], float]:
+    """IW-LoRA's calibration on its first ``n_cal`` calibration batches: metrics and seconds."""
+    t0 = time.perf_counter()
+    cal_iter = iw.calibration_batches()
+    cal_metrics = iw.method.calibrate(iw.model, (next(cal_iter) for _ in range(n_cal)), iw.loss_fn)
+    return cal_metrics, time.perf_counter() - t0
+
+
+def _timed_batches(job: Job, data: Any, collate: Any, total: int) -> list[dict]:
+    """The first ``total`` training batches of epoch 0 (cycled when the data set is smaller);
+    every method steps on the same ones."""
+    from rankwise.data.loading import batches, epoch_permutation
+
+    order = epoch_permutation(len(data.train), job.run.training.seed, 0)
+    batch_list = list(batches(data.train, order, job.run.training.batch_size, collate,
+                              limit=total))
+    while len(batch_list) < total:  # small datasets: cycle
+        batch_list += batch_list[: total - len(batch_list)]
+    return batch_list
+
+
+def _interleaved_step_times(trainers: dict[str, Any], batch_list: list[dict],
+                            warmup: int) -> dict[str, list[float]]:
+    """Seconds per training step of each method, the methods taking turns on every batch
+    (so drift in machine load hits all alike); the first ``warmup`` batches are not timed."""
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for i, batch in enumerate(batch_list):
+        for kind, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[kind].append(time.perf_counter() - t0)
+    return times
+
+
+def _calibration_share(n_examples: int, epochs: int, batch: int, iw_step_s: float, n_cal: int,
+                       calibration_s: float) -> dict[str, float]:
+    """Calibration's share of a run of ``n_examples`` × ``epochs`` at IW-LoRA's mean step time."""
+    n_steps = math.ceil(n_examples / batch) * epochs
+    train_s = n_steps * iw_step_s
+    return {"train_steps": n_steps, "calibration_batches": n_cal,
+            "calibration_share": calibration_s / (calibration_s + train_s)}

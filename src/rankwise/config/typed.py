@@ -75,17 +75,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return convert(arg, value, path)
-            except ConfigError as exc:
-                errors.append(exc.message)
-        raise ConfigError(path, " / ".join(errors))
+        return _convert_union(args, value, path)
     if value is None:
         raise ConfigError(path, f"must not be null (expected {_type_name(tp)})")
     if origin is Literal:
@@ -108,6 +98,31 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         return {str(k): convert(val_tp, v, join(path, k)) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, path)
+    return _convert_scalar(tp, value, path)
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
+    """The first non-None member of the union that accepts ``value``; None if the union allows
+    it. When none accepts it, the error lists every member's message, in order."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return convert(arg, value, path)
+        except ConfigError as exc:
+            errors.append(exc.message)
+    raise ConfigError(path, " / ".join(errors))
+
+
+def _convert_scalar(tp: Any, value: Any, path: str) -> Any:
+    """``bool``, ``int``, ``float`` or ``str`` from a non-None YAML scalar.
+
+    bool is a subclass of int, so true/false is refused as a number; numeric strings (PyYAML
+    reads ``1e-4`` as one) are accepted; an int field takes an integer-valued float as an int.
+    """
     if tp is bool:
         if isinstance(value, bool):
             return value
