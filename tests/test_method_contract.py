@@ -217,3 +217,43 @@ def test_a_registered_method_is_a_valid_adapter_type_everywhere(method_name):
     with pytest.raises(ConfigError, match=f"choose from .*{TOY}"):
         parse_run_config({"run_id": "t", "method": "baseline",
                           "model": {"name": "tiny-bert", "adapter": {"type": "nope"}}})
+
+
+@MATRIX
+@pytest.mark.parametrize("alias", BACKBONES)
+def test_trial_mode_runs_end_to_end(method_name, alias, tmp_path, fake_glue):
+    """``mode=trial`` through ``rankwise.main`` for every method: the caps resolved at load
+    (one seed, one epoch of two batches, no checkpoints, a short measurement) and a complete
+    run folder with the method's cost."""
+    import json
+
+    import yaml
+
+    from rankwise.main import main
+
+    run = {"run_id": f"trial-{method_name}", "method": "baseline",
+           "model": {"name": alias, **copy.deepcopy(ROWS[method_name])},
+           "dataset": {"name": "glue", "subset": "sst2", "max_seq_length": 32,
+                       "data_dir": str(fake_glue)},
+           "training": {"epochs": 3, "batch_size": 8, "seeds": [5, 6],
+                        "save_strategy": "steps", "save_every_n_steps": 1}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main([f"run={path}", f"results_dir={tmp_path / 'results'}", "mode=trial"]) == 0
+    run_dir = tmp_path / "results" / run["run_id"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["mode"] == "trial"
+    assert metrics["seeds"] == [5]  # the first seed only
+    assert metrics["config"]["training"]["epochs"] == 3  # the config as written is recorded
+    steps = [h["step"] for h in metrics["history"]]
+    assert steps == [2]  # one epoch of two batches, evaluated at its end
+    assert not (run_dir / "seed5" / "checkpoints").exists()  # trial mode saves nothing
+    final = metrics["final"]
+    assert 0 <= final["validation_accuracy"] <= 1
+    if method_name == "full_ft":
+        assert final["adapter_mflops_per_example"] == 0
+    else:
+        assert final["adapter_mflops_per_example"] > 0
+    report = json.loads((run_dir / "seed5" / "inference.json").read_text())
+    assert [s["length"] for s in report["shapes"]] == [16]  # the shortest default length
+    assert report["latency"]["n_timed"] == 10 and report["repeats"] == 3
