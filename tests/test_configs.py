@@ -169,6 +169,8 @@ BROKEN = [
     # keys that were accepted and never applied: refused with the reason
     (["model.dropout_override=0.2"], "model.dropout_override", "never applied"),
     (["training.num_workers=4"], "training.num_workers", "never applied"),
+    # one home for target modules: model.target_modules
+    (["model.adapter.target_modules=[query]"], "model.adapter.target_modules", "model.target_modules"),
 ]
 
 

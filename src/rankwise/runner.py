@@ -81,7 +81,7 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
     results = []
     data = None
     with stop_on_signals() as stop:
-        for seed in job.run.training.seed_list():
+        for seed in job.limits.seeds(job.run):  # trial mode: the first seed only
             seed_dir = job.run_dir / f"seed{seed}"
             if first is not None and not results:
                 trainer, rng = first

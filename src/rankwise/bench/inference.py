@@ -145,8 +145,6 @@ def with_adapter(job: Job, kind: str) -> Job:
     model = d.setdefault("model", {})
     old = model.get("adapter") or {}
     model["adapter"] = None if kind == FULL else {"type": kind}
-    if old.get("target_modules") and kind != FULL:
-        model["adapter"]["target_modules"] = old["target_modules"]
     model.setdefault("importance_weighted_regularisation", {})["enabled"] = False
     d["run_id"] = f"{job.run.run_id}-{kind}"
     return job.with_run(d)

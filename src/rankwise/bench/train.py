@@ -92,7 +92,7 @@ def method_variant(job: Job, kind: str) -> Job:
         old = job.run_dict["model"].get("adapter") or {}
         sampler = "bernoulli" if kind == "lora_bernoulli" else old.get("dropout_sampler", "geometric")
         d["model"]["adapter"]["dropout_sampler"] = sampler
-        for key in ("target_modules", "bias"):
+        for key in ("bias",):
             if key in old:
                 d["model"]["adapter"][key] = old[key]
         d["run_id"] = f"{job.run.run_id}-{kind}"
@@ -195,7 +195,7 @@ class HFTrainerDriver:
         t, a = job.run.training, job.run.model.adapter
         torch.manual_seed(t.seed)
         model, tok = load_run_backbone(job.run, data.task)
-        patterns = getattr(a, "target_modules", None) or job.run.model.target_modules
+        patterns = job.run.model.target_modules
         model = get_peft_model(model, LoraConfig(
             task_type=TaskType.SEQ_CLS, r=a.rank, lora_alpha=a.lora_alpha, lora_dropout=a.dropout,
             target_modules=resolve_target_modules(model, patterns),

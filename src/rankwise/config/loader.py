@@ -63,25 +63,31 @@ class RunLimits:
 
     ``max_batches``: training batches per epoch and evaluation batches per split (the data
     loaded is cut to the rows they read; the data check still reads the configured rows).
-    ``calibration_batches``: the batches a method's calibration may read."""
+    ``calibration_batches``: the batches a method's calibration may read.
+    ``max_seeds``: how many of ``training.seeds`` run (the first ones)."""
 
     max_batches: int | None = None
     calibration_batches: int | None = None
+    max_seeds: int | None = None
+
+    def seeds(self, run: RunConfig) -> list[int]:
+        """The seeds the run trains: the configured ones, the first ``max_seeds`` of them."""
+        return run.training.seed_list()[: self.max_seeds]
 
 
 # mode=trial: a smoke run of the whole pipeline (see resolve_mode).
-TRIAL_LIMITS = RunLimits(max_batches=2, calibration_batches=1)
+TRIAL_LIMITS = RunLimits(max_batches=2, calibration_batches=1, max_seeds=1)
 TRIAL_MEASUREMENT = {"warmup": 1, "repeats": 3, "timed_batches": 10}
 
 
 def resolve_mode(run: RunConfig, mode: str) -> tuple[RunConfig, RunLimits]:
     """The run's values under ``mode``, resolved once at load: nothing downstream reads the mode.
 
-    ``full`` changes nothing. ``trial`` is a smoke run: one seed (the first), one epoch of at
-    most two batches (no ``max_steps``), evaluated at its end on at most two batches per
-    split, no checkpoints, no search (``optuna.n_trials=0``), one calibration batch, and a
+    ``full`` changes nothing. ``trial`` is a smoke run: one epoch (no ``max_steps``),
+    evaluated at its end, no checkpoints, no search (``optuna.n_trials=0``), and a
     measurement pass at the shortest length with at most 1 warm-up, 3 timed passes per
-    length and 10 timed evaluation batches."""
+    length and 10 timed evaluation batches; its ``RunLimits``: the first seed only, at most
+    two training batches and two evaluation batches per split, one calibration batch."""
     if mode == "full":
         return run, RunLimits()
     t = run.training
@@ -92,8 +98,7 @@ def resolve_mode(run: RunConfig, mode: str) -> tuple[RunConfig, RunLimits]:
         m, lengths=[shortest], **{k: min(getattr(m, k), v) for k, v in TRIAL_MEASUREMENT.items()})
     training = dataclasses.replace(
         t, epochs=1, max_steps=None, evaluation_strategy="epoch", save_strategy="no",
-        save_every_n_steps=None, seeds=t.seed_list()[:1], n_seeds=None,
-        inference_measurement=measurement)
+        save_every_n_steps=None, inference_measurement=measurement)
     optuna = dataclasses.replace(run.optuna, n_trials=0)
     return dataclasses.replace(run, training=training, optuna=optuna), TRIAL_LIMITS
 

@@ -69,7 +69,8 @@ class ModelConfig:
         default_factory=IWRegularisationConfig
     )
     tokenizer: str | None = None
-    # Overrides the per-architecture default target modules (also settable per adapter).
+    # Overrides the per-architecture default target modules (methods/targets.py), for every
+    # method: the one home of this fact.
     target_modules: list[str] | None = None
     # keys that older files may hold; each is refused with the reason
     REMOVED_KEYS: ClassVar[dict[str, str]] = {

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod, zero_loss
 from rankwise.methods.cost import PeftLayerCost
 from rankwise.methods.lora import head_modules_to_save, use_gap_dropout
+from rankwise.methods.targets import TARGETS_MOVED
 from rankwise.results import run_figure_stem
 from rankwise.methods.per_matrix_report import (
     layer_index,
@@ -80,7 +81,7 @@ class AdaLoRAConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
-    target_modules: list[str] | None = None
+    REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
     def validate(self, path: str) -> None:
         require(self.target_r >= 1, join(path, "target_r"), f"must be >= 1, got {self.target_r}")

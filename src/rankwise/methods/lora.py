@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod, classifier_head_names
 from rankwise.methods.cost import PeftLayerCost
+from rankwise.methods.targets import TARGETS_MOVED
 
 
 @dataclass
@@ -35,11 +36,11 @@ class LoRAConfig:
     rank: int = 8
     lora_alpha: float = 16.0
     dropout: float = 0.1
-    target_modules: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     # how the dropout mask is drawn (same distribution): "geometric" gaps between dropped
     # elements (GapDropout, fast on CPU), or "bernoulli" (peft's nn.Dropout, one draw per element)
     dropout_sampler: Literal["geometric", "bernoulli"] = "geometric"
+    REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
     def validate(self, path: str) -> None:
         require(self.rank >= 1, join(path, "rank"), f"must be >= 1, got {self.rank}")

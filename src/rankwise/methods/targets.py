@@ -19,6 +19,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
                 r"layer\.\d+\.output\.dense"],
 }
 
+# The adapter blocks' old ``target_modules`` key: one home for every method now.
+TARGETS_MOVED = {"target_modules": "set model.target_modules (one home for every method's "
+                                   "target modules)"}
+
 
 def resolve_target_modules(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
     """Full names of the ``nn.Linear`` modules to adapt, in model order.
@@ -31,7 +35,7 @@ def resolve_target_modules(model: nn.Module, patterns: list[str] | None = None) 
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
                 f"no default target modules for model_type {model_type!r}; "
-                "set model.adapter.target_modules"
+                "set model.target_modules"
             )
         patterns = DEFAULT_TARGETS[model_type]
     compiled = [re.compile(rf"(^|\.){p}$") for p in patterns]

@@ -39,11 +39,10 @@ def load_run_backbone(run: RunConfig, task: TaskSpec):
 def wrap_for_run(run: RunConfig, backbone: torch.nn.Module) -> tuple[FineTuningMethod, torch.nn.Module]:
     """(method, model): the run's method built and wrapped around ``backbone``'s targets."""
     method = build_method(run)
-    patterns = getattr(run.model.adapter, "target_modules", None) or run.model.target_modules
     try:
-        targets = resolve_target_modules(backbone, patterns)
+        targets = resolve_target_modules(backbone, run.model.target_modules)
     except ValueError as exc:
-        raise ConfigError("model.adapter.target_modules", str(exc)) from None
+        raise ConfigError("model.target_modules", str(exc)) from None
     return method, method.wrap(backbone, targets)
 
 

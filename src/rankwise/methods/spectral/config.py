@@ -30,9 +30,10 @@ path is faster in wall time depends on sizes and hardware (see ``layer.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rankwise.config.typed import join, require
+from rankwise.methods.targets import TARGETS_MOVED
 from rankwise.methods.spectral.budget_projection import SequenceBudget
 from rankwise.methods.spectral.gates import EvalRule
 
@@ -81,7 +82,7 @@ class SpectralAdapterConfig:
     type: Literal["spectral"] = "spectral"
     R: int = 8
     scale: float = 1.0
-    target_modules: list[str] | None = None
+    REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
     def validate(self, path: str) -> None:
         _check_common(path, self.R, self.scale)
@@ -100,7 +101,7 @@ class _GatedConfig:
     scale: float = 1.0
     inference_path: InferencePath = "sparse"
     eval_gates: EvalRule = "sign"
-    target_modules: list[str] | None = None
+    REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
     budget_unit = "token"  # what b counts directions of, for the error message
 

@@ -67,7 +67,7 @@ class ForwardContext:
                 f"spectral layer input of shape {tuple(x.shape)} does not match the batch's "
                 f"attention mask {tuple(self.attention_mask.shape)}: this architecture feeds a "
                 "target layer something other than token states; exclude that layer from "
-                "model.adapter.target_modules"
+                "model.target_modules"
             )
         return self.attention_mask.to(device=x.device, dtype=torch.bool)
 

@@ -113,7 +113,7 @@ class SpectralFamily(FineTuningMethod):
         for name in target_modules:
             linear = modules.get(name)
             if not isinstance(linear, nn.Linear):
-                raise ConfigError("model.adapter.target_modules", f"{name!r} is not an nn.Linear")
+                raise ConfigError("model.target_modules", f"{name!r} is not an nn.Linear")
             if rank > min(linear.in_features, linear.out_features):
                 raise ConfigError(
                     "model.adapter.R",
