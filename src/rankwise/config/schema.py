@@ -63,8 +63,8 @@ class IWRegularisationConfig:
 @dataclass
 class ModelConfig:
     name: str = "minilm"
-    # Validated later against the adapter type's own dataclass (see RunConfig.validate).
-    adapter: Any = None
+    # The config dataclass its ``type`` registered (parse_adapter), or None: full fine-tuning.
+    adapter: Any = field(default=None, metadata={"convert": lambda raw, path: parse_adapter(raw, path)})
     importance_weighted_regularisation: IWRegularisationConfig = field(
         default_factory=IWRegularisationConfig
     )
@@ -378,7 +378,6 @@ class RunConfig:
         require(bool(ROLE_PATTERN.match(self.method)), "method",
                 f"role label {self.method!r} is not one of proposed, baseline, comparative-<n>, "
                 "ablation-<name>")
-        self.model.adapter = parse_adapter(self.model.adapter, "model.adapter")
         iw = self.model.importance_weighted_regularisation
         if iw.enabled and self.adapter_type != "lora":
             raise ConfigError(

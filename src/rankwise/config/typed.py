@@ -54,7 +54,10 @@ def from_mapping(cls: type, data: Any, path: str = "") -> Any:
     for f in fields:
         key_path = join(path, f.name)
         if f.name in data:
-            kwargs[f.name] = convert(hints[f.name], data[f.name], key_path)
+            # a field may name its own converter (e.g. model.adapter: by its registered type)
+            field_convert = f.metadata.get("convert")
+            kwargs[f.name] = (field_convert(data[f.name], key_path) if field_convert
+                              else convert(hints[f.name], data[f.name], key_path))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(key_path, "required key is missing")
     obj = cls(**kwargs)
