@@ -188,7 +188,10 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------
     @torch.inference_mode()
-    def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+    def evaluate_splits(self) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+        """This seed's model on each evaluation split: metrics (``<split>_<metric>``, with the
+        method's evaluation statistics) and predictions in dataset order. (The cross-run
+        comparison is ``rankwise.evaluate``, a separate command.)"""
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
@@ -455,7 +458,7 @@ class Trainer:
         return True
 
     def _evaluate_and_record(self):
-        metrics, predictions = self.evaluate()
+        metrics, predictions = self.evaluate_splits()
         rec = {"type": "eval", "step": self.global_step, "epoch": self.epoch, **metrics}
         self._log(rec)
         key = self.primary_key
