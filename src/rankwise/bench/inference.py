@@ -50,9 +50,10 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -140,10 +141,10 @@ class Variant:
 
 # --- building the models ----------------------------------------------------------------------
 def with_adapter(job: Job, kind: str) -> Job:
-    """The job's run with ``model.adapter`` replaced by ``kind`` at that type's defaults."""
+    """The job's run with ``model.adapter`` replaced by ``kind`` at that type's defaults (the
+    target modules, ``model.target_modules``, stay)."""
     d = copy.deepcopy(job.run_dict)
     model = d.setdefault("model", {})
-    old = model.get("adapter") or {}
     model["adapter"] = None if kind == FULL else {"type": kind}
     model.setdefault("importance_weighted_regularisation", {})["enabled"] = False
     d["run_id"] = f"{job.run.run_id}-{kind}"

@@ -10,10 +10,11 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,13 +22,26 @@ from tqdm.auto import tqdm
 
 from rankwise import distributed
 from rankwise.config.loader import Job
-from rankwise.data.loading import TaskData, batches, epoch_permutation, eval_order, length_grouped_permutation, row_lengths
+from rankwise.data.loading import (
+    TaskData,
+    batches,
+    epoch_permutation,
+    eval_order,
+    length_grouped_permutation,
+    row_lengths,
+)
 from rankwise.errors import NonFiniteLossError, RankwiseError
 from rankwise.measure.after_training import TrainedRun, measure_trained_model
 from rankwise.metrics import compute_metrics
 from rankwise.results import append_jsonl
-from rankwise.runtime import (autocast_context, count_params, labels_on, model_inputs,
-                              peak_memory_mb, task_loss)
+from rankwise.runtime import (
+    autocast_context,
+    count_params,
+    labels_on,
+    model_inputs,
+    peak_memory_mb,
+    task_loss,
+)
 from rankwise.training import checkpoint as ckpt
 from rankwise.training.build import Optimisation, Schedule, build_run
 
