@@ -12,6 +12,12 @@ dropped elements instead: i.i.d. Bernoulli(p) drops ⇔ i.i.d. Geometric(p) gaps
 so only about p·n random numbers are drawn (see docs/methods.md §2). On CUDA (a fused Philox
 kernel) and for p > 0.5 it calls ``F.dropout``. ``dropout_sampler: bernoulli`` keeps peft's
 ``nn.Dropout``.
+
+In training on the CPU each peft ``lora.Linear`` target then runs as one fused autograd
+function (:class:`_FusedLoRALinear`, installed by :func:`use_fused_lora`): base layer and
+adapter together, with the same mask law and the same products, but without peft's separate
+full-size passes (dropout scale, ``· scaling``, ``result + …``, their backwards, and the sum of
+the two input gradients). Outside the cases it covers, peft's own forward runs.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ class LoRAConfig:
     dropout: float = 0.1
     bias: Literal["none", "all", "lora_only"] = "none"
     # how the dropout mask is drawn (same distribution): "geometric" gaps between dropped
-    # elements (GapDropout, fast on CPU), or "bernoulli" (peft's nn.Dropout, one draw per element)
+    # elements (GapDropout, fast on CPU; in CPU training each target also runs as one fused
+    # base + LoRA autograd function, FusedLoRALinear), or "bernoulli" (peft's nn.Dropout, one
+    # draw per element, and peft's own lora.Linear forward: the unfused reference path)
     dropout_sampler: Literal["geometric", "bernoulli"] = "geometric"
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
@@ -81,6 +89,7 @@ class LoRA(PeftLayerCost, FineTuningMethod):
         model = get_peft_model(backbone, self.peft_config(backbone, target_modules))
         if self.config.dropout_sampler == "geometric":
             use_gap_dropout(model)
+            use_fused_lora(model)
         use_factor_matmul(model)
         return model
 
@@ -208,4 +217,169 @@ def use_factor_matmul(model: nn.Module) -> int:
                 if type(lin) is nn.Linear and lin.bias is None:
                     lin.__class__ = LoRAFactor
                     changed += 1
+    return changed
+
+
+# --- fused base + LoRA target (CPU training) ---------------------------------------------------
+class _FusedLoRALinear(torch.autograd.Function):
+    """One peft ``lora.Linear`` target in training, base layer and adapter together.
+
+    With x ∈ R^{M×d_in} (M = batch · tokens), frozen or trained W ∈ R^{d_out×d_in}, bias b,
+    A ∈ R^{r×d_in}, B ∈ R^{d_out×r}, σ = s·c where s = lora_alpha / r and c = 1/(1 − p), and the
+    keep mask m (0 at the flat positions ``idx``, 1 elsewhere):
+
+        forward   x_m = x ⊙ m,   h = x_m Aᵀ  (M×r),   out = x Wᵀ + b + σ · h Bᵀ
+        backward  g_h = g B,   ∂B = σ gᵀ h,   ∂A = σ g_hᵀ x_m,
+                  ∂x = g W + σ (g_h A) ⊙ m,   ∂W = gᵀ x,   ∂b = Σ_rows g
+
+    which is peft's ``base(x) + B(A(dropout(x))) · s`` with dropout(x) = c · x_m. The scale c
+    rides on σ (on the r-wide products), so no full-size tensor is ever multiplied by it; the
+    adapter output is accumulated into the base output in place (``addmm_``), and the adapter's
+    input gradient is masked once and accumulated into the base's (``addmm_`` with β = σ), so
+    the step has no separate scale, add or dropout-backward pass over B×T×d tensors.
+
+    x_m is one masked copy of x (``index_fill_`` of the ~p·n dropped positions). A sparse
+    correction h = x Aᵀ − (x ⊙ (1 − m)) Aᵀ over the dropped positions instead would spare that
+    copy, but ∂A then needs the same correction summed per input column, a scatter over the
+    ~p·n positions into d_in×r that is several times slower on the CPU than the dense r×M by
+    M×d_in product with x_m; with r = 8, p = 0.1 the correction also touches about as many
+    numbers (p·n·r) as the copy. The skinny products are laid out with the short side first
+    (``Bᵀgᵀ`` → r×M, ``hᵀg`` → r×d_out), as in :class:`_FactorMatmul`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, idx: torch.Tensor,
+                sigma: float) -> torch.Tensor:
+        if idx.numel():
+            x_m = x.clone()
+            x_m.view(-1).index_fill_(0, idx, 0)
+        else:  # p = 0 (or nothing dropped): x_m is x
+            x_m = x
+        h = torch.mm(x_m, lora_a.t())
+        out = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        out.addmm_(h, lora_b.t(), alpha=sigma)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, x_m, h, weight, lora_a, lora_b, idx)
+        ctx.sigma = sigma
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, x_m, h, weight, lora_a, lora_b, idx = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        sigma = ctx.sigma
+        g = grad.contiguous()
+        gx = gw = gb = ga = gbb = None
+        g_h_t = torch.mm(lora_b.t(), g.t()) if (need_x or need_a) else None  # (g B)ᵀ: r×M
+        if need_bb:
+            gbb = torch.mm(h.t(), g).mul_(sigma).t().contiguous()  # σ gᵀh, computed as (hᵀg)ᵀ
+        if need_a:
+            ga = torch.mm(g_h_t, x_m).mul_(sigma)  # σ g_hᵀ x_m: r×d_in
+        if need_x:
+            gx = torch.mm(g_h_t.t(), lora_a)  # g_h A
+            if idx.numel():
+                gx.view(-1).index_fill_(0, idx, 0)  # ⊙ m
+            gx.addmm_(g, weight, beta=sigma)  # g W + σ (g_h A) ⊙ m
+        if need_w:
+            gw = torch.mm(g.t(), x)
+        if need_b and ctx.has_bias:
+            gb = g.sum(0)
+        return gx, gw, gb, ga, gbb, None, None
+
+
+def _no_hooks(*modules: nn.Module) -> bool:
+    """No forward/backward hooks on ``modules`` nor global ones (the fused path would skip them)."""
+    from torch.nn.modules import module as mod
+
+    if (mod._global_forward_pre_hooks or mod._global_forward_hooks
+            or mod._global_backward_pre_hooks or mod._global_backward_hooks):
+        return False
+    return not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                   for m in modules)
+
+
+def fused_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The output of peft ``lora.Linear`` ``layer`` on ``x`` through :class:`_FusedLoRALinear`,
+    or None where that path does not apply and peft's forward must run: outside training or
+    with grad disabled, off the CPU, under autocast, with extra forward arguments (e.g.
+    ``adapter_names``), adapters disabled or merged, not exactly one active adapter, a LoRA
+    variant (DoRA, …) or ``lora_bias``, a base layer other than a plain ``nn.Linear``
+    (``fan_in_fan_out``, quantised layers), a dropout other than :class:`GapDropout` with
+    p ≤ 0.5 or peft's ``nn.Identity`` (p = 0), mixed dtypes, or hooks on the submodules."""
+    if (not layer.training or not torch.is_grad_enabled() or args or kwargs
+            or layer.disable_adapters or layer.merged or x.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu") or getattr(layer, "fan_in_fan_out", False)):
+        return None
+    active = layer.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if (name not in layer.lora_A or name in getattr(layer, "lora_variant", {})
+            or getattr(layer, "lora_bias", {}).get(name, False)):
+        return None
+    base, lin_a, lin_b, drop = layer.base_layer, layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if type(base) is not nn.Linear or lin_a.bias is not None or lin_b.bias is not None:
+        return None
+    if type(drop) is nn.Identity:
+        p = 0.0
+    elif type(drop) is GapDropout and not drop.inplace and 0 <= drop.p <= 0.5:
+        p = float(drop.p)
+    else:
+        return None
+    weight, bias, a, b = base.weight, base.bias, lin_a.weight, lin_b.weight
+    if (x.dim() < 2 or x.shape[-1] != weight.shape[1] or not x.dtype.is_floating_point
+            or any(t.dtype != x.dtype or t.device != x.device for t in (weight, a, b))
+            or (bias is not None and bias.dtype != x.dtype)
+            or not _no_hooks(base, lin_a, lin_b, drop)):
+        return None
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    n = x2.numel()
+    if p > 0 and n:
+        idx = drop_positions(n, p, x.device)
+    else:
+        idx = torch.empty(0, dtype=torch.int64, device=x.device)
+    sigma = float(layer.scaling[name]) / (1.0 - p)
+    out = _FusedLoRALinear.apply(x2, weight, bias, a, b, idx, sigma)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+_FUSED_CLASS: type | None = None
+
+
+def _fused_lora_linear_class() -> type:
+    """``FusedLoRALinear``: peft's ``lora.Linear`` whose forward takes :func:`fused_lora_forward`
+    where it applies (made on first use, so importing this module does not import peft)."""
+    global _FUSED_CLASS
+    if _FUSED_CLASS is None:
+        from peft.tuners.lora.layer import Linear
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            out = fused_lora_forward(self, x, args, kwargs)
+            return Linear.forward(self, x, *args, **kwargs) if out is None else out
+
+        _FUSED_CLASS = type("FusedLoRALinear", (Linear,), {
+            "forward": forward, "__module__": __name__,
+            "__doc__": "peft ``lora.Linear`` with the fused CPU training path (:func:`fused_lora_forward`)."})
+    return _FUSED_CLASS
+
+
+def __getattr__(name: str):  # ``FusedLoRALinear`` by name (pickling, isinstance checks)
+    if name == "FusedLoRALinear":
+        return _fused_lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Turn every peft ``lora.Linear`` in ``model`` into a ``FusedLoRALinear`` (in place, by
+    ``__class__``: same modules, parameters and state-dict names; merge, unmerge and eval are
+    peft's); returns how many were changed."""
+    from peft.tuners.lora.layer import Linear
+
+    cls = _fused_lora_linear_class()
+    changed = 0
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = cls
+            changed += 1
     return changed
