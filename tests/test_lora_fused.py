@@ -247,7 +247,7 @@ def test_fallbacks_and_p_zero_equal_peft_forward(monkeypatch, case):
 def test_iw_lora_and_lora_wrap_install_it_and_bernoulli_keeps_peft(tmp_path):
     from rankwise.config.loader import load_job
     from rankwise.data.tasks import get_task
-    from rankwise.training.loop import load_run_backbone, wrap_for_run
+    from rankwise.training.build import load_run_backbone, wrap_for_run
 
     def layer_types(extra):
         job = load_job(["run=minilm-sst2-lora", "model.name=tiny-bert", f"results_dir={tmp_path}", *extra])
