@@ -236,7 +236,9 @@ def test_trial_mode_runs_end_to_end(method_name, alias, tmp_path, fake_glue):
            "dataset": {"name": "glue", "subset": "sst2", "max_seq_length": 32,
                        "data_dir": str(fake_glue)},
            "training": {"epochs": 3, "batch_size": 8, "seeds": [5, 6],
-                        "save_strategy": "steps", "save_every_n_steps": 1}}
+                        "save_strategy": "steps", "save_every_n_steps": 1,
+                        # the figures are test_measure's; here they would only cost time
+                        "inference_measurement": {"figures": False}}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     assert main([f"run={path}", f"results_dir={tmp_path / 'results'}", "mode=trial"]) == 0
