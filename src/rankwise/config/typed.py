@@ -8,6 +8,7 @@ A dataclass may define ``validate(self, path)`` for cross-field checks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -178,3 +179,19 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     return obj
+
+
+def with_dotted_values(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of the plain config dict with each dotted path of ``values`` set, in order.
+    Sections on the way that the dict leaves out (at their defaults) or holds as a non-mapping
+    are created as empty dicts."""
+    out = copy.deepcopy(dict(config))
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankwise.config.typed import with_dotted_values
+
 STDERR_TAIL_BYTES = 64 * 1024
 TQDM_BAR = re.compile(r"^.*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]? \[[^\]]*\]")
 
@@ -69,27 +71,13 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with each dotted path set (a search's best parameters, as the final run has them)."""
-    out = json.loads(json.dumps(config))
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = out
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return out
-
-
 def same_config(metrics: dict[str, Any], config: dict[str, Any], mode: str) -> bool:
     """Whether a run folder's ``metrics.json`` was written by this configuration and mode
     (after a search, with the search's best parameters applied, as the final run is trained)."""
     expected = config
     best = (metrics.get("search") or {}).get("best_overrides")
     if isinstance(best, dict):
-        expected = _with_overrides(config, best)
+        expected = with_dotted_values(config, best)  # as the final run of a search has it
     return metrics.get("mode") == mode and metrics.get("config") == expected
 
 

@@ -19,7 +19,6 @@ schema, and each entry's type is compared with the annotation of the field it se
 
 from __future__ import annotations
 
-import copy
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -29,6 +28,7 @@ import optuna
 
 from rankwise.config.schema import OptunaConfig, RunConfig, SearchSpaceEntry, parse_run_config
 from rankwise.config.search_aliases import resolve_search_key
+from rankwise.config.typed import with_dotted_values
 from rankwise.errors import ConfigError
 
 # Values Optuna's CategoricalDistribution can store.
@@ -65,18 +65,8 @@ def suggest_params(
 
 def apply_params(run_cfg_dict: dict, params: Mapping[str, Any]) -> dict:
     """A copy of the plain run-config dict with each parameter written at its dotted path."""
-    trial_cfg = copy.deepcopy(dict(run_cfg_dict))
-    for name, value in params.items():
-        path = resolve_search_key(name, run_cfg_dict)
-        *parents, leaf = path.split(".")
-        node = trial_cfg
-        for part in parents:
-            # Sections the run file leaves at their defaults are absent from its dict.
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return trial_cfg
+    return with_dotted_values(
+        run_cfg_dict, {resolve_search_key(name, run_cfg_dict): value for name, value in params.items()})
 
 
 def validate_search_space(run_cfg_dict: dict, optuna_cfg: OptunaConfig) -> None:

@@ -253,6 +253,7 @@ def _open_study(
     return study
 
 
+@dataclass
 class _TrialObjective:
     """What ``study.optimize`` calls for one trial: claim a slot, sample, train, say why it failed.
 
@@ -261,21 +262,12 @@ class _TrialObjective:
     trains with ``training.seed = seed`` and records ``fail_reason`` when it fails.
     """
 
-    def __init__(
-        self,
-        study: optuna.Study,
-        run_cfg_dict: dict,
-        optuna_cfg: OptunaConfig,
-        seed: int,
-        sampler_seed: int,
-        objective: Callable[[dict, TrialReporter], float],
-    ):
-        self.study = study
-        self.run_cfg_dict = run_cfg_dict
-        self.cfg = optuna_cfg
-        self.seed = seed
-        self.sampler_seed = sampler_seed
-        self.objective = objective
+    study: optuna.Study
+    run_cfg_dict: dict
+    cfg: OptunaConfig
+    seed: int
+    sampler_seed: int
+    objective: Callable[[dict, TrialReporter], float]
 
     def __call__(self, trial: optuna.Trial) -> float:
         n_trials = self.cfg.n_trials
@@ -322,6 +314,7 @@ class _TrialObjective:
             raise
 
 
+@dataclass
 class _Worker:
     """This process's share of the study: start trials while ``n_trials`` has free slots.
 
@@ -331,20 +324,12 @@ class _Worker:
     files are rewritten after every trial and when the loop ends, however it ends.
     """
 
-    def __init__(
-        self,
-        run_id: str,
-        study: optuna.Study,
-        optuna_cfg: OptunaConfig,
-        outputs: _StudyOutputs,
-        t_start: float,
-    ):
-        self.run_id = run_id
-        self.study = study
-        self.cfg = optuna_cfg
-        self.outputs = outputs
-        self.t_start = t_start
-        self.waiting_logged = False
+    run_id: str
+    study: optuna.Study
+    cfg: OptunaConfig
+    outputs: _StudyOutputs
+    t_start: float
+    waiting_logged: bool = False
 
     def run(
         self,
