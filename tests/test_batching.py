@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankwise.data.loading import (DynamicPaddingCollator, epoch_permutation, eval_order,
-                                   length_grouped_permutation)
+                                   length_grouped_permutation, row_lengths)
 
 
 def lengths_of(n: int, seed: int = 0) -> list[int]:
@@ -58,6 +58,27 @@ def test_grouping_cuts_padding_and_shuffles_batches():
     first = [max(lengths[i] for i in length_grouped_permutation(lengths, bs, 5, e)[:bs])
              for e in range(8)]
     assert len(set(first)) > 1
+
+
+def test_trainer_orders_batches_as_configured(fake_glue, tmp_path):
+    from rankwise.config.loader import load_job
+    from rankwise.training.loop import Trainer
+
+    def trainer(*extra):
+        job = load_job(["run=minilm-sst2-lora", f"results_dir={tmp_path}", "model.name=tiny-bert",
+                        f"dataset.data_dir={fake_glue}", "dataset.max_train_samples=null",
+                        "training.batch_size=4", *extra])
+        return Trainer(job, 7, tmp_path / "seed7")
+
+    grouped = trainer("training.length_grouping=megabatch", "training.length_megabatch=3")
+    lengths = row_lengths(grouped.data.train)
+    assert len(set(lengths)) > 3  # the fake rows differ in length, so the orders below differ
+    expect = length_grouped_permutation(lengths, 4, seed=7, epoch=1, megabatch=3)
+    assert grouped.epoch_order(1) == expect
+    assert expect != length_grouped_permutation(lengths, 4, seed=7, epoch=1, megabatch=24)
+    for extra in ("training.group_by_length=false", "training.length_grouping=within_batch"):
+        # plain order (within_batch sorts inside each batch, tests/test_length_buckets.py)
+        assert trainer(extra).epoch_order(1) == epoch_permutation(len(lengths), seed=7, epoch=1)
 
 
 def test_eval_order_longest_first_and_stable():

@@ -45,7 +45,7 @@ def test_small_interleaved_run_with_hf_trainer(tmp_path, fake_glue, capsys):
     out = tmp_path / "bt"
     rc = main(["train", "run=minilm-sst2-lora", "model.name=tiny-bert", f"dataset.data_dir={fake_glue}",
                f"results_dir={tmp_path}", "methods=[full_ft,lora]", "steps=2", "warmup=1",
-               "profile_steps=1", "pad_to=24", f"out={out}"])
+               "profile_steps=1", "profile_top=3", "pad_to=24", f"out={out}"])
     assert rc == 0
     report = json.loads((out / "train.json").read_text())
     rows = {r["label"]: r for r in report["results"]}
@@ -56,7 +56,8 @@ def test_small_interleaved_run_with_hf_trainer(tmp_path, fake_glue, capsys):
     lora = rows["lora"]
     phases = lora["breakdown_s_median"]
     assert set(phases) == set(train.PHASES) and phases["forward"] > 0 and phases["backward"] > 0
-    assert lora["profile_top_ops"] and lora["profile_top_ops"][0]["self_ms_per_step"] > 0
+    ops = lora["profile_top_ops"]
+    assert len(ops) == 3 and ops[0]["self_ms_per_step"] >= ops[2]["self_ms_per_step"] > 0
     assert lora["params"]["trainable"] < rows["full_ft"]["params"]["trainable"]
     assert report["batches"]["lengths"] == [24, 24]
     assert report["step_time_ratio_to_reference"]["lora"] == 1.0

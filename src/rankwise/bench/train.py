@@ -54,6 +54,7 @@ class TrainBenchOptions:
     warmup: int = 2
     hf_trainer: bool = True  # add HF Trainer + peft LoRA (needs a LoRA-family run)
     profile_steps: int = 1
+    profile_top: int = 12  # operators kept per variant in profile_top_ops
     pad_to: int | None = None  # pad every batch to this length (None: dynamic padding)
     reference: str | None = None  # label the ratios are taken against (default: lora, else first)
     calibration_batches: int = 1  # IW-LoRA's calibration before timing (untimed)
@@ -64,6 +65,7 @@ class TrainBenchOptions:
         require(self.steps >= 1, join(path, "steps"), f"must be >= 1, got {self.steps}")
         require(self.warmup >= 0, join(path, "warmup"), f"must be >= 0, got {self.warmup}")
         require(self.profile_steps >= 0, join(path, "profile_steps"), "must be >= 0")
+        require(self.profile_top >= 1, join(path, "profile_top"), f"must be >= 1, got {self.profile_top}")
         require(self.calibration_batches >= 1, join(path, "calibration_batches"), "must be >= 1")
         if self.threads is not None:
             require(self.threads >= 1, join(path, "threads"), f"must be >= 1, got {self.threads}")
@@ -368,7 +370,8 @@ def run(jobs: list[tuple[str, Job]], options: TrainBenchOptions) -> dict[str, An
                 rankwise_round(i)
         profiles = {}
         if options.profile_steps:
-            profiles = {s.label: profile_top_ops(s, blist[n_run:], device) for s in steppers}
+            profiles = {s.label: profile_top_ops(s, blist[n_run:], device, options.profile_top)
+                        for s in steppers}
         timed = blist[options.warmup:n_run]
         results = [variant_row(s, records[s.label], timed, peak, profiles) for s in steppers]
         if hf is not None:

@@ -231,9 +231,18 @@ class TrainingConfig:
         "num_workers": "it was accepted but never applied; batches are built in the training "
                        "process from the tokenised cache (no DataLoader workers)",
     }
-    # batches of similar length: 50-batch mega-batches of the epoch's shuffled order, each
-    # sorted by length, then the batches shuffled (seeded per epoch, so resume is exact)
+    # Length grouping of training batches (the order is a pure function of (seed, epoch), so
+    # resume stays exact). "within_batch": the plain batches, each sorted by length and run as
+    # `length_buckets` parts cut where they pad to the fewest tokens, each padded to its own
+    # longest row, with the part losses weighted by their share of rows (the batch's rows and
+    # gradient unchanged, less padding);
+    # "megabatch": batches cut from length-sorted mega-batches of `length_megabatch` batches of
+    # the shuffled order, then shuffled (HF's LengthGroupedSampler: less padding still, but
+    # each batch holds rows of similar length).
     group_by_length: bool = True
+    length_grouping: Literal["within_batch", "megabatch"] = "within_batch"
+    length_buckets: int = 2
+    length_megabatch: int = 50
     # AdamW/Adam kernel: "auto" = fused where torch has it for the device, else foreach
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     inference_measurement: InferenceMeasurementConfig = field(
@@ -241,7 +250,7 @@ class TrainingConfig:
 
     def validate(self, path: str) -> None:
         positive = ("epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
-                    "save_total_limit")
+                    "save_total_limit", "length_buckets", "length_megabatch")
         for key in positive:
             require(getattr(self, key) >= 1, join(path, key), f"must be >= 1, got {getattr(self, key)}")
         require(self.learning_rate > 0, join(path, "learning_rate"), f"must be > 0, got {self.learning_rate}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,24 @@ def eval_order(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
+def _batch_slices(order: list[int], batch_size: int, start: int, limit: int | None):
+    """Batch ``b``'s indices ``order[b·batch_size:(b+1)·batch_size]`` from batch ``start``, at most ``limit``."""
+    n_total = (len(order) + batch_size - 1) // batch_size
+    stop = n_total if limit is None else min(n_total, limit)
+    for b in range(start, stop):
+        yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def _collated(view: datasets.Dataset, columns: list[str], idx: list[int], collate) -> dict[str, torch.Tensor]:
+    chunk = view[idx]
+    return collate([{k: chunk[k][i] for k in columns} for i in range(len(idx))])
+
+
+def _view(ds: datasets.Dataset) -> tuple[datasets.Dataset, list[str]]:
+    columns = [c for c in (*MODEL_INPUTS, "labels", "idx") if c in ds.column_names]
+    return ds.select_columns(columns), columns
+
+
 def batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate, start: int = 0,
             limit: int | None = None, shard=None):
     """Yield collated batches of ``ds`` in ``order``, from batch ``start`` (resume), at most ``limit``.
@@ -241,21 +260,64 @@ def batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate, st
     ``shard(indices) -> (own_indices, loss_weight)`` keeps one process's share of each global
     batch (see :mod:`rankwise.distributed`); its batches carry ``loss_weight``.
     """
-    n_batches = (len(order) + batch_size - 1) // batch_size
-    stop = n_batches if limit is None else min(n_batches, limit)
-    columns = [c for c in (*MODEL_INPUTS, "labels", "idx") if c in ds.column_names]
-    view = ds.select_columns(columns)
-    for b in range(start, stop):
-        idx = order[b * batch_size : (b + 1) * batch_size]
+    view, columns = _view(ds)
+    for idx in _batch_slices(order, batch_size, start, limit):
         weight = None
         if shard is not None:
             idx, weight = shard(idx)
-        chunk = view[idx]
-        rows = [{k: chunk[k][i] for k in columns} for i in range(len(idx))]
-        batch = collate(rows)
+        batch = _collated(view, columns, idx, collate)
         if weight is not None:
             batch["loss_weight"] = weight
         yield batch
+
+
+def length_buckets(idx: list[int], lengths: list[int], n: int) -> list[list[int]]:
+    """``idx`` sorted by length (longest first, ties by position) and cut into ``min(n, len(idx))``
+    contiguous parts that pad to the fewest tokens, Σ_parts rows × longest row (an exact
+    dynamic programme over the cut points, O(n·len(idx)²))."""
+    ranked = sorted(idx, key=lambda i: -lengths[i])
+    m, k = len(ranked), max(1, min(n, len(ranked)))
+    top = [lengths[i] for i in ranked]  # part [a, b) pads to top[a]
+    # best[j][a]: fewest padded tokens for ranked[a:] in exactly j parts; cut[j][a]: its first cut
+    best = [[math.inf] * m + [0] for _ in range(k + 1)]
+    cut = [[m] * (m + 1) for _ in range(k + 1)]
+    for j in range(1, k + 1):
+        for a in range(m - j, -1, -1):
+            for b in range(a + 1, m - j + 2):
+                cost = (b - a) * top[a] + best[j - 1][b]
+                if cost < best[j][a]:
+                    best[j][a], cut[j][a] = cost, b
+    parts, a = [], 0
+    for j in range(k, 0, -1):
+        b = cut[j][a]
+        parts.append(ranked[a:b])
+        a = b
+    return parts
+
+
+def bucketed_batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate,
+                     lengths: list[int], buckets: int, start: int = 0, limit: int | None = None,
+                     shard=None):
+    """Yield each batch of :func:`batches` as a list of length-sorted parts.
+
+    The batch (this process's share of it under ``shard``) is sorted by length and cut into
+    ``buckets`` parts (:func:`length_buckets`), each padded to its own longest row; part ``j``
+    carries ``loss_weight`` = (its rows / the batch's rows) × the shard's weight, so the
+    weighted part losses sum to the batch's mean loss. The batch's rows, and so its gradient,
+    are those of the plain batch: only the padding changes (masked padding does not change an
+    encoder's outputs).
+    """
+    view, columns = _view(ds)
+    for idx in _batch_slices(order, batch_size, start, limit):
+        weight = 1.0
+        if shard is not None:
+            idx, weight = shard(idx)
+        parts = []
+        for part in length_buckets(idx, lengths, buckets):
+            batch = _collated(view, columns, part, collate)
+            batch["loss_weight"] = weight * len(part) / len(idx)
+            parts.append(batch)
+        yield parts
 
 
 def n_batches(n: int, batch_size: int, limit: int | None = None) -> int:

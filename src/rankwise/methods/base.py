@@ -65,6 +65,14 @@ class FineTuningMethod:
         return [p for p in model.parameters() if p.requires_grad]
 
     # --- training hooks -------------------------------------------------------------------
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a training batch may run as parts (length buckets) with its gradient
+        unchanged in distribution: no random draw is shared by the batch's rows, and every
+        regulariser is a mean over the batch's sequences or does not depend on the batch.
+        False keeps each batch whole under ``training.length_grouping: within_batch``."""
+        return True
+
     def calibrate(
         self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task_loss_fn: TaskLossFn
     ) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from rankwise.config.loader import Job
 from rankwise.data.loading import (
     TaskData,
     batches,
+    bucketed_batches,
     epoch_permutation,
     eval_order,
     length_grouped_permutation,
@@ -136,13 +137,37 @@ class Trainer:
 
     # --- setup helpers ----------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
-        """Training order of ``epoch``: length-grouped (``training.group_by_length``) or a
-        plain permutation; a pure function of (seed, epoch), so resume is exact."""
-        if not self.training.group_by_length:
+        """Training order of ``epoch``: batches from length-sorted mega-batches
+        (``training.length_grouping: megabatch``) or a plain permutation; a pure function of
+        (seed, epoch), so resume is exact."""
+        t = self.training
+        if not (t.group_by_length and t.length_grouping == "megabatch"):
             return epoch_permutation(len(self.data.train), self.seed, epoch)
+        return length_grouped_permutation(self.train_lengths(), t.batch_size, self.seed, epoch,
+                                          megabatch=t.length_megabatch)
+
+    def train_lengths(self) -> list[int]:
         if self._train_lengths is None:
             self._train_lengths = row_lengths(self.data.train)
-        return length_grouped_permutation(self._train_lengths, self.training.batch_size, self.seed, epoch)
+        return self._train_lengths
+
+    def epoch_batches(self, epoch: int):
+        """The rest of ``epoch``'s training batches (from ``batch_in_epoch``), each a list of
+        parts: the batch itself, or its length buckets (``training.length_grouping:
+        within_batch``, ``length_buckets`` > 1, a method whose rows are independent)."""
+        t = self.training
+        order = self.epoch_order(epoch)
+        shard = self.dist.shard if self.dist.enabled else None
+        if (t.group_by_length and t.length_grouping == "within_batch" and t.length_buckets > 1
+                and self.method.rows_independent):
+            yield from bucketed_batches(self.data.train, order, t.batch_size, self.collate,
+                                        self.train_lengths(), t.length_buckets,
+                                        start=self.batch_in_epoch, limit=self.limits.max_batches,
+                                        shard=shard)
+            return
+        for batch in batches(self.data.train, order, t.batch_size, self.collate,
+                             start=self.batch_in_epoch, limit=self.limits.max_batches, shard=shard):
+            yield [batch]
 
     def calibration_batches(self):
         """Training batches in an order drawn from the run's seed; cycles as needed."""
@@ -307,18 +332,15 @@ class Trainer:
         per batch, an optimizer step per ``gradient_accumulation_steps`` batches, then the
         step's logging, evaluation, checkpoint and signal check. Returns the latest step
         evaluation's (metrics, predictions), or None when there was none."""
-        order = self.epoch_order(self.epoch)
         self.method.begin_epoch(self.model, fresh=self.batch_in_epoch == 0)
         accum = self.training.gradient_accumulation_steps
         running: dict[str, torch.Tensor] = {}  # summed on the device: no per-step sync
         n_running = 0
         last = None
         t_step = time.perf_counter()
-        for batch in batches(self.data.train, order, self.training.batch_size, self.collate,
-                             start=self.batch_in_epoch, limit=self.limits.max_batches,
-                             shard=self.dist.shard if self.dist.enabled else None):
+        for parts in self.epoch_batches(self.epoch):
             t0 = time.perf_counter()
-            terms = self.forward_backward(batch)
+            terms = self.forward_backward(parts)
             for k, v in terms.items():
                 v = v.detach().double()
                 running[k] = running[k] + v if k in running else v
@@ -403,26 +425,46 @@ class Trainer:
             max_seq_length=self.cfg.dataset.max_seq_length, model_config=self.backbone.config,
             seed_dir=self.seed_dir, run_id=self.cfg.run_id, algorithm=self.cfg.algorithm)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward, task loss + each regulariser, backward (scaled for accumulation).
+    def forward_backward(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+        """Forward, task loss + each regulariser, backward (scaled for accumulation), for one
+        batch given whole or as parts (length buckets, :func:`bucketed_batches`).
 
-        Returns the detached loss terms (of the global batch under torchrun); raises
-        NonFiniteLossError naming the bad term.
+        Each part's terms are weighted by its ``loss_weight`` (its share of the batch's rows,
+        times this process's share of the global batch) before its own backward, so the
+        gradient is the batch's: regularisers are means over a batch's sequences or do not
+        depend on the batch, and either way sum back exactly. Only the last part's backward
+        synchronises gradients under DDP. Returns the detached loss terms (of the global batch
+        under torchrun); raises NonFiniteLossError naming the bad term (after the backward: the
+        optimizer has not stepped, and the saved last good state is the weights before it).
         """
-        with self._autocast():
-            logits = self.train_model(**model_inputs(batch, self.device)).logits
-        terms = {"task_loss": task_loss(logits, labels_on(batch, self.device), self.task.is_regression)}
-        for name, value in self.method.regularization_losses(self.model).items():
-            terms[f"reg/{name}"] = value
-        loss = sum(terms.values())
-        weight = batch.get("loss_weight", 1.0)  # this process's share of the global batch
-        logged = self.dist.mean_of_weighted(terms, weight)  # the terms themselves for one process
+        parts = batch if isinstance(batch, list) else [batch]
+        summed: dict[str, torch.Tensor] = {}
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                terms = self._part_forward_backward(part)
+            for k, v in terms.items():
+                summed[k] = summed[k] + v if k in summed else v
+        logged = self.dist.mean_of_weighted(summed, 1.0)  # the terms themselves for one process
         if not torch.isfinite(sum(logged.values())):  # every rank sees the same verdict
             self._nonfinite("loss", logged)
+        return logged
+
+    def _part_forward_backward(self, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One part's forward and backward; returns its terms × its ``loss_weight``, detached."""
+        with self._autocast():
+            logits = self.train_model(**model_inputs(part, self.device)).logits
+        terms = {"task_loss": task_loss(logits, labels_on(part, self.device), self.task.is_regression)}
+        for name, value in self.method.regularization_losses(self.model).items():
+            terms[f"reg/{name}"] = value
+        weight = part.get("loss_weight", 1.0)
+        loss = sum(terms.values())
         if weight != 1.0:
             loss = loss * weight
         self.scaler.scale(loss / self.training.gradient_accumulation_steps).backward()
-        return {k: v.detach() for k, v in logged.items()}
+        return {k: v.detach() * weight for k, v in terms.items()}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One full optimizer step on one batch (no accumulation): used by benchmarks."""

@@ -145,6 +145,8 @@ class SpectralFamily(FineTuningMethod):
             layer.execution = "auto" if self.recipe.inference_path == "sparse" else "dense"
             setattr(parent, attr, layer)
         install_forward_context(backbone, self.context)
+        # DeBERTa's relative-position rows: gated once per forward for the whole batch
+        self._position_rows = any(hasattr(m, "disentangled_attention_bias") for m in backbone.modules())
         unfreeze_head(backbone)
         self._layers = list(spectral_layers(backbone).values())
         return backbone
@@ -161,6 +163,15 @@ class SpectralFamily(FineTuningMethod):
         return cls(linear.in_features, hidden, r.rank, r.detach_controller_input).to(device)
 
     # --- training --------------------------------------------------------------------------
+    @property
+    def rows_independent(self) -> bool:
+        # A gate sample drawn once per forward is shared by the batch's rows (BHSP's
+        # input-independent gates; CBSP's and TABS's gates on DeBERTa's position rows): run
+        # as parts, the batch would see one sample per part.
+        if self.recipe.gate_source == "none":
+            return True
+        return self.recipe.gate_source != "static" and not getattr(self, "_position_rows", False)
+
     def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
         r = self.recipe
         layers = list(spectral_layers(model).values())
