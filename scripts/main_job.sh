@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: Full FT vs LoRA on MiniLM / GLUE SST-2 (4,000 training examples, 2 epochs,
-# full validation set) on CPU, then the cross-run comparison. About 6 minutes on 2 cores.
+# full validation set) on CPU, then the cross-run comparison. About 9 minutes on 2 cores.
 # Data: $RANKWISE_DATA_DIR, else ../shared/data/glue beside the checkout, else the hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
