@@ -21,7 +21,7 @@ def _fewest_padded_tokens(sorted_lengths: list[int], k: int) -> int:
     best = None
     for cuts in itertools.combinations(range(1, m), k - 1):
         bounds = (0, *cuts, m)
-        cost = sum((b - a) * sorted_lengths[a] for a, b in zip(bounds, bounds[1:]))
+        cost = sum((b - a) * sorted_lengths[a] for a, b in itertools.pairwise(bounds))
         best = cost if best is None else min(best, cost)
     return best
 

@@ -5,26 +5,18 @@ equal the reference computation base(x) + s·B A (m ⊙ x)/(1 − p) with the sa
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from mask_stats import assert_binomial, assert_independent_masks
 from scipy import stats
 from torch import nn
 
 from rankwise.methods.lora import GapDropout, drop_positions, use_gap_dropout
 
-Z = 4.5  # two-sided z bound: a correct sampler fails one check with probability ~7e-6
-
 
 def keep_mask(drop: nn.Module, shape) -> torch.Tensor:
     """The keep mask a dropout module applies (its output on ones, times 1 − p)."""
     return drop(torch.ones(shape)) * (1 - drop.p)
-
-
-def assert_binomial(k: int, n: int, q: float) -> None:
-    sd = math.sqrt(n * q * (1 - q))
-    assert abs(k - n * q) <= Z * sd, f"{k} of {n} vs expected {n * q:.1f} ± {sd:.1f}"
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -64,15 +56,7 @@ def test_independent_across_elements_and_calls():
     drop = GapDropout(p).train()
     shape = (64, 50, 128)
     a, b = keep_mask(drop, shape).bool(), keep_mask(drop, shape).bool()
-    n = a.numel()
-    assert_binomial(int((a & b).sum()), n, (1 - p) ** 2)
-    flat = a.flatten()
-    assert_binomial(int((flat[:-1] & flat[1:]).sum()), n - 1, (1 - p) ** 2)
-    # across a row boundary (last feature of one token, first of the next) as well
-    assert_binomial(int((a[..., -1] & a[..., 0].roll(-1, dims=1)).sum()), n // 128, (1 - p) ** 2)
-    # the masks of the two calls are uncorrelated
-    r = torch.corrcoef(torch.stack([a.flatten().float(), b.flatten().float()]))[0, 1]
-    assert abs(float(r)) < Z / math.sqrt(n)
+    assert_independent_masks(a, b, p)  # the two calls, and neighbouring elements
 
 
 def test_more_than_one_chunk_of_gaps():
@@ -140,8 +124,8 @@ def test_gradcheck_of_the_masked_scale():
 
 def test_lora_method_installs_it_and_bernoulli_keeps_peft(tmp_path):
     from rankwise.config.loader import load_job
-    from rankwise.training.build import load_run_backbone, wrap_for_run
     from rankwise.data.tasks import get_task
+    from rankwise.training.build import load_run_backbone, wrap_for_run
 
     def drops(sampler):
         job = load_job(["run=minilm-sst2-lora", "model.name=tiny-bert",
