@@ -274,15 +274,17 @@ def batches(ds: datasets.Dataset, order: list[int], batch_size: int, collate, st
 def length_buckets(idx: list[int], lengths: list[int], n: int) -> list[list[int]]:
     """``idx`` sorted by length (longest first, ties by position) and cut into ``min(n, len(idx))``
     contiguous parts that pad to the fewest tokens, Σ_parts rows × longest row (an exact
-    dynamic programme over the cut points, O(n·len(idx)²))."""
+    dynamic programme over the cut points: O(len(idx)) for 2 parts, O(n·len(idx)²) at most)."""
     ranked = sorted(idx, key=lambda i: -lengths[i])
     m, k = len(ranked), max(1, min(n, len(ranked)))
     top = [lengths[i] for i in ranked]  # part [a, b) pads to top[a]
     # best[j][a]: fewest padded tokens for ranked[a:] in exactly j parts; cut[j][a]: its first cut
-    best = [[math.inf] * m + [0] for _ in range(k + 1)]
+    best = [[math.inf] * (m + 1) for _ in range(k + 1)]
     cut = [[m] * (m + 1) for _ in range(k + 1)]
-    for j in range(1, k + 1):
-        for a in range(m - j, -1, -1):
+    best[1] = [(m - a) * top[a] for a in range(m)] + [math.inf]  # one part: ranked[a:]
+    for j in range(2, k + 1):
+        starts = range(m - j, -1, -1) if j < k else (0,)  # the last layer only from the start
+        for a in starts:
             for b in range(a + 1, m - j + 2):
                 cost = (b - a) * top[a] + best[j - 1][b]
                 if cost < best[j][a]:
