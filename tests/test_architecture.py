@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rankwise.data.tasks", "rankwise.data.glue", "rankwise.metrics", "rankwise.methods"),
     ("rankwise.config",),
     ("rankwise.data",),
-    ("rankwise.stats", "rankwise.summary", "rankwise.plots", "rankwise.measure"),
+    ("rankwise.stats", "rankwise.verdicts", "rankwise.summary", "rankwise.plots", "rankwise.measure"),
     ("rankwise.training",),
     ("rankwise.search", "rankwise.runner", "rankwise.evaluate", "rankwise.grid"),
     ("rankwise.bench", "rankwise.main", "rankwise.cli", "rankwise.__main__"),

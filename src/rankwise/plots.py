@@ -14,36 +14,64 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(fig, stem: Path) -> None:
+def save_figure(fig, stem: Path, tight: bool = True) -> None:
     """Write ``stem``.png and ``stem``.pdf and close the figure."""
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(stem.with_suffix(f".{ext}"))
     plt.close(fig)
 
 
-def seed_points(runs: list[dict], metric: str, stem: Path, title: str | None = None) -> None:
-    """Per-seed values (points) and mean ± 95 % t-interval per run, on an axis fitted to the
-    values (not from 0), so that differences of a point or two stay visible."""
+def axis_span(values: list[float], intervals: list[tuple[float, float]], margin: float = 0.08
+              ) -> tuple[float, float]:
+    """A y-range holding every point and every interval whole, with a margin on both sides."""
+    lo = min([*values, *(i[0] for i in intervals)])
+    hi = max([*values, *(i[1] for i in intervals)])
+    pad = margin * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.01
+    return lo - pad, hi + pad
+
+
+def seed_points(runs: list[dict], metric: str, stem: Path, title: str | None = None,
+                intervals: dict[str, dict] | None = None, verdicts: list[str] | None = None) -> None:
+    """Per-seed values (points) and each run's mean with its 95 % interval, on an axis that holds
+    every interval (not from 0, so differences of a point or two stay visible).
+
+    ``intervals`` (run id → ``{"mean", "ci95", "level"}``) are the intervals the verdicts use (the
+    two-level bootstrap; test-set sampling alone with one seed); runs without one get the
+    t-interval over seeds. ``verdicts`` are written under the plot.
+    """
     from rankwise.stats import mean_std_ci95
 
     runs = [r for r in runs if per_seed_values(r, metric)]
     if not runs:
         return
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs) + 1.5), 3.6))
+    intervals = intervals or {}
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs) + 1.5), 3.6 + 0.22 * len(verdicts or [])))
+    points, spans = [], []
     for k, r in enumerate(runs):
         values = per_seed_values(r, metric)
-        mean, _, (lo, hi) = mean_std_ci95(values)
+        own = intervals.get(r["run_id"])
+        if own:
+            mean, (lo, hi) = own["mean"], own["ci95"]
+        else:
+            mean, _, (lo, hi) = mean_std_ci95(values)
         offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
         ax.scatter(k + np.asarray(offsets), values, s=14, color="0.45", zorder=2)
         ax.errorbar(k, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=f"C{k % 10}",
                     capsize=5, markersize=7, zorder=3)
+        points += values
+        spans.append((lo, hi))
     ax.set_xticks(range(len(runs)), [r["run_id"] for r in runs], rotation=20, ha="right", fontsize=7)
     ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_ylim(*axis_span(points, spans))
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric}: seeds (grey) and mean ± 95 % CI", fontsize=9)
-    ax.margins(y=0.15)
-    save_figure(fig, stem)
+    levels = sorted({i["level"] for i in intervals.values()}) if intervals else ["t-interval over seeds"]
+    ax.set_title(title or f"{metric}: seeds (grey), mean ± 95 % CI ({'; '.join(levels)})", fontsize=8)
+    if verdicts:
+        fig.text(0.01, 0.01, "\n".join(verdicts), fontsize=7, va="bottom", ha="left")
+        fig.tight_layout(rect=(0, 0.06 * len(verdicts), 1, 1))
+    save_figure(fig, stem, tight=not verdicts)
 
 
 def read_step_logs(results_dir: Path, run: dict) -> list[list[dict]]:
@@ -89,7 +117,11 @@ def comparison_figures(report: dict, runs: list[dict], results_dir: Path, out: P
         task_runs = [r for r in runs if report["tasks"][r["run_id"]] == task]
         primary = summary["primary_metric"]
         name = primary if len(by_task) == 1 else f"{task}_{primary}"
-        seed_points(task_runs, primary, out / f"comparison_{name}")
+        words = [f"{t['runs'][0]} vs {t['runs'][1]}: {t['verdict']}" for t in report["pairwise"]
+                 if report["tasks"][t["runs"][0]] == task]
+        intervals = {rid: c["interval"] for rid, c in (report.get("run_checks") or {}).items()
+                     if c is not None and report["tasks"][rid] == task}
+        seed_points(task_runs, primary, out / f"comparison_{name}", intervals=intervals, verdicts=words)
         suffix = "" if len(by_task) == 1 else f"_{task}"
         learning_curves(task_runs, results_dir, primary, out / f"comparison_learning_curves{suffix}")
     if len(by_task) == 1:

@@ -123,55 +123,130 @@ def _summed(parts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.concatenate([sums, counts], axis=-1)
 
 
+def _replicate_means(pa: np.ndarray, pb: np.ndarray | None, value_fn, *, paired_seeds: bool,
+                     n_resamples: int, seed: int, chunk: int):
+    """Per replicate, the mean over drawn seeds of each run's metric on drawn examples.
+
+    ``pa`` (S_A, K, n) and ``pb`` (S_B, K, n) or None hold per-example metric parts. Each
+    replicate draws one set of n example indices (shared by A and B), then seeds with
+    replacement (the same draw for both runs when ``paired_seeds``). Yields (r,) arrays
+    (A's means, B's means or None) chunk by chunk.
+    """
+    n, s_a = pa.shape[-1], len(pa)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_resamples, chunk):
+        r = min(chunk, n_resamples - start)
+        idx = rng.integers(0, n, size=(r, n)) + n * np.arange(r)[:, None]
+        weights = np.bincount(idx.ravel(), minlength=r * n).reshape(r, n).astype(float)
+        rows = np.arange(r)[:, None]
+        ma = value_fn(_summed(pa, weights))  # (r, S_A): each seed's metric on the drawn examples
+        seeds_a = rng.integers(0, s_a, size=(r, s_a))
+        if pb is None:
+            yield ma[rows, seeds_a].mean(1), None
+            continue
+        mb = value_fn(_summed(pb, weights))
+        seeds_b = seeds_a if paired_seeds else rng.integers(0, len(pb), size=(r, len(pb)))
+        yield ma[rows, seeds_a].mean(1), mb[rows, seeds_b].mean(1)
+
+
+def _metric_parts(preds: np.ndarray, labels: np.ndarray, metric: str, positive: int):
+    parts_fn, value_fn = additive_metric(metric, positive)
+    return np.stack([parts_fn(p, labels) for p in preds]), value_fn  # (S, K, n)
+
+
 def hierarchical_bootstrap(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.ndarray,
                            metric: str, *, paired_seeds: bool, positive: int = 1,
                            n_resamples: int = 10_000, seed: int = 0, chunk: int = 500) -> dict:
-    """Two-level bootstrap of mean_s M_A(s) − mean_s M_B(s) (methods.md §7).
+    """Two-level bootstrap of mean_s M_A(s) − mean_s M_B(s) (methods.md, verdicts).
 
     ``preds_a`` (S_A, n) and ``preds_b`` (S_B, n) are per-seed predictions on the same n
     examples (``labels`` (n,)). Each replicate draws seeds with replacement (the same draw for
     A and B when ``paired_seeds``, which needs S_A == S_B with row s the same seed in both),
     then one set of n example indices shared by A and B. Returns the observed difference, the
-    95 % percentile CI and the two-sided p = min(1, 2·min((1+#{d_r≤0}), (1+#{d_r≥0}))/(1+R)).
+    95 % percentile CI, the two-sided p = min(1, 2·min((1+#{d_r≤0}), (1+#{d_r≥0}))/(1+R)) and
+    the replicates' standard deviation ``se`` (the design's standard error, for the MDE).
     """
-    parts_fn, value_fn = additive_metric(metric, positive)
-    pa = np.stack([parts_fn(p, labels) for p in preds_a])  # (S_A, K, n)
-    pb = np.stack([parts_fn(p, labels) for p in preds_b])
-    s_a, s_b, n = len(pa), len(pb), len(labels)
-    if paired_seeds and s_a != s_b:
+    pa, value_fn = _metric_parts(preds_a, labels, metric, positive)
+    pb, _ = _metric_parts(preds_b, labels, metric, positive)
+    if paired_seeds and len(pa) != len(pb):
         raise ValueError("paired seeds need the same number of seeds in both runs")
-    ones = np.ones((1, n))
+    ones = np.ones((1, len(labels)))
     observed = float(value_fn(_summed(pa, ones))[0].mean() - value_fn(_summed(pb, ones))[0].mean())
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for start in range(0, n_resamples, chunk):
-        r = min(chunk, n_resamples - start)
-        idx = rng.integers(0, n, size=(r, n)) + n * np.arange(r)[:, None]
-        weights = np.bincount(idx.ravel(), minlength=r * n).reshape(r, n).astype(float)
-        ma = value_fn(_summed(pa, weights))  # (r, S_A): each seed's metric on the drawn examples
-        mb = value_fn(_summed(pb, weights))
-        seeds_a = rng.integers(0, s_a, size=(r, s_a))
-        seeds_b = seeds_a if paired_seeds else rng.integers(0, s_b, size=(r, s_b))
-        rows = np.arange(r)[:, None]
-        diffs.append(ma[rows, seeds_a].mean(1) - mb[rows, seeds_b].mean(1))
-    d = np.concatenate(diffs)
+    d = np.concatenate([ma - mb for ma, mb in _replicate_means(
+        pa, pb, value_fn, paired_seeds=paired_seeds, n_resamples=n_resamples, seed=seed, chunk=chunk)])
     lo, hi = np.percentile(d, [2.5, 97.5])
     below, above = (1 + np.sum(d <= 0)) / (1 + n_resamples), (1 + np.sum(d >= 0)) / (1 + n_resamples)
     return {"test": "hierarchical_bootstrap", "difference": observed, "ci95": [float(lo), float(hi)],
-            "p_value": float(min(1.0, 2 * min(below, above))), "n_resamples": n_resamples,
-            "n_examples": int(n), "paired_seeds": bool(paired_seeds)}
+            "p_value": float(min(1.0, 2 * min(below, above))), "se": float(d.std(ddof=1)),
+            "n_resamples": n_resamples, "n_examples": int(len(labels)),
+            "paired_seeds": bool(paired_seeds)}
+
+
+def run_interval(preds: np.ndarray, labels: np.ndarray, metric: str, *, positive: int = 1,
+                 n_resamples: int = 10_000, seed: int = 0, chunk: int = 500) -> dict:
+    """One run's mean metric over seeds with the 95 % percentile CI of the same two-level
+    bootstrap as a verdict (seeds, then examples). With one seed only the examples are drawn:
+    the interval is test-set sampling alone."""
+    pa, value_fn = _metric_parts(preds, labels, metric, positive)
+    observed = float(value_fn(_summed(pa, np.ones((1, len(labels)))))[0].mean())
+    m = np.concatenate([ma for ma, _ in _replicate_means(
+        pa, None, value_fn, paired_seeds=False, n_resamples=n_resamples, seed=seed, chunk=chunk)])
+    lo, hi = np.percentile(m, [2.5, 97.5])
+    return {"mean": observed, "ci95": [float(lo), float(hi)], "n_seeds": int(len(pa)),
+            "level": "seeds and examples" if len(pa) > 1 else "test-set sampling only"}
+
+
+def seed_t_test(scores_a, scores_b, paired: bool) -> float | None:
+    """Two-sided p of a t-test over seed scores: paired when the runs share seeds (row s the
+    same seed), else Welch's. None when a run has one seed (no seed-level spread to test)."""
+    a, b = np.asarray(scores_a, float), np.asarray(scores_b, float)
+    if min(len(a), len(b)) < 2:
+        return None
+    if paired:
+        d = a - b
+        if np.all(d == d[0]):  # no spread: the t statistic is ±inf, or 0/0 for no difference
+            return 1.0 if d[0] == 0 else 0.0
+    elif np.var(a) + np.var(b) == 0:
+        return 1.0 if a[0] == b[0] else 0.0
+    from scipy import stats
+
+    result = stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False)
+    return float(result.pvalue)
+
+
+def minimum_detectable_effect(se: float, alpha: float, power: float = 0.8,
+                              df: int | None = None) -> float:
+    """The smallest true difference a two-sided test at level ``alpha`` detects with ``power``,
+    for an estimate with standard error ``se``: (q_{1−α/2} + q_{power}) · se, with normal
+    quantiles, or Student-t ones with ``df`` degrees of freedom (methods.md, verdicts)."""
+    if df is None:
+        q = special.ndtri(1 - alpha / 2) + special.ndtri(power)
+    else:
+        q = special.stdtrit(df, 1 - alpha / 2) + special.stdtrit(df, power)
+    return float(q * se)
 
 
 ASO_BOOTSTRAP_ITERATIONS = 1000  # deepsig's default; it loops in Python (several seconds a pair)
 
 
-def aso_epsilon(scores_a, scores_b, num_comparisons: int = 1, seed: int = 0) -> float:
-    """ε_min of A over B (almost stochastic order, deepsig); < 0.2 reads "A dominates B"."""
+def aso_epsilon(scores_a, scores_b, num_comparisons: int = 1, seed: int = 0) -> float | None:
+    """ε_min of A over B (almost stochastic order, deepsig); < 0.2 reads "A dominates B".
+
+    None where deepsig's violation ratio divides 0 by 0 (the two score sets' quantile
+    functions coincide): it then returns 0.5 or 1.0, which mean nothing.
+    """
+    import warnings
+
     from deepsig import aso
 
-    return float(aso(list(map(float, scores_a)), list(map(float, scores_b)), confidence_level=0.95,
-                     num_comparisons=num_comparisons, num_bootstrap_iterations=ASO_BOOTSTRAP_ITERATIONS,
-                     show_progress=False, seed=seed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eps = aso(list(map(float, scores_a)), list(map(float, scores_b)), confidence_level=0.95,
+                  num_comparisons=num_comparisons, num_bootstrap_iterations=ASO_BOOTSTRAP_ITERATIONS,
+                  show_progress=False, seed=seed)
+    if any("Division by zero" in str(w.message) for w in caught):
+        return None
+    return float(eps)
 
 
 def holm(p_values: list[float], alpha: float = 0.05) -> tuple[list[float], list[bool]]:

@@ -8,7 +8,8 @@ import math
 from rankwise.metrics import METRIC_FNS
 
 ROLE_NOTE = ("Values are means over seeds (± sample std, n seeds). † marks trial-mode runs "
-             "(at most 2 batches): not results.")
+             "(at most 2 batches) and runs that record no mode: not results. ‡ marks a degenerate "
+             "run (see Run checks).")
 
 TIME_NOTE = ("Times: 'train + eval' sums calibration, training steps and evaluation over seeds; "
              "'job' is the whole command (loading, a search when there is one, the post-training "
@@ -48,7 +49,7 @@ def mean_std_cell(run: dict, metric: str) -> str:
 
 
 def run_name(run: dict) -> str:
-    return run["run_id"] + (" †" if run.get("mode") == "trial" else "")
+    return run["run_id"] + (" †" if run.get("mode") != "full" else "")
 
 
 def task_metric_names(runs: list[dict], primary: set[str]) -> list[str]:
@@ -98,7 +99,8 @@ def methods_by_tasks_section(report: dict) -> list[str]:
         for task in t["tasks"]:
             c = cells.get(task)
             line.append("—" if c is None else f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
-                        + (f" (n={c['n_seeds']})" if c["n_seeds"] > 1 else "") + (" †" if c["trial"] else ""))
+                        + (f" (n={c['n_seeds']})" if c["n_seeds"] > 1 else "") + (" †" if c["trial"] else "")
+                        + (" ‡" if c.get("degenerate") else ""))
         if t["glue_avg"]:
             avg = t["glue_avg"].get(row)
             line.append("—" if avg is None else f"**{100 * avg:.2f}**")
@@ -106,41 +108,92 @@ def methods_by_tasks_section(report: dict) -> list[str]:
     note = ("GLUE tasks show the GLUE score ×100 (CoLA MCC; STS-B mean of Pearson and Spearman; MRPC "
             "and QQP mean of F1 and accuracy; MNLI mean of matched and mismatched accuracy; the rest "
             "accuracy); other tasks their primary metric ×100. glue_avg averages the tasks every row has: "
-            + (", ".join(t["glue_avg_tasks"]) or "none") + ".")
-    return ["## Methods × tasks", ""] + table(head, rows) + ["", note, ""]
+            + (", ".join(t["glue_avg_tasks"]) or "none") + ". ‡: a degenerate run (constant predictions "
+            "or a correlation ≤ 0): its cell, and any glue_avg holding it, are not results.")
+    headline = (f"Best proposed row {report['best_proposed']}; best baseline row "
+                f"{report['best_baseline']}; glue_avg gap {gap_text(report)}.")
+    return ["## Methods × tasks", ""] + table(head, rows) + ["", note, "", headline, ""]
 
 
-def verdict_line(t: dict) -> str:
-    a, b = t["runs"]
+def verdict_line(t: dict, trial_runs: set[str]) -> str:
+    a, b = (r + (" †" if r in trial_runs else "") for r in t["runs"])
+    word = f"**{t['verdict']}**"
+    reasons = "".join(f"\n  - {r}" for r in t.get("inconclusive_reasons", []))
     if t["p_value"] is None:
-        return f"- {a} vs {b}: no test ({t.get('reason', 'not computed')})"
-    verdict = "significant" if t["significant"] else "**not significant**"
-    if t.get("identical_predictions"):
-        verdict += " (identical predictions on every example of every seed)"
+        return f"- {a} vs {b}: {word}{reasons}"
     aso = "" if t["aso_epsilon"] is None else f", ASO ε_min = {t['aso_epsilon']:.3f}" + (
         " (A almost stochastically dominates B)" if t["aso_epsilon"] < 0.2 else "")
     lo, hi = t["ci95"]
-    return (f"- {a} vs {b} on {t['metric']}: Δ = {t['difference']:+.4f} (95 % CI [{lo:+.4f}, {hi:+.4f}]), "
-            f"p = {t['p_value']:.4g}, Holm p = {t['p_adjusted']:.4g}{aso}; seeds {t['n_seeds'][0]} vs "
-            f"{t['n_seeds'][1]}{' (paired)' if t.get('paired_seeds') else ''}, {t['n_examples']} examples"
-            f" — {verdict}" + ("" if t["coverage"] == "seeds and examples" else f" ({t['coverage']})"))
+    few = ""
+    if t.get("few_seeds"):
+        t_p = "no t-test: one seed" if t.get("p_t_test") is None else f"t-test p = {t['p_t_test']:.4g}"
+        few = f"; few seeds: p is the larger of bootstrap p = {t['p_bootstrap']:.4g} and {t_p}"
+    detect = ""
+    if not t["significant"] and t.get("mde") is not None:
+        detect = f" — no difference larger than {t['mde']:.4f} detected (80 % power)"
+    return (f"- {a} vs {b} on {t['metric']}: {word}{detect}. Δ = {t['difference']:+.4f} (95 % CI "
+            f"[{lo:+.4f}, {hi:+.4f}]), p = {t['p_value']:.4g}, Holm p = {t['p_adjusted']:.4g} "
+            f"(family of {t['n_tests_corrected']}){aso}; seeds {t['n_seeds'][0]} vs {t['n_seeds'][1]}"
+            f"{' (paired)' if t.get('paired_seeds') else ''}, {t['n_examples']} examples{few}"
+            + ("" if t["coverage"] == "seeds and examples" else f" ({t['coverage']})") + reasons)
+
+
+def family_sentence(report: dict) -> str:
+    if report.get("holm_family"):
+        sizes = sorted({t["n_tests_corrected"] for t in report["pairwise"]
+                        if t.get("n_tests_corrected") and not t.get("trial")})
+        return (f"Holm-adjusted over the experiment's family ({', '.join(map(str, sizes))} tests, "
+                f"from {report['holm_family']})")
+    n = sum(t["p_value"] is not None and not t.get("trial") for t in report["pairwise"])
+    return f"Holm-adjusted over the {n} tests of full runs in this comparison (trial runs apart)"
 
 
 def verdicts_section(report: dict) -> list[str]:
     lines = ["## Verdicts", "",
              ("Each proposed run against every other run of its task, on the task's primary metric: "
-             "two-level bootstrap (10,000 replicates drawing seeds, then examples; paired by seed where "
-             "both runs share seeds), 95 % percentile CI of the difference of seed means, two-sided p; "
-             f"Holm-adjusted over the {sum(t['p_value'] is not None for t in report['pairwise'])} tests "
-             "of this comparison; significant = Holm p < 0.05. ASO ε_min (deepsig) where both runs have "
-             "≥ 3 seeds."), ""]
-    lines += [verdict_line(t) for t in report["pairwise"]] or [
+              "two-level bootstrap (10,000 replicates drawing seeds, then examples; paired by seed where "
+              "both runs share seeds), 95 % percentile CI of the difference of seed means, two-sided p; "
+              "with fewer than 5 seeds in either run, p is the larger of that and a t-test's over seed "
+              f"scores (paired, else Welch). {family_sentence(report)}. Words: better / worse "
+              "(significant, by sign), no_difference_detected (with the smallest difference the "
+              "design detects with 80 % power at the family's α), inconclusive (a run degenerate, "
+              "not above chance or not engaged, or identical predictions). ASO ε_min (deepsig) where "
+              "both runs have ≥ 3 seeds and neither is degenerate nor identical to the other."), ""]
+    trial = set(report["trial_runs"])
+    lines += [verdict_line(t, trial) for t in report["pairwise"]] or [
         "- none (no proposed run, or no other run on the same task)"]
     for task, s in report["by_task"].items():
-        gap = "n/a" if s["gap"] is None else f"{s['gap']:+.2f} %"
         lines.append(f"\n{task}: best proposed {s['best_proposed']}; best baseline {s['best_baseline']}; "
-                     f"gap {gap}.")
+                     f"gap {gap_text(s)}.")
     return lines + [""]
+
+
+def gap_text(s: dict) -> str:
+    if s.get("gap_absolute") is None:
+        return "n/a"
+    relative = f"{s['gap']:+.2f} %" if s["gap"] is not None else f"relative gap n/a ({s['gap_reason']})"
+    return f"{s['gap_absolute']:+.4f} absolute, {relative}"
+
+
+def checks_section(report: dict) -> list[str]:
+    """Each run's health on the reported split: above chance, degenerate seeds, engagement."""
+    checks = report.get("run_checks") or {}
+    if not checks:
+        return []
+    rows = []
+    for rid, c in checks.items():
+        if c is None:
+            rows.append([rid, "—", "no predictions", "—"])
+            continue
+        ac = c["above_chance"]
+        rows.append([rid, ("yes" if ac["passed"] else "**no**") + f": {ac['why']}",
+                     "; ".join(c["degenerate"]) or "no",
+                     "; ".join(c["engagement_failures"]) or "—"])
+    note = ("A run that fails any of these makes every verdict it is in inconclusive. Above chance: "
+            "the 95 % CI of the run's primary metric (the verdicts' two-level bootstrap; test-set "
+            "sampling alone with one seed) lies above the best constant predictor's score.")
+    return ["## Run checks", ""] + table(["run", "above chance", "degenerate", "failed engagement checks"],
+                                          rows) + ["", note, ""]
 
 
 def notes_section(report: dict, runs: list[dict]) -> list[str]:
@@ -173,6 +226,7 @@ def summary_markdown(report: dict, runs: list[dict]) -> str:
         lines += [(f"**Trial-mode runs included** ({', '.join(report['trial_runs'])}): "
                   "their numbers are smoke tests, not results."), ""]
     for section in (metrics_section(report, runs), methods_by_tasks_section(report),
-                    costs_section(report, runs), verdicts_section(report), notes_section(report, runs)):
+                    costs_section(report, runs), checks_section(report), verdicts_section(report),
+                    notes_section(report, runs)):
         lines += section
     return "\n".join(lines).rstrip() + "\n"
