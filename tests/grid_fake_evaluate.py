@@ -1,6 +1,7 @@
 """A stand-in for ``python -m rankwise.evaluate`` in grid tests: the grid's contract with it.
 
-Accepts ``results_dir=``, ``run_ids=[...]``, ``out_dir=`` and ``allow_trial=true``; refuses a run
+Accepts ``results_dir=``, ``run_ids=[...]``, ``out_dir=``, ``allow_trial=true`` and
+``holm_family=`` (recorded as ``holm_family``, as the evaluator does); refuses a run
 that is not complete or (without allow_trial=true) ran in trial mode, exit 2, as the evaluator
 does; writes ``<out_dir>/aggregated_metrics.json`` (``run_ids``, the arguments) and ``summary.md``.
 """
@@ -23,7 +24,8 @@ def main(argv):
             print(f"error: run '{run_id}' ran in trial mode (allow_trial=true)", file=sys.stderr)
             return 2
     out.mkdir(parents=True, exist_ok=True)
-    (out / "aggregated_metrics.json").write_text(json.dumps({"run_ids": run_ids, "argv": argv}))
+    (out / "aggregated_metrics.json").write_text(json.dumps({"run_ids": run_ids, "argv": argv,
+                                                                    "holm_family": args.get("holm_family")}))
     (out / "summary.md").write_text("\n".join(run_ids) + "\n")
     return 0
 

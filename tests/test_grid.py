@@ -7,6 +7,7 @@ the fake GLUE mirror, 16 training examples, so every cell is one short ``rankwis
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,6 +281,10 @@ def test_local_grid_with_two_workers_completes_and_compares(reference):
     for out in (results / "comparison" / "RTE", results / "comparison"):
         report = json.loads((out / "aggregated_metrics.json").read_text())
         assert report["run_ids"] == [LORA, FULL] and "allow_trial=true" not in report["argv"]
+    # the task's comparison is written again inside the experiment's one Holm family
+    family = results / "comparison" / "aggregated_metrics.json"
+    assert json.loads((results / "comparison" / "RTE" / "aggregated_metrics.json").read_text())[
+        "holm_family"] == str(family)
     assert {k: v["status"] for k, v in grid_json(results)["comparisons"].items()} == {"RTE": "complete",
                                                                                       "all": "complete"}
 
@@ -297,10 +302,17 @@ def test_rerunning_a_complete_grid_trains_nothing(reference, fake_glue, fake_eva
 
 def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys):
     results, _ = reference
+    shutil.rmtree(results / "comparison")  # the stand-in's outputs would count as up to date
     assert main(grid_args(results, fake_glue, "workers=2")) == 0
+    reports = []
     for out in (results / "comparison" / "RTE", results / "comparison"):
         report = json.loads((out / "aggregated_metrics.json").read_text())
         assert report["run_ids"] == [LORA, FULL] and (out / "summary.md").is_file()
+        reports.append(report)
+    # one Holm family for the experiment: the task's output carries the overall adjusted p
+    task_pairs, all_pairs = ({tuple(t["runs"]): (t["p_adjusted"], t.get("n_tests_corrected"))
+                              for t in r["pairwise"]} for r in reports)
+    assert task_pairs == all_pairs and reports[0]["holm_family"].endswith("aggregated_metrics.json")
 
 
 def test_sigkill_mid_grid_then_rerun_finishes_without_retraining(tmp_path, fake_glue, reference):

@@ -1,6 +1,8 @@
 """The comparisons a grid ends in: ``rankwise.evaluate`` per task as soon as the task's cells
-are done (``<results_dir>/comparison/<task>/``), then once over every run
-(``<results_dir>/comparison/``: the methods × tasks table)."""
+are done (``<results_dir>/comparison/<task>/``, a first look), then once over every run
+(``<results_dir>/comparison/``: the methods × tasks table), which is the experiment's one Holm
+family; then each task again with ``holm_family=`` that comparison, so every output of the
+experiment carries the same adjusted p-values and family size."""
 
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ from typing import Any
 EVALUATE_COMMAND = [sys.executable, "-m", "rankwise.evaluate"]
 
 
-def evaluate_command(results_dir: Path, run_ids: list[str], out_dir: Path, trial: bool) -> list[str]:
+def evaluate_command(results_dir: Path, run_ids: list[str], out_dir: Path, trial: bool,
+                     family: Path | None = None) -> list[str]:
     cmd = [*EVALUATE_COMMAND, f"results_dir={results_dir}", f"run_ids={json.dumps(run_ids)}",
            f"out_dir={out_dir}"]
-    return cmd + (["allow_trial=true"] if trial else [])
+    return cmd + (["allow_trial=true"] if trial else []) + (
+        [f"holm_family={family}"] if family is not None else [])
 
 
-def up_to_date(out_dir: Path, results_dir: Path, run_ids: list[str]) -> bool:
-    """Whether ``out_dir`` already compares exactly these runs, newer than each run's metrics."""
+def up_to_date(out_dir: Path, results_dir: Path, run_ids: list[str], family: Path | None = None) -> bool:
+    """Whether ``out_dir`` already compares exactly these runs in this Holm family, newer than
+    each run's metrics and than the family's comparison."""
     report = out_dir / "aggregated_metrics.json"
     try:
         data = json.loads(report.read_text())
-        newest = max((results_dir / r / "metrics.json").stat().st_mtime for r in run_ids)
-        return data.get("run_ids") == run_ids and report.stat().st_mtime >= newest
+        inputs = [results_dir / r / "metrics.json" for r in run_ids] + ([family] if family else [])
+        newest = max(p.stat().st_mtime for p in inputs)
+        # a first look (no family) is satisfied by an output already adjusted in the family
+        same_family = family is None or data.get("holm_family") == str(family)
+        return data.get("run_ids") == run_ids and same_family and report.stat().st_mtime >= newest
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -36,9 +44,10 @@ class Comparison:
     grids on one folder never write one comparison at once)."""
 
     def __init__(self, name: str, results_dir: Path, run_ids: list[str], out_dir: Path, trial: bool,
-                 grid_dir: Path):
+                 grid_dir: Path, family: Path | None = None):
         self.name, self.results_dir, self.run_ids, self.out_dir = name, results_dir, run_ids, out_dir
-        self.command = evaluate_command(results_dir, run_ids, out_dir, trial)
+        self.family = family
+        self.command = evaluate_command(results_dir, run_ids, out_dir, trial, family)
         self.log = grid_dir / "logs" / f"comparison-{name}.log"
         self.lock_path = grid_dir / "locks" / f"comparison-{name}.lock"
         self.proc: subprocess.Popen | None = None
@@ -70,7 +79,7 @@ class Comparison:
             lock.acquire()
         except Timeout:
             return False
-        if up_to_date(self.out_dir, self.results_dir, self.run_ids):
+        if up_to_date(self.out_dir, self.results_dir, self.run_ids, self.family):
             lock.release()
             self.result = {"status": "complete", "note": "already up to date"}
             return True

@@ -213,7 +213,17 @@ class Grid:
             self.state.comparisons[comp.name] = comp.wait()
         comp = Comparison("all", self.results_dir, done, self.results_dir / "comparison", self.trial, self.grid_dir)
         self.state.comparisons["all"] = comp.wait()
+        if comp.result.get("status") == "complete":
+            self.compare_tasks_in_family(comp.out_dir / "aggregated_metrics.json")
         return comp
+
+    def compare_tasks_in_family(self, family: Path) -> None:
+        """Each task's comparison again, with the experiment-wide Holm family of ``family``."""
+        for task, first in list(self.comparisons.items()):
+            comp = Comparison(task, self.results_dir, first.run_ids, first.out_dir, self.trial,
+                              self.grid_dir, family=family)
+            self.comparisons[task] = comp
+            self.state.comparisons[task] = comp.wait()
 
     # --- the loop ---------------------------------------------------------------------------
 
