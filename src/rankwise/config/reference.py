@@ -24,6 +24,7 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union
 
 REGENERATE = "python -m rankwise.config.reference > docs/config.md"
@@ -47,10 +48,10 @@ class Section:
 
 # --- field docs (``#:`` comments) ----------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_docs(path: str) -> tuple[dict[int, str], dict[int, str]]:
     """(line -> ``#:`` comment standing alone on its line, line -> ``#:`` comment after code)."""
-    source = open(path, encoding="utf-8").read()
+    source = Path(path).read_text(encoding="utf-8")
     alone, trailing = {}, {}
     lines = source.splitlines()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -62,11 +63,11 @@ def _module_docs(path: str) -> tuple[dict[int, str], dict[int, str]]:
     return alone, trailing
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_lines(cls: type) -> dict[str, tuple[int, int]]:
     """Field name -> (first line, last line) of its annotated assignment in ``cls``'s source."""
     path = inspect.getsourcefile(cls)
-    tree = ast.parse(open(path, encoding="utf-8").read())
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
             return {stmt.target.id: (stmt.lineno, stmt.end_lineno) for stmt in node.body
