@@ -101,3 +101,14 @@ def test_cfg_job_on_a_bad_config_prints_the_runs_one_line_error(tmp_path, monkey
     assert cli.main(["run", "run=minilm-sst2-lora", "--cfg", "hydra"]) == 2
     assert "--cfg" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_where_to_read_more_exists(command, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cli.main([*command, "--help"])
+    more = " ".join(capsys.readouterr().out.split("\nmore: ")[1].split())
+    paths = [p.split("#")[0] for p in more.replace(",", " ").split() if p.startswith("docs/")]
+    assert paths and all((root / p).is_file() for p in paths), more
