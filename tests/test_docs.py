@@ -29,7 +29,7 @@ from rankwise import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 MODULES = {"rankwise.main": "run", "rankwise.evaluate": "evaluate", "rankwise.grid": "grid",
            "rankwise.bench": "bench", "rankwise": None}
@@ -46,7 +46,7 @@ def slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set[str]:
-    return {slug(m) for m in re.findall(r"^#+ (.+)$", without_code(page.read_text()), re.M)}
+    return {slug(m) for m in re.findall(r"^#+ (.+)$", without_code(page.read_text()), re.MULTILINE)}
 
 
 def test_readme_is_a_front_page():
@@ -162,6 +162,28 @@ def check_bench(kind: str, args: list[str]) -> None:
     options = {"inference": inference.InferenceBenchOptions, "train": train.TrainBenchOptions}[kind]
     jobs, _ = split_bench_args(args, options)
     assert jobs
+
+
+def help_examples() -> list[str]:
+    from rankwise.bench.__main__ import bench_help, kind_help, overhead_help
+    from rankwise.cli_help import EVALUATE_HELP
+    from rankwise.grid.cli import grid_help
+    from rankwise.main import run_help
+
+    helps = [run_help(), EVALUATE_HELP, grid_help(), bench_help(), overhead_help(),
+             kind_help("inference"), kind_help("train")]
+    return [example for h in helps for example in h.examples]
+
+
+@pytest.mark.parametrize("line", help_examples())
+def test_help_example_parses(line, tmp_path, monkeypatch, capsys):
+    """The examples ``--help`` prints are concrete commands that parse (as above)."""
+    argv = rankwise_argv(line)
+    assert argv is not None and not is_synopsis(argv), line
+    monkeypatch.chdir(tmp_path)
+    check_concrete(argv, tmp_path)
+    capsys.readouterr()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("page,line", COMMANDS, ids=[f"{p}:{line[:60]}" for p, line in COMMANDS])

@@ -189,7 +189,8 @@ SUMMARIES = {
 EXAMPLES = {
     "inference": (("rankwise bench inference run=minilm-sst2-lora adapters='[tabs,cbsp,lora]' "
                   "model.name=long-bert lengths='[128,256]' batch_sizes='[1]' out=bench-inf"),
-                  "rankwise bench inference run=A run=B results_dir=R weights=trained"),
+                  ("rankwise bench inference run=cpu-tabs-proposed-MiniLM-L6--SST-2 "
+                   "run=cpu-tabs-comparative-1-MiniLM-L6--SST-2 results_dir=R weights=trained")),
     "train": ("rankwise bench train run=minilm-sst2-lora pad_to=64 steps=20 warmup=2",
               "rankwise bench train run=minilm-sst2-lora 'methods=[lora,iw_lora]' hf_trainer=false"),
 }

@@ -76,7 +76,7 @@ def grid_help():
                   "rankwise grid experiment=2 scale=cpu mode=trial",
                   ("rankwise grid experiment=1 scale=full launcher=slurm slurm.partition=gpu "
                   "'seeds=[1,2,3]'")),
-        more="docs/usage.md#running-an-experiment-grid, docs/config.md (run-config keys)",
+        more="docs/grid.md, docs/config.md (run-config keys)",
     )
 
 
