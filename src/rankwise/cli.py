@@ -2,7 +2,7 @@
 
     rankwise run run=<id|path.yaml> results_dir=R mode=trial|full [overrides]   # rankwise.main
     rankwise evaluate results_dir=R run_ids='[a,b]' [options]                   # rankwise.evaluate
-    rankwise bench overhead|inference run=<id> [options]                        # rankwise.bench
+    rankwise bench overhead|inference|train run=<id> [options]                  # rankwise.bench
     rankwise grid ...                                                           # rankwise.grid
 
 Each subcommand hands the rest of the command line to that module's ``main(argv)`` and exits
@@ -17,7 +17,7 @@ import sys
 COMMANDS = {
     "run": ("rankwise.main", "train and evaluate one run (python -m rankwise.main)"),
     "evaluate": ("rankwise.evaluate", "compare finished runs (python -m rankwise.evaluate)"),
-    "bench": ("rankwise.bench.__main__", "benchmarks: overhead, inference (python -m rankwise.bench)"),
+    "bench": ("rankwise.bench.__main__", "benchmarks: overhead, inference, train (python -m rankwise.bench)"),
     "grid": ("rankwise.grid", "run a grid of run configs (rankwise.grid)"),
 }
 
@@ -25,7 +25,8 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: rankwise <command> [arguments]", "", "commands:"]
     lines += [f"  {name:<9} {about}" for name, (_, about) in COMMANDS.items()]
-    lines += ["", "'rankwise <command> --help' shows a command's own usage where it has one."]
+    lines += ["", "'rankwise <command> --help' shows a command's usage, arguments and examples;",
+              "'rankwise run --list' lists the run configs. More: README.md, docs/."]
     return "\n".join(lines)
 
 

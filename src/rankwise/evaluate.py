@@ -548,7 +548,11 @@ def selection_of(run: dict) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rankwise.cli_help import EVALUATE_HELP, answer_flags
+
     argv = sys.argv[1:] if argv is None else argv
+    if (answered := answer_flags(argv, EVALUATE_HELP)) is not None:  # --help, unknown flags
+        return answered
     try:
         args = parse_args(argv)
         out_dir = Path(args["out_dir"]) if args["out_dir"] else None

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rankwise.cli_help import CommandHelp, answer_flags, flag_name, key_argument
 from rankwise.config.loader import Job, load_job
-from rankwise.errors import RankwiseError
+from rankwise.errors import ConfigError, RankwiseError
 from rankwise.results import atomic_write_json, read_json
 
 log = logging.getLogger("rankwise")
@@ -112,9 +113,117 @@ def remove_unstarted_run_dir(job: Job | None, made: bool) -> bool:
     return True
 
 
+# --- the command's flags: --help, --list, --cfg job ------------------------------------------------
+
+RUN_FLAGS = ("--list", "--cfg")
+
+
+def run_help() -> CommandHelp:
+    """``rankwise run --help``: the job keys (defaults and meanings from the schema), the flags."""
+    from rankwise.config.loader import JobConfig
+    from rankwise.config.reference import sections
+
+    job_keys = [key_argument(row) for section in sections(JobConfig, "") for row in section.rows]
+    return CommandHelp(
+        command="rankwise run",
+        usage=("run=<id|path.yaml> [results_dir=DIR] [mode=trial|full] [key.path=VALUE ...]",
+               "--list [FILTER] [runs_dir=DIR]",
+               "run=<id|path.yaml> [key.path=VALUE ...] --cfg job"),
+        summary="Train and evaluate one run config (every seed) into <results_dir>/<run_id>/; the "
+                "whole config is validated first (exit 2 naming the key, nothing written). "
+                "python -m rankwise.main takes the same arguments.",
+        arguments=(*job_keys,
+                   ("key.path=VALUE", ("any run-config key, in Hydra's override grammar "
+                                      "(training.epochs=1, 'training.seeds=[1,2,3]'); every key "
+                                      "is in docs/config.md")),
+                   ("--list [FILTER]", ("list the packaged and runs_dir run configs (run id, "
+                                       "algorithm, task, model, role), those matching FILTER")),
+                   ("--cfg job", ("print the config the run would use (defaults, file, overrides, "
+                                 "mode resolved) as YAML, write nothing"))),
+        examples=("rankwise run run=minilm-sst2-lora mode=trial",
+                  "rankwise run run=minilm-sst2-lora results_dir=R 'training.seeds=[1,2,3]'",
+                  "rankwise run --list tabs",
+                  "rankwise run run=minilm-sst2-lora mode=trial training.epochs=1 --cfg job"),
+        more="docs/usage.md (runs, modes, overrides), docs/config.md (every key), "
+             "docs/outputs.md (what a run writes)",
+    )
+
+
+def flag_value(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(the value given to ``flag`` as ``flag=V`` or ``flag V``, the other arguments); the value is
+    None when the flag has none (``--list`` alone)."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == flag and i + 1 < len(argv) and "=" not in argv[i + 1] and not argv[i + 1].startswith("-"):
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg == flag or arg.startswith(f"{flag}="):
+            value = arg.partition("=")[2] or None
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+def list_runs(argv: list[str]) -> int:
+    """``--list [FILTER] [runs_dir=DIR]``: the run configs as a table."""
+    from rankwise.config.catalog import run_entries, table
+    from rankwise.config.loader import JobConfig, parse_overrides
+
+    pattern, rest = flag_value(argv, "--list")
+    runs_dir = JobConfig.runs_dir
+    for key, value, _ in parse_overrides(rest):
+        if key != "runs_dir":
+            raise ConfigError(key, "--list takes [FILTER] and runs_dir=DIR only")
+        runs_dir = str(value)
+    entries = run_entries(runs_dir, pattern)
+    print(table(entries))
+    print(f"{len(entries)} run config(s)" + (f" matching {pattern!r}" if pattern else ""))
+    return 0
+
+
+def show_config(argv: list[str]) -> int:
+    """``--cfg job``: the run config a run would use, as YAML; the same checks, nothing written."""
+    import yaml
+
+    from rankwise.config.typed import to_plain
+
+    which, rest = flag_value(argv, "--cfg")
+    if which != "job":
+        raise ConfigError("--cfg", f"takes 'job' (the config a run uses), got {which!r}")
+    job = load_job(rest)
+    preflight(job)
+    c, limits = job.command, job.limits
+    print(f"# rankwise run {' '.join(rest)}\n# job keys: runs_dir={c.runs_dir} "
+          f"results_dir={c.results_dir} mode={c.mode} resume={c.resume} device={c.device} "
+          f"wandb.mode={c.wandb.mode}")
+    if c.mode == "trial":
+        print(f"# mode=trial also caps: max_batches={limits.max_batches} "
+              f"calibration_batches={limits.calibration_batches} max_seeds={limits.max_seeds}")
+    print(yaml.safe_dump({**to_plain(job.run), **job.ignored_sections}, sort_keys=False), end="")
+    return 0
+
+
+def front_door(argv: list[str]) -> int | None:
+    """Answer ``--help`` / ``-h``, ``--list`` and ``--cfg job`` (exit code), refuse any other flag
+    with one line (2); None when ``argv`` asks for a run."""
+    if not any(flag_name(a) for a in argv):
+        return None
+    if (answered := answer_flags(argv, run_help, takes=RUN_FLAGS)) is not None:
+        return answered
+    try:
+        return list_runs(argv) if any(flag_name(a) == "--list" for a in argv) else show_config(argv)
+    except RankwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
+    if (answered := front_door(argv)) is not None:  # --help, --list, --cfg job: nothing trains
+        return answered
+    setup_logging()
     job: Job | None = None
     from rankwise import distributed
 

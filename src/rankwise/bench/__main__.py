@@ -19,6 +19,7 @@ Benchmark arguments are taken out; everything else is a run/job override as for
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -110,11 +111,109 @@ def train_main(rest: list[str]) -> int:
     return 0
 
 
+MORE = "docs/benchmarks.md, docs/inference.md (inference measurements), docs/config.md (run keys)"
+OVERRIDES = ("key.path=VALUE", ("any run-config or job key, applied to every run "
+                               "(model.name=long-bert, device=cpu)"))
+
+
+def options_arguments(options_cls) -> tuple[tuple[str, str], ...]:
+    """A bench's options as ``--help`` lists them (defaults and meanings from the dataclass)."""
+    from rankwise.cli_help import key_argument
+    from rankwise.config.reference import sections
+
+    return tuple(key_argument(row) for section in sections(options_cls, "") for row in section.rows)
+
+
+def bench_help():
+    """``rankwise bench --help``: the three benchmarks."""
+    from rankwise.cli_help import CommandHelp
+
+    return CommandHelp(
+        command="rankwise bench", usage=(("overhead|inference|train run=<id|path.yaml> [options] "
+                                         "[overrides]"),),
+        summary="Benchmarks of the methods' costs: 'rankwise bench <kind> --help' lists a kind's "
+                "options. python -m rankwise.bench takes the same arguments.",
+        arguments=(("overhead", ("per-step cost of LoRA, IW-LoRA and AdaLoRA and the IW "
+                                "calibration's share of a run")),
+                   ("inference", ("latency and adapter FLOPs vs sequence length of several "
+                                 "models side by side")),
+                   ("train", ("training-step speed, phase breakdown and profile of several "
+                             "methods (and an HF Trainer + peft LoRA) on the same batches"))),
+        examples=("rankwise bench overhead run=minilm-sst2-lora steps=5",
+                  "rankwise bench train run=minilm-sst2-lora steps=20 pad_to=64",
+                  ("rankwise bench inference run=minilm-sst2-lora adapters='[tabs,lora]' "
+                  "model.name=long-bert")),
+        more=MORE)
+
+
+def overhead_help():
+    from rankwise.cli_help import CommandHelp
+
+    return CommandHelp(
+        command="rankwise bench overhead",
+        usage=(("run=<id|path.yaml> [steps=N] [warmup=N] [calibration_batches=N] [out=FILE] "
+               "[overrides]"),),
+        summary="Mean step time of LoRA, IW-LoRA and AdaLoRA built from one run, on identical "
+                "interleaved batches, and the IW calibration's share of a run's wall time.",
+        arguments=(("run=<id|path.yaml>", "(required) the run config the variants are built from"),
+                   ("steps=N", "(default 20) timed steps per variant"),
+                   ("warmup=N", "(default 3) untimed steps per variant first"),
+                   ("calibration_batches=N", ("(default: the run's sensitivity_warmup_steps) IW "
+                                              "calibration batches")),
+                   ("out=FILE", "(default bench-overhead.json) the report"), OVERRIDES),
+        examples=("rankwise bench overhead run=minilm-sst2-lora steps=5 out=overhead.json",),
+        more=MORE)
+
+
+def kind_help(kind: str):
+    """``rankwise bench inference|train --help``."""
+    from rankwise.cli_help import CommandHelp
+
+    module = importlib.import_module(f"rankwise.bench.{kind}")
+    options_cls = {"inference": "InferenceBenchOptions", "train": "TrainBenchOptions"}[kind]
+    return CommandHelp(
+        command=f"rankwise bench {kind}",
+        usage=("run=<id|path.yaml> [run=...] [options] [overrides]",),
+        summary=SUMMARIES[kind], examples=EXAMPLES[kind], more=MORE,
+        arguments=(("run=<id|path.yaml>", "(required; repeat for several runs) a run config"),
+                   *options_arguments(getattr(module, options_cls)), OVERRIDES))
+
+
+SUMMARIES = {
+    "inference": "Latency and adapter FLOPs vs sequence length of several models side by side in "
+                 "one process: several run=, or one run= with adapters=[...].",
+    "train": "Training-step speed, phase breakdown and profile of several methods side by side in "
+             "one process, interleaved on the same batches: one run= with methods=[...], or "
+             "several run=.",
+}
+EXAMPLES = {
+    "inference": (("rankwise bench inference run=minilm-sst2-lora adapters='[tabs,cbsp,lora]' "
+                  "model.name=long-bert lengths='[128,256]' batch_sizes='[1]' out=bench-inf"),
+                  ("rankwise bench inference run=cpu-tabs-proposed-MiniLM-L6--SST-2 "
+                   "run=cpu-tabs-comparative-1-MiniLM-L6--SST-2 results_dir=R weights=trained")),
+    "train": ("rankwise bench train run=minilm-sst2-lora pad_to=64 steps=20 warmup=2",
+              "rankwise bench train run=minilm-sst2-lora 'methods=[lora,iw_lora]' hf_trainer=false"),
+}
+
+
+def answer_bench_flags(argv: list[str]) -> int | None:
+    """``--help`` for bench or one kind, one line for an unknown flag; None: run the bench."""
+    from rankwise.cli_help import answer_flags
+
+    kinds = {"overhead": overhead_help, "inference": lambda: kind_help("inference"),
+             "train": lambda: kind_help("train")}
+    if argv and argv[0] in kinds:
+        return answer_flags(argv[1:], kinds[argv[0]])
+    return answer_flags(argv, bench_help)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if (answered := answer_bench_flags(argv)) is not None:
+        return answered
     from rankwise.main import setup_logging
 
     setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
     commands = {"overhead": overhead_main, "inference": inference_main, "train": train_main}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)

@@ -81,17 +81,32 @@ DEFAULT_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
 class InferenceBenchOptions:
     """Options of ``bench inference`` (validated like a run config; errors name the key)."""
 
+    #: Sequence lengths of the sweep.
     lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
+    #: Batch sizes of the sweep.
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    max_tokens: int = 4096  # batch × length cap for batch sizes > 1 (CPU-sized default)
+    #: Cap on batch × length for batch sizes above 1 (a CPU-sized default).
+    max_tokens: int = 4096
+    #: Untimed passes per shape and model.
     warmup: int = 1
+    #: Timed passes per shape and model (round-robin across models).
     repeats: int = 3
+    #: LoRA models unmerged, merged (peft `merge_and_unload`), or `both` (adds
+    #: `<label>+merged`).
     lora_merge: Literal["both", "merged", "unmerged"] = "both"
+    #: Inference path of gated spectral models: the run's (`config`), `sparse`, `dense`, or
+    #: `both` (adds `<label>+dense`).
     spectral_path: Literal["config", "sparse", "dense", "both"] = "config"
+    #: `trained`: the latest checkpoint under `results_dir`; `fresh`: as initialised; `auto`:
+    #: trained where a checkpoint exists.
     weights: Literal["auto", "trained", "fresh"] = "auto"
-    reference: str | None = None  # label of the model the ratios are taken of (default: first)
+    #: The label the ratios are taken against; null: the first model.
+    reference: str | None = None
+    #: With one `run=`: one model per listed adapter type, each at its default config.
     adapters: list[str] | None = None
+    #: Seed of the random inputs.
     input_seed: int = 0
+    #: Output folder (`inference.json`, figures).
     out: str = "bench-inference"
 
     def validate(self, path: str) -> None:

@@ -49,16 +49,28 @@ HF_LABEL = "hf_trainer_peft_lora"
 class TrainBenchOptions:
     """Options of ``bench train`` (validated like a run config; errors name the key)."""
 
-    methods: list[str] | None = None  # one run=: default DEFAULT_METHODS; several run=: as given
+    #: Methods to build from one `run=` (`lora_bernoulli` and the spectral types too); null:
+    #: full_ft, lora, iw_lora, adalora; with several `run=`, the runs as given.
+    methods: list[str] | None = None
+    #: Timed steps per variant.
     steps: int = 10
+    #: Untimed steps per variant first.
     warmup: int = 2
-    hf_trainer: bool = True  # add HF Trainer + peft LoRA (needs a LoRA-family run)
+    #: Add a Hugging Face Trainer + peft LoRA on the same batches (needs a LoRA-family run).
+    hf_trainer: bool = True
+    #: Extra steps under torch.profiler (0: no profile).
     profile_steps: int = 1
-    profile_top: int = 12  # operators kept per variant in profile_top_ops
-    pad_to: int | None = None  # pad every batch to this length (None: dynamic padding)
-    reference: str | None = None  # label the ratios are taken against (default: lora, else first)
-    calibration_batches: int = 1  # IW-LoRA's calibration before timing (untimed)
-    threads: int | None = None  # torch.set_num_threads for the run (None: torch's default)
+    #: Operators kept per variant in `profile_top_ops`.
+    profile_top: int = 12
+    #: Pad every batch to this length; null: dynamic padding.
+    pad_to: int | None = None
+    #: The label the ratios are taken against; null: lora, else the first.
+    reference: str | None = None
+    #: Batches of IW-LoRA's calibration before timing (untimed).
+    calibration_batches: int = 1
+    #: torch.set_num_threads for the run; null: torch's default.
+    threads: int | None = None
+    #: Output folder (`train.json`, `step_time.png/.pdf`).
     out: str = "bench-train"
 
     def validate(self, path: str) -> None:

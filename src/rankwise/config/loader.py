@@ -41,18 +41,32 @@ SECTION_TYPO_CUTOFF = 0.8
 
 @dataclass
 class WandbConfig:
+    #: Mirror the run to Weights & Biases (`offline`, `online`; full mode only, needs `pip
+    #: install -e '.[wandb]'`); local files are always written.
     mode: Literal["disabled", "offline", "online"] = "disabled"
+    #: The W&B project.
     project: str = "rankwise"
+    #: The W&B team or user; null: your default entity.
     entity: str | None = None
 
 
 @dataclass
 class JobConfig:
+    #: The run config: a path to a YAML file, or a run id looked up as `<runs_dir>/<id>.yaml`,
+    #: then the packaged `configs/runs/<id>.yaml`.
     run: str
+    #: Where `run=<id>` is looked for first (relative to the working directory).
     runs_dir: str = "config/runs"
+    #: The run writes `<results_dir>/<run_id>/`.
     results_dir: str = "results"
+    #: `full`: as configured (a search first when `optuna.n_trials > 0`); `trial`: a smoke run
+    #: after every check the full run makes: 1 epoch, the first seed, at most 2 training and 2
+    #: evaluation batches, no search, no checkpoints, no W&B.
     mode: Literal["trial", "full"] = "full"
+    #: `auto`: continue a run folder whose run is incomplete and has a checkpoint; `true`:
+    #: require such a checkpoint; `false`: start over.
     resume: Literal["auto", True, False] = "auto"
+    #: `auto`: CUDA when available, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -32,17 +32,29 @@ ROLE_PATTERN = re.compile(r"^(proposed|baseline|comparative(-\d+)?|ablation(-[A-
 class IWRegularisationConfig:
     """IW-LoRA (methods.md §4): calibration, importance weights, weighted L2 penalty."""
 
+    #: Make LoRA IW-LoRA: calibrate importance weights, add the weighted L2 penalty (needs
+    #: `model.adapter.type: lora`).
     enabled: bool = False
+    #: α, the weight of the penalty α Σ_k c_k ‖Δ_k‖²; 0 trains exactly as LoRA.
     reg_alpha: float = 1e-4
+    #: β in the coefficients c_k = (1 − w_k)^β.
     beta: float = 1.0
+    #: Training batches the calibration reads (nothing is updated).
     sensitivity_warmup_steps: int = 150
+    #: Per-batch sensitivities kept (a ring buffer); s_k is their mean.
     sensitivity_buffer_size: int = 1024
+    #: Keep the LoRA factors out of the calibration graph (`false` computes their gradients too
+    #: and discards them).
     freeze_lora_during_warmup: bool = True
+    #: s_k: the mean of ‖∂L/∂W_k‖_F (`grad_norm`) or of its square (`grad_sq`) over the
+    #: calibration batches.
     sensitivity: Literal["grad_norm", "grad_sq"] = "grad_norm"
+    #: w_k = s_k / Σ_j s_j (`sum`) or s_k / max_j s_j (`max`).
     normalise: Literal["sum", "max"] = "sum"
+    #: Penalise ‖scale·B_k A_k‖_F² (`delta`) or ‖A_k‖_F² + ‖B_k‖_F² (`factors`).
     penalty_on: Literal["delta", "factors"] = "delta"
-    # "uniform": every coefficient c_k = 1 (the same L2 at the same α, no calibration): the
-    # control that isolates what the importance weights add.
+    #: `importance`: c_k from the calibration; `uniform`: every c_k = 1, no calibration (the
+    #: same L2 at the same α: the control that isolates what the importance weights add).
     coefficients: Literal["importance", "uniform"] = "importance"
 
     def validate(self, path: str) -> None:
@@ -62,15 +74,22 @@ class IWRegularisationConfig:
 
 @dataclass
 class ModelConfig:
+    #: A hub id, a local directory, `minilm` (the packaged all-MiniLM-L6-v2), `tiny-bert` /
+    #: `tiny-deberta` (2-layer random models for tests) or `long-bert` / `long-deberta` (random
+    #: MiniLM-sized models for timing long inputs).
     name: str = "minilm"
     # The config dataclass its ``type`` registered (parse_adapter), or None: full fine-tuning.
+    #: The method's block, chosen by its `type` (the `model.adapter` sections below); absent,
+    #: null or `type: full`: full fine-tuning.
     adapter: Any = field(default=None, metadata={"convert": lambda raw, path: parse_adapter(raw, path)})
     importance_weighted_regularisation: IWRegularisationConfig = field(
         default_factory=IWRegularisationConfig
     )
+    #: Load this tokenizer (hub id or path) instead of the model's own; null: the model's.
     tokenizer: str | None = None
-    # Overrides the per-architecture default target modules (methods/targets.py), for every
-    # method: the one home of this fact.
+    #: Module-name suffixes or regexes to adapt, for every method; null: the architecture's
+    #: default (query, key, value, attention output, intermediate and output dense of every
+    #: layer).
     target_modules: list[str] | None = None
     # keys that older files may hold; each is refused with the reason
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
@@ -84,19 +103,21 @@ class ModelConfig:
 
 @dataclass
 class SplitsConfig:
+    #: The split trained on.
     train: str = "train"
+    #: The split reported (MNLI: `validation_matched`).
     validation: str = "validation"
-    # Further evaluation splits (e.g. MNLI's validation_mismatched). ``None`` = task default,
-    # evaluated only where the source has it.
+    #: Further splits evaluated (e.g. MNLI's `validation_mismatched`); null: the task's default,
+    #: evaluated where the source has it.
     extra_validation: list[str] | None = None
 
 
 @dataclass
 class PreprocessingConfig:
+    #: Cut rows longer than `dataset.max_seq_length` (ListOps refuses too-long rows either way).
     truncation: bool = True
-    # Batches are always padded dynamically to the longest sequence in the batch: masked
-    # padding does not change an encoder's outputs (tested), so ``max_length`` is accepted
-    # and logged once.
+    #: Accepted and logged: batches are always padded dynamically to their longest row (masked
+    #: padding does not change an encoder's outputs).
     padding: Literal["max_length", "longest", "dynamic", True, False] = "longest"
 
 
@@ -104,15 +125,25 @@ class PreprocessingConfig:
 class ListOpsConfig:
     """LRA ListOps generation (Tay et al. 2021, following Nangia & Bowman 2018)."""
 
-    min_length: int = 500  # exclusive, in tokens of the printed expression
-    max_length: int = 2000  # exclusive
+    #: Shortest expression, exclusive, in tokens of the printed expression.
+    min_length: int = 500
+    #: Longest expression, exclusive.
+    max_length: int = 2000
+    #: Deepest nesting of operators.
     max_depth: int = 10
+    #: Fewest arguments of an operator.
     min_args: int = 2
+    #: Most arguments of an operator.
     max_args: int = 10
+    #: Probability that an argument is itself an operation.
     operator_prob: float = 0.25
+    #: Training expressions generated.
     n_train: int = 96000
+    #: Validation expressions generated.
     n_validation: int = 2000
+    #: Test expressions generated.
     n_test: int = 2000
+    #: Seed of the generator: the splits are a pure function of these keys.
     seed: int = 0
 
     def validate(self, path: str) -> None:
@@ -131,16 +162,25 @@ class ListOpsConfig:
 
 @dataclass
 class DatasetConfig:
+    #: `glue` (through `datasets`) or `lra` (Long Range Arena: ListOps).
     name: Literal["glue", "lra"] = "glue"
+    #: The task: `cola`, `sst2`, `mrpc`, `qqp`, `stsb`, `mnli`, `qnli`, `rte`; `listops` for
+    #: `lra`.
     subset: str = "rte"
     splits: SplitsConfig = field(default_factory=SplitsConfig)
+    #: Longest row in tokens, [CLS] and [SEP] included.
     max_seq_length: int = 128
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    #: Train on a seeded selection of this many rows; null: all.
     max_train_samples: int | None = None
+    #: Evaluate on the first this many rows of each evaluation split; null: all.
     max_eval_samples: int | None = None
-    # Local mirror with the hub layout: <data_dir>/<subset>/<split>-00000-of-00001.parquet.
-    # Default: env RANKWISE_DATA_DIR; else the hub.
+    #: A local mirror with the hub's layout,
+    #: `<data_dir>/<subset>/<split>-00000-of-00001.parquet`; null: env `RANKWISE_DATA_DIR`, else
+    #: the hub.
     data_dir: str | None = None
+    #: Accepted but not read: caches live under `$RANKWISE_CACHE_DIR` (default
+    #: `~/.cache/rankwise`).
     cache_dir: str | None = None
     listops: ListOpsConfig = field(default_factory=ListOpsConfig)
 
@@ -175,12 +215,20 @@ class InferenceMeasurementConfig:
     passes per length and 10 timed evaluation batches.
     """
 
+    #: Measure after training (latency, length sweep, FLOPs per example); false: no timing, no
+    #: files, the cost keys that need no forward pass still written.
     enabled: bool = True
+    #: Sequence lengths of the sweep; null: half of and the full `dataset.max_seq_length`.
     lengths: list[int] | None = None
+    #: Batch size of the sweep; null: the evaluation batch size.
     batch_size: int | None = None
+    #: Untimed passes before the timed ones (headline latency and per sweep shape).
     warmup: int = 3
+    #: Timed passes per sweep shape.
     repeats: int = 5
+    #: Timed forward passes over the evaluation batches behind the latency mean, p50 and p99.
     timed_batches: int = 100
+    #: Write the figures (FLOPs vs length, gate histogram).
     figures: bool = True
 
     def validate(self, path: str) -> None:
@@ -198,52 +246,85 @@ class InferenceMeasurementConfig:
 
 @dataclass
 class TrainingConfig:
+    #: Passes over the training split.
     epochs: int = 3
+    #: Training examples per optimizer step (per accumulation step), over all processes.
     batch_size: int = 32
+    #: Evaluation batch size; null: `batch_size`.
     eval_batch_size: int | None = None
+    #: Peak learning rate of the adapter (every trained parameter for full fine-tuning).
     learning_rate: float = 2e-4
+    #: Learning rate of the classification head and pooler; null: `learning_rate`.
     head_learning_rate: float | None = None
+    #: The optimizer.
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    #: Decoupled weight decay (AdamW), or L2 for Adam and SGD.
     weight_decay: float = 0.01
+    #: Adam β1.
     adam_beta1: float = 0.9
+    #: Adam β2.
     adam_beta2: float = 0.999
+    #: Adam ε.
     adam_epsilon: float = 1e-8
+    #: Learning-rate schedule after the warm-up.
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    #: Linear warm-up in optimizer steps (ignored when `warmup_ratio` is set).
     warmup_steps: int = 0
+    #: Linear warm-up as a fraction of the optimizer steps; null: `warmup_steps`.
     warmup_ratio: float | None = None
+    #: Batches per optimizer step.
     gradient_accumulation_steps: int = 1
+    #: Clip the gradient norm to this; null: no clipping.
     max_grad_norm: float | None = 1.0
+    #: Stop after this many optimizer steps; null: `epochs` decide.
     max_steps: int | None = None
+    #: float16 autocast with a GradScaler on CUDA (float32 on a machine without CUDA, said
+    #: once).
     fp16: bool = False
+    #: bfloat16 autocast on CUDA (float32 on a machine without CUDA, said once); exclusive with
+    #: `fp16`.
     bf16: bool = False
+    #: The seed of a one-seed run, of every search trial, and the first of `n_seeds`.
     seed: int = 42
+    #: Train once per seed into the one run folder; null: `n_seeds`, else `seed` alone.
     seeds: list[int] | None = None
+    #: Train with seeds `seed`, `seed` + 1, ...; exclusive with `seeds`.
     n_seeds: int | None = None
+    #: Optimizer steps between step logs (`history.jsonl`).
     log_every_n_steps: int = 50
+    #: When to write a checkpoint.
     save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    #: Optimizer steps between checkpoints with `save_strategy: steps`.
     save_every_n_steps: int | None = None
+    #: Checkpoints kept per seed (the newest).
     save_total_limit: int = 2
+    #: When to evaluate during training.
     evaluation_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    #: Optimizer steps between evaluations with `evaluation_strategy: steps`.
     eval_every_n_steps: int | None = None
+    #: Ask torch for deterministic kernels (slower).
     deterministic: bool = False
+    #: Run under `torch.autograd.set_detect_anomaly` (slow; for debugging).
     detect_anomaly: bool = False
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
         "num_workers": "it was accepted but never applied; batches are built in the training "
                        "process from the tokenised cache (no DataLoader workers)",
     }
-    # Length grouping of training batches (the order is a pure function of (seed, epoch), so
-    # resume stays exact). "within_batch": the plain batches, each sorted by length and run as
-    # `length_buckets` parts cut where they pad to the fewest tokens, each padded to its own
-    # longest row, with the part losses weighted by their share of rows (the batch's rows and
-    # gradient unchanged, less padding);
-    # "megabatch": batches cut from length-sorted mega-batches of `length_megabatch` batches of
-    # the shuffled order, then shuffled (HF's LengthGroupedSampler: less padding still, but
-    # each batch holds rows of similar length).
+    #: Group training batches by length (the order stays a pure function of seed and epoch, so
+    #: resume is exact); false: the plain permutation and whole batches.
     group_by_length: bool = True
+    #: `within_batch`: the plain batches, each sorted by length and run as `length_buckets`
+    #: parts cut where they pad least, the part losses weighted by their share of rows (the
+    #: batch's gradient unchanged); `megabatch`: batches cut from length-sorted mega-batches of
+    #: `length_megabatch` batches, then shuffled (HF's LengthGroupedSampler; less padding, but
+    #: it changes the batches).
     length_grouping: Literal["within_batch", "megabatch"] = "within_batch"
+    #: Parts a batch is run in under `length_grouping: within_batch`.
     length_buckets: int = 2
+    #: Batches per mega-batch under `length_grouping: megabatch`.
     length_megabatch: int = 50
     # AdamW/Adam kernel: "auto" = fused where torch has it for the device, else foreach
+    #: The Adam/AdamW kernel: `auto` = fused where torch has it for the device, else foreach.
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     inference_measurement: InferenceMeasurementConfig = field(
         default_factory=InferenceMeasurementConfig)
@@ -293,11 +374,17 @@ class TrainingConfig:
 
 @dataclass
 class SearchSpaceEntry:
+    #: The distribution the parameter is drawn from.
     type: Literal["loguniform", "uniform", "float", "int", "categorical", "discrete_uniform"]
+    #: Lower bound (all types but `categorical`).
     low: float | None = None
+    #: Upper bound (all types but `categorical`).
     high: float | None = None
+    #: Grid step of `int`, `float` and `discrete_uniform` (not with a log scale).
     step: float | None = None
+    #: Draw on a log scale (`loguniform` always does).
     log: bool = False
+    #: The values of a `categorical` entry.
     choices: list[Any] | None = None
 
     def validate(self, path: str) -> None:
@@ -321,22 +408,40 @@ class SearchSpaceEntry:
 
 @dataclass
 class OptunaConfig:
+    #: Whether the search maximises or minimises `metric_name`.
     direction: Literal["maximize", "minimize"] = "maximize"
+    #: The metric that scores a trial, by its metrics.json name (e.g. `validation_accuracy`),
+    #: measured on the selection split.
     metric_name: str = "validation_accuracy"
+    #: Trials before the final run; 0: no search.
     n_trials: int = 0
+    #: Parameter name (an alias such as `learning_rate`, `lora_rank`, or a dotted path such as
+    #: `training.adam_beta2`) to its distribution.
     search_space: dict[str, SearchSpaceEntry] = field(default_factory=dict)
-    storage: str | None = None  # default: sqlite file in the run's results folder
-    sampler_seed: int | None = None  # default: training.seed
+    #: The study's database URL (e.g. `postgresql+psycopg2://...` for workers on several
+    #: machines); null: SQLite at `<run>/optuna/study.db`.
+    storage: str | None = None
+    #: Seed of the TPE sampler; null: `training.seed`.
+    sampler_seed: int | None = None
+    #: How unpromising trials are stopped early; `none`: never.
     pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
-    pruner_percentile: float = 25.0  # pruner: percentile keeps trials above this percentile
+    #: With `pruner: percentile`, keep the trials above this percentile.
+    pruner_percentile: float = 25.0
+    #: Epochs of a trial that are never pruned.
     pruner_warmup_epochs: int = 0
+    #: Trials that finish before any is pruned.
     n_startup_trials: int = 5
+    #: Seconds between a running trial's heartbeats.
     heartbeat_interval: int = 30
-    grace_period: int | None = None  # default: 2 x heartbeat_interval
+    #: Seconds without a heartbeat after which a trial is declared dead and retried; null: twice
+    #: `heartbeat_interval`.
+    grace_period: int | None = None
+    #: Stop starting new trials after this many seconds (then train the best so far); null: no
+    #: limit.
     timeout_s: float | None = None
-    # What scores a trial: a fraction in (0, 1) = a seeded, stratified held-out slice of the
-    # training split (trials train on the rest; the final run trains on all of it and reports
-    # on validation), or "validation" (selection on the reported split: optimistic).
+    #: What scores a trial: a fraction in (0, 1) holds out a seeded, stratified slice of the
+    #: training split (trials train on the rest; the final run trains on all of it and reports
+    #: on validation), or `validation` (selection on the reported split: optimistic).
     selection_split: float | str = 0.1
 
     def validate(self, path: str) -> None:
@@ -374,7 +479,10 @@ class OptunaConfig:
 
 @dataclass
 class RunConfig:
+    #: Names the run and its folder `<results_dir>/<run_id>/`; file-name-safe characters only.
     run_id: str
+    #: The run's role label: `proposed`, `baseline`, `comparative-<n>` or `ablation-<name>`; the
+    #: algorithm is read from `model.adapter`.
     method: str
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

@@ -56,12 +56,39 @@ def report(grid, argv: list[str], results_dir: Path, overall) -> int:
     return 1 if failed or bad else 0
 
 
+def grid_help():
+    """``rankwise grid --help``: the grid's keys (defaults and meanings from its schema)."""
+    from rankwise.cli_help import CommandHelp, key_argument
+    from rankwise.config.reference import sections
+    from rankwise.grid.config import GridConfig
+
+    keys = [key_argument(row) for section in sections(GridConfig, "") for row in section.rows]
+    return CommandHelp(
+        command="rankwise grid",
+        usage=("experiment=1|2 scale=cpu|full [tasks=[...]] [roles=[...]] [seeds=[...]] [key=VALUE ...]",
+               "runs=[<id|path.yaml>,...] results_dir=DIR [key=VALUE ...]"),
+        summary="Train an experiment's grid of run configs (one cell per run id, all its seeds) on "
+                "a local pool, Slurm or Ray, resumably, then compare each task's runs and all of "
+                "them. python -m rankwise.grid takes the same arguments.",
+        arguments=(*keys, ("key.path=VALUE", ("a run-config key (model.*, dataset.*, training.*, "
+                                             "...) or device, resume, wandb.*: passed to every cell"))),
+        examples=("rankwise grid experiment=1 scale=cpu tasks=[RTE] workers=2",
+                  "rankwise grid experiment=2 scale=cpu mode=trial",
+                  ("rankwise grid experiment=1 scale=full launcher=slurm slurm.partition=gpu "
+                  "'seeds=[1,2,3]'")),
+        more="docs/grid.md, docs/config.md (run-config keys)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rankwise.cli_help import answer_flags
     from rankwise.grid.cells import build_cells
     from rankwise.grid.config import parse_grid_args
     from rankwise.grid.launchers import make_launcher
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if (answered := answer_flags(argv, grid_help)) is not None:  # --help, unknown flags
+        return answered
     try:
         cfg, overrides = parse_grid_args(argv)
         results_dir = Path(cfg.results_path).expanduser().resolve()

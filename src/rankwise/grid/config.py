@@ -20,15 +20,24 @@ CELL_JOB_KEYS = ("device", "resume", "wandb")  # rankwise.main job keys a grid p
 
 @dataclass
 class SlurmConfig:
-    cluster: Literal["slurm", "local"] = "slurm"  # local: submitit's local executor (no Slurm needed)
+    #: `slurm`, or `local`: submitit's local executor (no Slurm needed).
+    cluster: Literal["slurm", "local"] = "slurm"
+    #: The Slurm partition.
     partition: str | None = None
-    time: int = 24 * 60  # minutes per job
+    #: Minutes per job.
+    time: int = 24 * 60
+    #: Memory per job in GB; null: the partition's default.
     mem_gb: float | None = None
-    array_parallelism: int | None = None  # at most this many jobs of the array at once
+    #: At most this many jobs of the array at once.
+    array_parallelism: int | None = None
+    #: The Slurm account.
     account: str | None = None
+    #: The Slurm QOS.
     qos: str | None = None
+    #: The Slurm constraint.
     constraint: str | None = None
-    additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
+    #: Any other sbatch option.
+    additional: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         require(self.time >= 1, f"{path}.time", "must be >= 1 (minutes)")
@@ -38,24 +47,39 @@ class SlurmConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = None  # None: a local Ray instance; auto or ray://host:port: a cluster
+    #: null: a local Ray instance; `auto` or `ray://host:port`: a cluster.
+    address: str | None = None
 
 
 @dataclass
 class GridConfig:
+    #: Run experiment 1 (IW-LoRA) or 2 (TABS); needs `scale`.
     experiment: int | None = None
+    #: `cpu`: the MiniLM twins `cpu-*`; `full`: the DeBERTaV3-base configs.
     scale: Literal["cpu", "full"] | None = None
+    #: Only these tasks of the experiment (e.g. `[RTE,SST-2]`); null: all.
     tasks: list[str] | None = None
+    #: Only these roles (e.g. `[proposed,comparative-1]`); null: all.
     roles: list[str] | None = None
+    #: An explicit list of run ids or YAML paths instead of `experiment`.
     runs: list[str] | None = None
+    #: Seeds of every cell; null: each config's own.
     seeds: list[int] | None = None
+    #: The grid's results folder; null: `results/experiment<N>-<scale>`.
     results_dir: str | None = None
+    #: `trial` or `full`, for every cell.
     mode: Literal["trial", "full"] = "full"
+    #: Where the cells run: a local pool, Slurm (submitit) or Ray.
     launcher: Literal["local", "slurm", "ray"] = "local"
+    #: Cells at a time; null: one per GPU, else 1.
     workers: int | None = None
+    #: Cores per cell; null: cores / workers (local), 8 (Slurm).
     cpus_per_run: int | None = None
+    #: GPUs per cell; null: 1 where GPUs are visible.
     gpus_per_run: int | None = None
+    #: Re-submissions of a failed cell in the same grid command.
     retries: int = 1
+    #: Compare each task's runs, then all runs, as they finish.
     compare: bool = True
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     ray: RayConfig = field(default_factory=RayConfig)

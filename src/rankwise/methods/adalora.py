@@ -70,16 +70,28 @@ class AdaLoRAConfig:
     - ``orth_reg_weight = 0.1``: paper range 0.1–0.5.
     """
 
+    #: Selects AdaLoRA (peft).
     type: Literal["adalora"] = "adalora"
+    #: Average rank per target matrix after pruning.
     target_r: int = 8
+    #: Rank per target matrix at the start (≥ `target_r`).
     init_r: int = 12
+    #: The update is scaled by lora_alpha / init_r (as peft does).
     lora_alpha: float = 16.0
+    #: Dropout on the adapter's input.
     dropout: float = 0.1
+    #: Warm-up at full rank: steps (an integer) or a fraction of the optimizer steps (a float in
+    #: [0, 1)).
     tinit: int | float = 0.1
+    #: Final phase at the final rank pattern: steps or a fraction of the optimizer steps.
     tfinal: int | float = 0.3
+    #: Optimizer steps between two re-allocations.
     deltaT: int = 10
+    #: EMA factor of the sensitivity.
     beta1: float = 0.85
+    #: EMA factor of the uncertainty.
     beta2: float = 0.85
+    #: Weight of the orthogonality regulariser (`reg/orth_reg`).
     orth_reg_weight: float = 0.1
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 

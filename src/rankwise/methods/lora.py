@@ -38,15 +38,21 @@ from rankwise.methods.targets import TARGETS_MOVED
 
 @dataclass
 class LoRAConfig:
+    #: Selects LoRA (IW-LoRA with `model.importance_weighted_regularisation.enabled`).
     type: Literal["lora"] = "lora"
+    #: r, the rank of B·A.
     rank: int = 8
+    #: The update is scaled by lora_alpha / r.
     lora_alpha: float = 16.0
+    #: Dropout on the adapter's input.
     dropout: float = 0.1
+    #: Which biases train (peft's `bias`).
     bias: Literal["none", "all", "lora_only"] = "none"
-    # how the dropout mask is drawn (same distribution): "geometric" gaps between dropped
-    # elements (GapDropout, fast on CPU; in CPU training each target also runs as one fused
-    # base + LoRA autograd function, FusedLoRALinear), or "bernoulli" (peft's nn.Dropout, one
-    # draw per element, and peft's own lora.Linear forward: the unfused reference path)
+    # geometric: GapDropout, and in CPU training _FusedLoRALinear (use_fused_lora)
+    #: How the dropout mask is drawn (the same distribution): `geometric`, from the gaps between
+    #: dropped elements (fast on CPU, and in CPU training each target runs as one fused base +
+    #: LoRA function), or `bernoulli` (peft's `nn.Dropout` and its own forward: the unfused
+    #: reference).
     dropout_sampler: Literal["geometric", "bernoulli"] = "geometric"
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 

@@ -79,8 +79,11 @@ def _check_controller(path: str, width: ControllerWidth) -> None:
 class SpectralAdapterConfig:
     """Spectral Adapter^A (ungated reference): g ≡ 1 on the top-R directions, R = r."""
 
+    #: Selects the Spectral Adapter (no gates).
     type: Literal["spectral"] = "spectral"
+    #: Top singular directions of each target that train.
     R: int = 8
+    #: Scale of the spectral update.
     scale: float = 1.0
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
@@ -95,11 +98,19 @@ class SpectralAdapterConfig:
 class _GatedConfig:
     """Fields every gated type shares: R directions, budget b, λ, evaluation gate and path."""
 
+    #: Top singular directions of each target a gate can open.
     R: int = 16
+    #: b: directions open per token (CBSP, TABS) or per target (BHSP); at most R.
     budget: float = 8.0
+    #: λ, the weight of the budget penalty.
     penalty_weight: float = 0.05
+    #: Scale of the spectral update.
     scale: float = 1.0
+    #: Evaluation computes only the open (token, direction) pairs (`sparse`) or all of them,
+    #: masked (`dense`; the same outputs).
     inference_path: InferencePath = "sparse"
+    #: Gates at evaluation: 1[logit > 0] (`sign`) or Louizos et al.'s clamp(σ(logit)(ζ − γ) + γ,
+    #: 0, 1) (`louizos`).
     eval_gates: EvalRule = "sign"
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
@@ -130,8 +141,11 @@ class BHSPConfig(_GatedConfig):
     evaluation, so each direction gets gradient before the penalty closes some.
     """
 
+    #: Selects BHSP: one static gate per direction.
     type: Literal["bhsp"] = "bhsp"
+    #: Count the penalty's excess in gates (`gates`) or in gates per target (`per_target`).
     penalty_units: Literal["gates", "per_target"] = "gates"
+    #: Initial log α of every gate (1: P(g ≠ 0) ≈ 0.93, every gate open at evaluation).
     init_log_alpha: float = 1.0
 
     budget_unit = "target"
@@ -148,8 +162,12 @@ class BHSPConfig(_GatedConfig):
 class _ControlledConfig(_GatedConfig):
     """Gated types whose gates come from a controller reading the layer input (CBSP, TABS)."""
 
+    #: Count the penalty's excess in (token, direction) pairs (`pairs`, grows with T²) or in
+    #: directions per token (`per_token`).
     penalty_units: Literal["pairs", "per_token"] = "pairs"
+    #: Hidden width of the gate controller: a number, `R` or `d_in/4`.
     controller_hidden: ControllerWidth = "R"
+    #: The controller reads its input `detached` (no gradient through it) or `attached`.
     controller_input: ControllerInput = "detached"
 
     def validate(self, path: str) -> None:
@@ -173,6 +191,7 @@ class CBSPConfig(_ControlledConfig):
     penalty only: λ · Σ_k mean_seq(max(0, T_valid · Σ_i P(g_i ≠ 0) − b·T_valid))².
     """
 
+    #: Selects CBSP: a sequence controller, tokens share gates, the budget by penalty only.
     type: Literal["cbsp"] = "cbsp"
 
     def recipe(self) -> SpectralRecipe:
@@ -189,9 +208,15 @@ class TABSConfig(_ControlledConfig):
     the projection then keeps the floor(B_max / T_valid) best directions).
     """
 
+    #: Selects TABS: a token controller with a hard per-sequence budget.
     type: Literal["tabs"] = "tabs"
+    #: An absolute cap B_max on open (token, direction) pairs per target and sequence; null:
+    #: floor(b · T).
     budget_tokens: int | None = None
+    #: Project onto the top B_max pairs in training and evaluation (`false`: penalty only, the
+    #: ablation).
     projection: bool = True
+    #: Gates per `token`, or one per `sequence` (CBSP's gates, the ablation).
     gate_granularity: Literal["token", "sequence"] = "token"
 
     def validate(self, path: str) -> None:
