@@ -96,7 +96,7 @@ def refuse_flag(flag: str, command: str, takes: tuple[str, ...] = ()) -> None:
 EVALUATE_HELP = CommandHelp(
     command="rankwise evaluate",
     usage=(("results_dir=DIR run_ids='[id1,id2,...]' [out_dir=DIR] [allow_incomplete=true] "
-            "[allow_trial=true]"),),
+            "[allow_trial=true] [holm_family=FILE]"),),
     summary="Compare finished runs of one or several tasks: aggregated_metrics.json, summary.md "
             "and figures, with a verdict for every proposed run against each other run of its "
             "task (python -m rankwise.evaluate takes the same arguments).",
@@ -105,7 +105,11 @@ EVALUATE_HELP = CommandHelp(
         ("run_ids=[...]", "required: the run ids to compare (a non-empty list)"),
         ("out_dir=DIR", "default <results_dir>/comparison: where the comparison is written"),
         ("allow_incomplete=BOOL", "default false: include runs whose status is not complete"),
-        ("allow_trial=BOOL", "default false: include mode=trial runs (marked in the summary)"),
+        ("allow_trial=BOOL", "default false: include mode=trial runs and runs that record no "
+                             "mode (marked †, Holm-adjusted in a family of their own)"),
+        ("holm_family=FILE", "default none (the call is its own family): an experiment-wide "
+                             "comparison's aggregated_metrics.json whose adjusted p-values the "
+                             "call takes (a grid passes it)"),
     ),
     examples=(
         "rankwise evaluate results_dir=results run_ids='[minilm-sst2-full-ft,minilm-sst2-lora]'",
