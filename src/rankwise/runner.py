@@ -336,6 +336,43 @@ def complete_metrics(job: Job, base: dict[str, Any], results: list, t_start: flo
     }
 
 
+def chance_check(job: Job, results: list):
+    """``above_chance`` of the finished run, from its predictions on the primary split (the
+    examples every seed scored)."""
+    from rankwise.methods.engagement import Check
+    from rankwise.verdicts import above_chance
+
+    task = get_task(job.run.dataset.name, job.run.dataset.subset)
+    preds = [r.predictions.get("validation") for r in results]
+    if not all(p and p["idx"] for p in preds):
+        return Check("above_chance", False, None, None, "no predictions on the validation split")
+    rows = [dict(zip(p["idx"], zip(p["label"], p["prediction"]))) for p in preds]
+    common = sorted(set.intersection(*(set(r) for r in rows)))
+    labels = np.asarray([rows[0][i][0] for i in common])
+    stacked = np.asarray([[r[i][1] for i in common] for r in rows])
+    check = above_chance(stacked, labels, task.primary_metric, task.f1_positive_label)
+    return Check(check["name"], check["passed"], check["value"], check["threshold"], check["why"])
+
+
+def engagement(job: Job, results: list) -> dict[str, Any]:
+    """The run's mechanism checks (``rankwise.methods.engagement``): above chance, from the
+    predictions, then the method's own, from every seed's final metrics and step log."""
+    from rankwise.methods import build_method
+    from rankwise.methods.engagement import SeedEvidence, engagement_block, resolve_thresholds
+
+    thresholds = resolve_thresholds(job.run.training.engagement_thresholds)
+    evidence = [SeedEvidence(r.seed, {**r.final, **r.method_metrics}, r.history) for r in results]
+    checks = [chance_check(job, results), *build_method(job.run).engagement_checks(evidence, thresholds)]
+    return {**engagement_block(checks), "thresholds": thresholds}
+
+
+def engagement_line(block: dict[str, Any]) -> str:
+    if block["engaged"]:
+        return "engaged (" + ", ".join(c["name"] for c in block["checks"]) + ")"
+    failed = [c for c in block["checks"] if not c["passed"]]
+    return "NOT engaged: " + "; ".join(f"{c['name']}: {c['why']}" for c in failed)
+
+
 def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: float,
                     search: dict[str, Any] | None = None) -> str:
     """Train the configuration once per seed and write the run folder (rank 0 under torchrun)."""
@@ -363,10 +400,14 @@ def train_and_write(job: Job, prepare_run_dir: Callable[..., bool], t_start: flo
     for r in results:
         tracker.log_history(r.seed, r.history)
     metrics = complete_metrics(job, base, results, t_start)
+    metrics["engagement"] = engagement(job, results)
+    log.info("mechanism checks: %s", engagement_line(metrics["engagement"]))
     tracker.complete(metrics)
     if ctx.is_main:
         atomic_write_json(run_dir / "metrics.json", metrics)
     primary, final = metrics["task"]["primary_metric"], metrics["final"]
     std = metrics["std"].get(primary, 0.0)
     seeds = len(results)
-    return f"{primary}={final.get(primary, float('nan')):.4f}" + (f" ± {std:.4f} over {seeds} seeds" if seeds > 1 else "") + f" -> {run_dir / 'metrics.json'}"
+    return (f"{primary}={final.get(primary, float('nan')):.4f}"
+            + (f" ± {std:.4f} over {seeds} seeds" if seeds > 1 else "")
+            + f"; {engagement_line(metrics['engagement'])} -> {run_dir / 'metrics.json'}")

@@ -98,17 +98,26 @@ def engagement_failures(run: dict) -> list[str]:
             for c in failed]
 
 
-def run_health(run: dict, seeds: list[int], preds: np.ndarray, labels: np.ndarray, leaf: str,
-               positive: int) -> RunHealth:
-    rid = run["run_id"]
+def above_chance(preds: np.ndarray, labels: np.ndarray, leaf: str, positive: int) -> dict:
+    """The ``above_chance`` check: the run's 95 % interval on ``leaf`` (the verdicts' two-level
+    bootstrap; examples alone with one seed) lies above the best constant predictor's score.
+    Returns the check (``name``, ``passed``, ``value``, ``threshold``, ``why``) with the
+    interval under ``interval``."""
     interval = run_interval(preds, labels, leaf, positive=positive)
     chance, predictor = chance_level(labels, leaf, positive)
     lo, hi = interval["ci95"]
     passed = bool(lo > chance)
     why = (f"{leaf} {interval['mean']:.4f} (95 % CI [{lo:.4f}, {hi:.4f}], {interval['level']}) "
            f"{'clears' if passed else 'does not clear'} {predictor}'s {chance:.4f}")
-    check = {"name": "above_chance", "passed": passed, "value": interval["mean"], "ci95": [lo, hi],
-             "threshold": chance, "why": why}
+    return {"name": "above_chance", "passed": passed, "value": interval["mean"], "ci95": [lo, hi],
+            "threshold": chance, "why": why, "interval": interval}
+
+
+def run_health(run: dict, seeds: list[int], preds: np.ndarray, labels: np.ndarray, leaf: str,
+               positive: int) -> RunHealth:
+    rid = run["run_id"]
+    check = above_chance(preds, labels, leaf, positive)
+    interval = check.pop("interval")
     return RunHealth(rid, interval, check, degenerate_reasons(rid, seeds, preds, labels, leaf, positive),
                      engagement_failures(run))
 

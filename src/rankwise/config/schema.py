@@ -326,6 +326,11 @@ class TrainingConfig:
     # AdamW/Adam kernel: "auto" = fused where torch has it for the device, else foreach
     #: The Adam/AdamW kernel: `auto` = fused where torch has it for the device, else foreach.
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    #: Overrides of the mechanism checks' thresholds (`engagement` in metrics.json) by name:
+    #: `regulariser_share_min` (0.01), `regulariser_share_max` (0.5), `capacity_ratio_min`
+    #: (0.67), `capacity_ratio_max` (1.5), `gate_movement_static_min` (0.1),
+    #: `gate_movement_controller_min` (0.01), `rank_budget_tolerance` (0.05).
+    engagement_thresholds: dict[str, float] = field(default_factory=dict)
     inference_measurement: InferenceMeasurementConfig = field(
         default_factory=InferenceMeasurementConfig)
 

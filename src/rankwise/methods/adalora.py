@@ -40,6 +40,7 @@ from torch import nn
 from rankwise.config.typed import join, require
 from rankwise.methods.base import FineTuningMethod, zero_loss
 from rankwise.methods.cost import PeftLayerCost
+from rankwise.methods.engagement import Check, SeedEvidence, per_seed
 from rankwise.methods.lora import head_modules_to_save, use_gap_dropout
 from rankwise.methods.targets import TARGETS_MOVED
 from rankwise.results import run_figure_stem
@@ -233,6 +234,23 @@ class AdaLoRA(PeftLayerCost, FineTuningMethod):
         if not pattern:
             return {name: [True] * self.config.init_r for name in names}
         return {name: [bool(k) for k in pattern[name + suffix]] for name in names}
+
+    def engagement_checks(self, evidence: list[SeedEvidence],
+                          thresholds: dict[str, float]) -> list[Check]:
+        """``rank_budget_met``: the allocation reached its target, the final total rank at most
+        target_r × matrices (plus the tolerance). A schedule too short for t_init + t_final
+        leaves the initial ranks: an AdaLoRA run that never allocated."""
+        total, budget = per_seed(evidence, "adalora_rank_total"), per_seed(evidence, "adalora_rank_budget")
+        tol = thresholds["rank_budget_tolerance"]
+        bad = [s for s in total if total[s] is None or budget[s] is None
+               or total[s] > budget[s] * (1 + tol)]
+        shown = ", ".join(f"seed {s}: {total[s]:g} of {budget[s]:g}" for s in total
+                          if total[s] is not None and budget[s] is not None)
+        why = (f"final total rank against its target ({shown or 'not recorded'}; at most "
+               f"{1 + tol:g} × target)")
+        ratios = [total[s] / budget[s] for s in total if total[s] is not None and budget[s]]
+        value = max(ratios) if ratios else None  # the worst seed's total ÷ target
+        return [Check("rank_budget_met", not bad, value, 1 + tol, why)]
 
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         """``rank_pattern.json`` (final rank per matrix) and ``rank_pattern_heatmap.{png,pdf}``."""

@@ -20,6 +20,7 @@ extra it needs. The loop (``rankwise.training.loop``) reads like the algorithm b
     method.begin_evaluation(model, split); ...eval forward passes...; stats = method.end_evaluation(model)
     extra = method.write_artifacts(model, run_dir)     # importance.json, rank pattern, ...
     cost = method.forward_cost(model, forward, mask)   # extra FLOPs per example of one pass
+    checks = method.engagement_checks(evidence, thresholds)  # after every seed: was it engaged?
 
 Adapters never edit ``outputs.loss`` behind the loop's back: every regulariser is returned
 by ``regularization_losses`` (already multiplied by its coefficient) and logged under its
@@ -37,6 +38,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from rankwise.methods.cost import ForwardCost
+    from rankwise.methods.engagement import Check, SeedEvidence
 
 TaskLossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 """``task_loss_fn(model, batch) -> scalar``: forward + task loss (CE or MSE) on one batch."""
@@ -129,6 +131,15 @@ class FineTuningMethod:
         raise NotImplementedError(
             f"method {self.name!r} does not count its cost: implement forward_cost and "
             "evaluation_cost (see rankwise.methods.cost)")
+
+    # --- mechanism checks -----------------------------------------------------------------
+    def engagement_checks(self, evidence: list[SeedEvidence],
+                          thresholds: dict[str, float]) -> list[Check]:
+        """Whether the run switched on this method's mechanism, from every seed's evidence
+        after training (``rankwise.methods.engagement``): e.g. a regulariser's share of the
+        loss, gates' capacity at evaluation against training. Must not need the model: it
+        runs on the finished run. Default: none (nothing beyond training the parameters)."""
+        return []
 
     # --- outputs and resume ---------------------------------------------------------------
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:

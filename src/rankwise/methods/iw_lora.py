@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.methods.engagement import Check, SeedEvidence, regulariser_share
 from rankwise.methods.lora import LoRA
 from rankwise.results import run_figure_stem
 from rankwise.methods.per_matrix_report import (
@@ -167,6 +168,12 @@ class IWLoRA(LoRA):
         return {"iw_reg": self.iw.reg_alpha * total}
 
     # --- outputs and resume ---------------------------------------------------------------
+    def engagement_checks(self, evidence: list[SeedEvidence],
+                          thresholds: dict[str, float]) -> list[Check]:
+        """The weighted L2 must be a visible part of the loss: at α = 1e-4 it was about 3e-4 of
+        it and changed no prediction (the run was LoRA in all but name)."""
+        return [regulariser_share(evidence, "iw_reg", thresholds)]
+
     def table(self) -> list[dict[str, Any]]:
         return [{"name": backbone_module_name(n), "layer": layer_index(n), "kind": matrix_kind(n), "s_k": float(s),
                  "w_k": float(w), "coefficient": float(c)}

@@ -22,6 +22,7 @@ from rankwise.data.tasks import TaskSpec, get_task
 from rankwise.errors import ConfigError
 from rankwise.methods import build_method
 from rankwise.methods.base import FineTuningMethod
+from rankwise.methods.engagement import resolve_thresholds
 from rankwise.methods.targets import resolve_target_modules
 from rankwise.models import default_cache_dir, load_backbone
 from rankwise.runtime import autocast_dtype, resolve_device, seed_everything
@@ -39,6 +40,7 @@ def load_run_backbone(run: RunConfig, task: TaskSpec):
 def wrap_for_run(run: RunConfig, backbone: torch.nn.Module) -> tuple[FineTuningMethod, torch.nn.Module]:
     """(method, model): the run's method built and wrapped around ``backbone``'s targets."""
     method = build_method(run)
+    resolve_thresholds(run.training.engagement_thresholds)  # an unknown name fails here, early
     try:
         targets = resolve_target_modules(backbone, run.model.target_modules)
     except ValueError as exc:
