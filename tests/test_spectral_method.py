@@ -398,7 +398,7 @@ def test_evaluation_flops_match_flop_counter_on_the_whole_model(tiny_bert):
 
 def test_evaluation_statistics_count_real_tokens_only(tiny_bert):
     model, tokenizer = tiny_bert
-    method, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=1.0))
+    method, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=1.0, eval_gates="sign"))
     randomise_gate_sources(wrapped)
     batch = encode(tokenizer)
     captured = capture_gate_logits(wrapped)
@@ -427,7 +427,7 @@ def test_evaluation_statistics_count_real_tokens_only(tiny_bert):
 
 def test_projection_off_can_violate_and_is_counted(tiny_bert):
     model, tokenizer = tiny_bert
-    method, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=0.25, projection=False))
+    method, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=0.25, projection=False, eval_gates="sign"))
     randomise_gate_sources(wrapped)
     captured = capture_gate_logits(wrapped)
     batch = encode(tokenizer)
@@ -446,7 +446,7 @@ def test_projection_off_can_violate_and_is_counted(tiny_bert):
 @pytest.mark.parametrize("shift", [-1.0, 1.0])
 def test_bhsp_evaluation_reports_static_gates_and_the_global_budget(shift, tiny_bert, tmp_path):
     model, tokenizer = tiny_bert
-    method, wrapped = wrap("bhsp", model, BHSPConfig(R=4, budget=2.0))
+    method, wrapped = wrap("bhsp", model, BHSPConfig(R=4, budget=2.0, eval_gates="sign"))
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in spectral_layers(wrapped).values():

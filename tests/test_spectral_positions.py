@@ -24,9 +24,10 @@ from rankwise.methods.targets import resolve_target_modules
 R = 4
 CONFIGS = {
     "spectral": SpectralAdapterConfig(R=R, scale=0.7),
-    "bhsp": BHSPConfig(R=R, budget=2.0),
-    "cbsp": CBSPConfig(R=R, budget=2.0),
-    "tabs": TABSConfig(R=R, budget=1.0),
+    # the sign rule, which expected_position_gates computes by hand
+    "bhsp": BHSPConfig(R=R, budget=2.0, eval_gates="sign"),
+    "cbsp": CBSPConfig(R=R, budget=2.0, eval_gates="sign"),
+    "tabs": TABSConfig(R=R, budget=1.0, eval_gates="sign"),
 }
 
 

@@ -66,6 +66,11 @@ class FineTuningMethod:
         """Trainable parameters (default: every parameter with requires_grad)."""
         return [p for p in model.parameters() if p.requires_grad]
 
+    def parameter_learning_rate(self, name: str) -> float | None:
+        """A learning rate of the method's own for parameter ``name`` (e.g. gates and
+        controllers), or None for the run's (``training.learning_rate``)."""
+        return None
+
     # --- training hooks -------------------------------------------------------------------
     @property
     def rows_independent(self) -> bool:

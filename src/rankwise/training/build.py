@@ -149,7 +149,8 @@ class Optimisation:
 
     @classmethod
     def of(cls, model: torch.nn.Module, training: TrainingConfig, total_steps: int,
-           device: torch.device, amp_dtype: torch.dtype | None) -> Optimisation:
-        optimizer = build_optimizer(model, training)
+           device: torch.device, amp_dtype: torch.dtype | None,
+           method: FineTuningMethod | None = None) -> Optimisation:
+        optimizer = build_optimizer(model, training, method)
         return cls(optimizer, build_scheduler(optimizer, training, total_steps),
                    torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))

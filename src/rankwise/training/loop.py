@@ -121,7 +121,8 @@ class Trainer:
         self.schedule = Schedule.of(self.training, len(self.data.train), self.limits)
         self.epochs, self.total_steps = self.schedule.epochs, self.schedule.total_steps
         self.batches_per_epoch = self.schedule.batches_per_epoch
-        opt = Optimisation.of(self.model, self.training, self.total_steps, self.device, self.amp_dtype)
+        opt = Optimisation.of(self.model, self.training, self.total_steps, self.device, self.amp_dtype,
+                              self.method)
         self.optimizer, self.scheduler, self.scaler = opt.optimizer, opt.scheduler, opt.scaler
         self.amp_skipped_steps = 0  # optimizer steps the GradScaler skipped (fp16 overflow)
         self.history: list[dict[str, Any]] = []

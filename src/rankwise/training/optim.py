@@ -11,27 +11,30 @@ from rankwise.methods.base import is_head_parameter
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias", "norm.weight")
 
 
-def parameter_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
-    """Trainable parameters split into decay / no-decay groups (and a head group, classifier
-    and pooler, when ``head_learning_rate`` is set)."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def parameter_groups(model: nn.Module, cfg: TrainingConfig, method=None) -> list[dict]:
+    """Trainable parameters split into decay / no-decay groups, and by learning rate: the
+    head's (``head_learning_rate``, classifier and pooler) and any the method sets for its own
+    parameters (``FineTuningMethod.parameter_learning_rate``, e.g. gates and controllers)."""
+    groups: dict[tuple[bool, float | None], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS)
-        head = cfg.head_learning_rate is not None and is_head_parameter(name)
-        groups.setdefault((no_decay, head), []).append(p)
+        lr = cfg.head_learning_rate if is_head_parameter(name) else None
+        if lr is None and method is not None:
+            lr = method.parameter_learning_rate(name)
+        groups.setdefault((no_decay, lr), []).append(p)
     out = []
-    for (no_decay, head), params in sorted(groups.items()):
+    for (no_decay, lr), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1.0)):
         group = {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
-        if head:
-            group["lr"] = cfg.head_learning_rate
+        if lr is not None:
+            group["lr"] = lr
         out.append(group)
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg)
+def build_optimizer(model: nn.Module, cfg: TrainingConfig, method=None) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg, method)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     if cfg.optimizer == "sgd":

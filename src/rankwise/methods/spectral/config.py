@@ -18,8 +18,12 @@ measure it in directions instead, keeping the penalty on the scale of the task l
 input, so the budget penalty shapes the gates and not the hidden states earlier adapters
 produce; ``attached`` lets them flow (see ``controllers.py`` for why the default).
 
-``eval_gates`` (gated types): the evaluation gate, ``sign`` (methods.md: 1[logit > 0]) or
-``louizos`` (the HardConcrete test-time estimator, see ``gates.py``).
+``budget_on`` and ``eval_gates`` (gated types): what the budget counts per gate (P(g ≠ 0),
+E[g] or the seed's ĝ) and the evaluation gate; ``eval_gates: auto`` takes the rule consistent
+with the budget (see ``gates.py``), so the capacity a run trains with is the capacity it is
+evaluated with. ``budget_control: lagrangian`` learns the penalty's multiplier by dual ascent;
+``gate_learning_rate`` and the gates' initialisation (``init_log_alpha``,
+``controller_init_bias``) are apart from the adapter's.
 
 ``inference_path`` picks how gated layers run at evaluation: ``sparse`` (default, methods.md:
 only open (token, direction) pairs are computed) or ``dense`` (all pairs computed, closed ones
@@ -35,13 +39,17 @@ from typing import ClassVar, Literal
 from rankwise.config.typed import join, require
 from rankwise.methods.targets import TARGETS_MOVED
 from rankwise.methods.spectral.budget_projection import SequenceBudget
-from rankwise.methods.spectral.gates import EvalRule
+from rankwise.methods.spectral.gates import BudgetOn, EvalRule
 
 ControllerWidth = int | Literal["R", "d_in/4"]
 GateSourceKind = Literal["none", "static", "sequence", "token"]
 PenaltyKind = Literal["none", "static_total", "per_sequence"]
 InferencePath = Literal["sparse", "dense"]
 ControllerInput = Literal["detached", "attached"]
+BudgetControl = Literal["penalty", "lagrangian"]
+# The evaluation rule consistent with each budget quantity (gates.py): the one whose open count
+# at evaluation tracks what the budget held in training.
+CONSISTENT_RULE: dict[str, str] = {"prob_open": "prob_open", "gate_value": "sign", "louizos": "louizos"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,12 @@ class SpectralRecipe:
     normalised_penalty: bool = False
     static_budget_per_target: float | None = None  # BHSP's b
     inference_path: InferencePath = "sparse"
-    eval_gates: EvalRule = "sign"
+    eval_gates: EvalRule = "prob_open"
+    budget_on: BudgetOn = "prob_open"
+    budget_control: BudgetControl = "penalty"
+    multiplier_lr: float = 0.01
+    gate_learning_rate: float | None = None  # None: the adapter's
+    controller_init_bias: float = 0.0  # controllers' output bias at initialisation (log α)
 
 
 def _check_common(path: str, rank: int, scale: float) -> None:
@@ -109,9 +122,22 @@ class _GatedConfig:
     #: Evaluation computes only the open (token, direction) pairs (`sparse`) or all of them,
     #: masked (`dense`; the same outputs).
     inference_path: InferencePath = "sparse"
-    #: Gates at evaluation: 1[logit > 0] (`sign`) or Louizos et al.'s clamp(σ(logit)(ζ − γ) + γ,
-    #: 0, 1) (`louizos`).
-    eval_gates: EvalRule = "sign"
+    #: What the budget counts per gate: P(g ≠ 0) (`prob_open`), the expected gate value E[g]
+    #: (`gate_value`) or the seed's Louizos estimate ĝ (`louizos`).
+    budget_on: BudgetOn = "prob_open"
+    #: Gates at evaluation, each followed by the budget projection where there is one:
+    #: `auto` (the rule consistent with `budget_on`: prob_open → `prob_open`, gate_value →
+    #: `sign`, louizos → `louizos`), `sign` (1[logit > 0], the seed's code), `prob_open`
+    #: (1[P(g ≠ 0) > ½]) or `louizos` (ĝ, fractional).
+    eval_gates: Literal["auto", "sign", "prob_open", "louizos"] = "auto"
+    #: `penalty`: λ · squared hinge of the budget excess; `lagrangian`: a multiplier learned by
+    #: dual ascent on the budget constraint (meets the budget without guessing λ).
+    budget_control: BudgetControl = "penalty"
+    #: Step size of the multiplier's dual ascent with `budget_control: lagrangian` (per
+    #: optimizer step, on the excess in directions per token or per target).
+    multiplier_lr: float = 0.01
+    #: Learning rate of the gates and controllers; null: `training.learning_rate`.
+    gate_learning_rate: float | None = None
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
     budget_unit = "token"  # what b counts directions of, for the error message
@@ -124,11 +150,18 @@ class _GatedConfig:
                 f"{self.budget_unit}), got {self.budget}")
         require(self.penalty_weight >= 0, join(path, "penalty_weight"),
                 f"must be >= 0, got {self.penalty_weight}")
+        require(self.multiplier_lr > 0, join(path, "multiplier_lr"), f"must be > 0, got {self.multiplier_lr}")
+        if self.gate_learning_rate is not None:
+            require(self.gate_learning_rate > 0, join(path, "gate_learning_rate"),
+                    f"must be > 0 or null, got {self.gate_learning_rate}")
 
     def _recipe(self, **kwargs) -> SpectralRecipe:
+        rule = CONSISTENT_RULE[self.budget_on] if self.eval_gates == "auto" else self.eval_gates
         return SpectralRecipe(
             rank=self.R, scale=self.scale, penalty_weight=self.penalty_weight,
-            inference_path=self.inference_path, eval_gates=self.eval_gates, **kwargs,
+            inference_path=self.inference_path, eval_gates=rule, budget_on=self.budget_on,
+            budget_control=self.budget_control, multiplier_lr=self.multiplier_lr,
+            gate_learning_rate=self.gate_learning_rate, **kwargs,
         )
 
 
@@ -169,6 +202,9 @@ class _ControlledConfig(_GatedConfig):
     controller_hidden: ControllerWidth = "R"
     #: The controller reads its input `detached` (no gradient through it) or `attached`.
     controller_input: ControllerInput = "detached"
+    #: The controller's output bias at initialisation, i.e. the gates' starting log α (0:
+    #: P(g ≠ 0) ≈ 0.83).
+    controller_init_bias: float = 0.0
 
     def validate(self, path: str) -> None:
         super().validate(path)
@@ -178,6 +214,7 @@ class _ControlledConfig(_GatedConfig):
         return super()._recipe(
             controller_hidden=self.controller_hidden,
             detach_controller_input=self.controller_input == "detached",
+            controller_init_bias=self.controller_init_bias,
             penalty="per_sequence", normalised_penalty=self.penalty_units == "per_token",
             **kwargs,
         )

@@ -58,15 +58,19 @@ class StaticGateLogits(nn.Module):
 
 
 class ControllerMLP(nn.Module):
-    """logits = W2 · ReLU(W1 · z), W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md §5)."""
+    """logits = W2 · ReLU(W1 · z) + c, W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md,
+    spectral family); the constant c (``init_offset``, not trained, default 0) sets where the
+    gates start (log α ≈ c at initialisation), apart from the adapter's initialisation."""
 
-    def __init__(self, d_in: int, hidden: int, rank: int):
+    def __init__(self, d_in: int, hidden: int, rank: int, init_offset: float = 0.0):
         super().__init__()
         self.w1 = nn.Linear(d_in, hidden, bias=False)
         self.w2 = nn.Linear(hidden, rank, bias=False)
+        self.init_offset = float(init_offset)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.w2(torch.relu(self.w1(z)))  # (..., d_in) -> (..., R)
+        out = self.w2(torch.relu(self.w1(z)))  # (..., d_in) -> (..., R)
+        return out + self.init_offset if self.init_offset else out
 
     def flops_per_input(self) -> int:
         """Matmul FLOPs for one input row: 2·(d_in·h + h·R)."""
@@ -80,9 +84,10 @@ class SequenceController(nn.Module):
     shares_gates_across_tokens = True
     input_independent = False
 
-    def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True):
+    def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True,
+                 init_offset: float = 0.0):
         super().__init__()
-        self.mlp = ControllerMLP(d_in, hidden, rank)
+        self.mlp = ControllerMLP(d_in, hidden, rank, init_offset)
         self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -103,9 +108,10 @@ class TokenController(nn.Module):
     shares_gates_across_tokens = False
     input_independent = False
 
-    def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True):
+    def __init__(self, d_in: int, hidden: int, rank: int, detach_input: bool = True,
+                 init_offset: float = 0.0):
         super().__init__()
-        self.mlp = ControllerMLP(d_in, hidden, rank)
+        self.mlp = ControllerMLP(d_in, hidden, rank, init_offset)
         self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

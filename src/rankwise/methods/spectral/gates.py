@@ -15,13 +15,30 @@ between. The probability that a gate is open has the closed form
 
 which the expected-budget penalties use (it is differentiable, unlike the sample count).
 
-At evaluation the gate is the binary decision ``g = 1[log α > 0]`` (methods.md §5): a closed
-direction is then skipped entirely, so it costs nothing. ``eval_rule="louizos"`` uses Louizos
-et al.'s test-time estimator instead, ĝ = clamp(σ(log α)(ζ − γ) + γ, 0, 1): deterministic, 0
-below log α = log(−γ / ζ) ≈ −2.40 (so closed directions still cost nothing), fractional above.
-It matters because training and the budget see the stretched distribution, whose P(g ≠ 0)
-is σ(log α + 1.60): a budget of half the directions settles log α near −1.6, where the sign
-rule closes almost every gate that training had open about half the time.
+What the budget counts (``budget_on``):
+
+- ``prob_open``: the expected number of open gates, Σ P(g ≠ 0) (closed form above);
+- ``gate_value``: the expected gate values, Σ E[g], with
+  E[g] = ∫₀¹ P(g > t) dt = ∫₀¹ σ(log α − β · logit((t − γ)/(ζ − γ))) dt, integrated by
+  16-point Gauss–Legendre quadrature (differentiable in log α; exact to ~1e-6);
+- ``louizos``: the seed's r_seq = Σ ĝ with Louizos et al.'s test-time estimator
+  ĝ = clamp(σ(log α)(ζ − γ) + γ, 0, 1) (which is neither E[g] nor the median: at log α = −1,
+  ĝ = 0.22 while E[g] = 0.29 and P(g ≠ 0) = 0.65).
+
+The evaluation gate (``eval_rule``), binary except for ``louizos``, so that a closed direction
+is skipped entirely and costs nothing:
+
+- ``sign``: 1[log α > 0] (the seed's code). With γ + ζ = 1 (the default stretch, symmetric
+  about ½) E[g] is ½ exactly at log α = 0, so this is 1[E[g] > ½]: the rule consistent with a
+  budget on gate values;
+- ``prob_open``: 1[P(g ≠ 0) > ½], i.e. log α > β · log(−γ/ζ) ≈ −1.60: the rule consistent with
+  a budget on P(g ≠ 0);
+- ``louizos``: ĝ itself (0 below log α = log(−γ/ζ) ≈ −2.40, fractional above).
+
+A rule that does not match the budget's quantity changes the capacity between training and
+evaluation: with the budget on P(g ≠ 0) at half the directions, log α settles near −1.6, where
+``sign`` closes almost every gate that training kept open about half the time (measured on the
+SST-2 twin: 8.7 expected open per token in training, 0.9 at evaluation).
 """
 
 from __future__ import annotations
@@ -30,13 +47,21 @@ import math
 from typing import Literal
 
 import torch
+from numpy.polynomial.legendre import leggauss
 from torch import nn
 
 BETA = 2.0 / 3.0
 GAMMA = -0.1
 ZETA = 1.1
 
-EvalRule = Literal["sign", "louizos"]
+EvalRule = Literal["sign", "prob_open", "louizos"]
+BudgetOn = Literal["prob_open", "gate_value", "louizos"]
+EVAL_RULES: tuple[str, ...] = ("sign", "prob_open", "louizos")
+BUDGET_ON: tuple[str, ...] = ("prob_open", "gate_value", "louizos")
+
+# 16-point Gauss–Legendre nodes and weights on [0, 1], for E[g] = ∫₀¹ P(g > t) dt.
+_GL_NODES, _GL_WEIGHTS = (torch.tensor(v, dtype=torch.float64) for v in leggauss(16))
+_GL_NODES, _GL_WEIGHTS = (_GL_NODES + 1) / 2, _GL_WEIGHTS / 2
 
 # Keeps log(u) and log(1 − u) finite; the induced bias on P(g ≠ 0) is below 1e-6.
 _UNIFORM_EPS = 1e-6
@@ -47,10 +72,12 @@ class HardConcreteGate(nn.Module):
     ``prob_open`` (closed-form P(g ≠ 0)). All three act elementwise on logits of any shape."""
 
     def __init__(self, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA,
-                 eval_rule: EvalRule = "sign"):
+                 eval_rule: EvalRule = "sign", budget_on: BudgetOn = "prob_open"):
         super().__init__()
-        if eval_rule not in ("sign", "louizos"):
-            raise ValueError(f"eval_rule must be 'sign' or 'louizos', got {eval_rule!r}")
+        if eval_rule not in EVAL_RULES:
+            raise ValueError(f"eval_rule must be one of {EVAL_RULES}, got {eval_rule!r}")
+        if budget_on not in BUDGET_ON:
+            raise ValueError(f"budget_on must be one of {BUDGET_ON}, got {budget_on!r}")
         if not (beta > 0 and gamma < 0 and zeta > 1):
             raise ValueError(
                 f"HardConcrete needs beta > 0, gamma < 0, zeta > 1; got {beta}, {gamma}, {zeta}"
@@ -59,8 +86,14 @@ class HardConcreteGate(nn.Module):
         self.gamma = gamma
         self.zeta = zeta
         self.eval_rule = eval_rule
+        self.budget_on = budget_on
         # β · log(−γ/ζ): the shift between log α and the logit of P(g ≠ 0).
         self.open_logit_shift = beta * math.log(-gamma / zeta)
+        # logit((t − γ)/(ζ − γ)) at the quadrature nodes t (constant: a buffer would enter the
+        # state dict; it is recomputed instead)
+        q = (_GL_NODES - gamma) / (zeta - gamma)
+        self._node_shift = (beta * torch.log(q / (1 - q))).float()
+        self._node_weights = _GL_WEIGHTS.float()
 
     def sample(
         self, logits: torch.Tensor, generator: torch.Generator | None = None
@@ -73,17 +106,37 @@ class HardConcreteGate(nn.Module):
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
-        """Evaluation gate as float32, without gradient: ``1[logit > 0]`` (``sign``) or
-        clamp(σ(logit)(ζ − γ) + γ, 0, 1) (``louizos``)."""
-        logits = logits.detach()
+        """Evaluation gate as float32, without gradient: ``1[logit > 0]`` (``sign``),
+        ``1[P(g ≠ 0) > ½]`` (``prob_open``) or ĝ (``louizos``)."""
+        logits = logits.detach().float()  # float32: a half-precision threshold test flips gates
         if self.eval_rule == "sign":
             return (logits > 0).float()
+        if self.eval_rule == "prob_open":
+            return (logits > self.open_logit_shift).float()
+        return self.louizos(logits)
+
+    def louizos(self, logits: torch.Tensor) -> torch.Tensor:
+        """ĝ = clamp(σ(log α)(ζ − γ) + γ, 0, 1), differentiable in ``logits`` where in (0, 1)."""
         return (torch.sigmoid(logits.float()) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
 
     def prob_open(self, logits: torch.Tensor) -> torch.Tensor:
         """Closed form P(g ≠ 0) = σ(log α − β log(−γ/ζ)), differentiable in ``logits``."""
         return torch.sigmoid(logits.float() - self.open_logit_shift)
 
+    def expected_value(self, logits: torch.Tensor) -> torch.Tensor:
+        """E[g] = ∫₀¹ σ(log α − β logit((t − γ)/(ζ − γ))) dt (quadrature), differentiable."""
+        shift = self._node_shift.to(logits.device)
+        weights = self._node_weights.to(logits.device)
+        return torch.sigmoid(logits.float().unsqueeze(-1) - shift) @ weights
+
+    def budget_quantity(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the budget counts per gate (``budget_on``): P(g ≠ 0), E[g] or ĝ."""
+        if self.budget_on == "prob_open":
+            return self.prob_open(logits)
+        if self.budget_on == "gate_value":
+            return self.expected_value(logits)
+        return self.louizos(logits)
+
     def extra_repr(self) -> str:
         return (f"beta={self.beta:.4g}, gamma={self.gamma}, zeta={self.zeta}, "
-                f"eval_rule={self.eval_rule}")
+                f"eval_rule={self.eval_rule}, budget_on={self.budget_on}")

@@ -64,7 +64,7 @@ class GateDecision:
     logits: torch.Tensor | None  # (B, T, R) or (B, 1, R); None when g ≡ 1
     valid: torch.Tensor  # (B, T) bool, real tokens
     max_open_pairs: torch.Tensor | None  # (B,) B_max, None without a per-sequence budget
-    expected_open_pairs: torch.Tensor | None  # (B,) E[r_seq] = Σ P(g ≠ 0), training only
+    expected_open_pairs: torch.Tensor | None  # (B,) E[r_seq] (the gate's budget_on), training only
 
 
 @dataclass
@@ -224,11 +224,11 @@ class SpectralLinear(nn.Module):
 
         expected = None
         if self.training and max_open is not None:
-            p_open = self.gate.prob_open(logits)  # (B, T|1, R)
+            counted = self.gate.budget_quantity(logits)  # (B, T|1, R): P(g ≠ 0), E[g] or ĝ
             if shared:
-                expected = p_open[:, 0].sum(dim=-1) * valid_tokens
+                expected = counted[:, 0].sum(dim=-1) * valid_tokens
             else:
-                expected = (p_open * valid_f).sum(dim=(1, 2))
+                expected = (counted * valid_f).sum(dim=(1, 2))
         return GateDecision(gates, logits, valid, max_open, expected)
 
     def dense_update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

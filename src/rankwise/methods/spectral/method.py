@@ -107,6 +107,9 @@ class SpectralFamily(FineTuningMethod):
         self.svd_info: dict[str, Any] = {}
         self._layers: list[SpectralLinear] = []
         self._gate_init: list[torch.Tensor] = []
+        # budget_control: lagrangian: the multiplier μ and the constraint values of this step
+        self.multiplier = 0.0
+        self._gap_sum, self._gap_count = 0.0, 0
         # Training open-rate totals [expected, sampled, tokens]: since the last step log, this
         # epoch, the previous epoch.
         self._window = [0.0, 0.0, 0.0]
@@ -145,7 +148,7 @@ class SpectralFamily(FineTuningMethod):
             layer = SpectralLinear(
                 linear, factors[name], self.context, scale=self.recipe.scale,
                 gate_source=self._gate_source(linear),
-                gate=(HardConcreteGate(eval_rule=self.recipe.eval_gates)
+                gate=(HardConcreteGate(eval_rule=self.recipe.eval_gates, budget_on=self.recipe.budget_on)
                       if self.recipe.gate_source != "none" else None),
                 budget=self.recipe.budget,
                 projection=TopLogitBudgetProjection() if self.recipe.projection else None,
@@ -173,7 +176,8 @@ class SpectralFamily(FineTuningMethod):
             return StaticGateLogits(r.rank, r.init_log_alpha).to(device)
         hidden = controller_width(r.controller_hidden, linear.in_features, r.rank)
         cls = SequenceController if r.gate_source == "sequence" else TokenController
-        return cls(linear.in_features, hidden, r.rank, r.detach_controller_input).to(device)
+        return cls(linear.in_features, hidden, r.rank, r.detach_controller_input,
+                   r.controller_init_bias).to(device)
 
     # --- training --------------------------------------------------------------------------
     @property
@@ -186,28 +190,61 @@ class SpectralFamily(FineTuningMethod):
         return self.recipe.gate_source != "static" and not getattr(self, "_position_rows", False)
 
     def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The budget term. ``penalty``: λ · (budget excess)², hinged (methods.md, spectral
+        family). ``lagrangian``: μ · (budget use − budget), signed, with μ ≥ 0 raised by dual
+        ascent while the budget is exceeded and lowered while it is not (``on_optimizer_step``),
+        as structured L0 pruning does to hit a target sparsity; in directions per token (CBSP,
+        TABS) or per target (BHSP), whatever ``penalty_units`` says."""
         r = self.recipe
         layers = list(spectral_layers(model).values())
         if r.penalty == "none" or not layers:
             return {}
+        lagrangian = r.budget_control == "lagrangian"
+        signed = self._budget_gap(layers, normalised=r.normalised_penalty or lagrangian, signed=lagrangian)
+        if lagrangian:
+            self._gap_sum += float(signed.detach())
+            self._gap_count += 1
+            return {"budget_lagrangian": self.multiplier * signed}
+        return {"budget_penalty": r.penalty_weight * signed}
+
+    def _budget_gap(self, layers: list[SpectralLinear], normalised: bool, signed: bool):
+        """Signed: mean (budget use − budget) (the constraint's value); else the squared hinge
+        of the excess as the penalty has it (BHSP: summed over targets; CBSP/TABS: mean over
+        sequences, summed over targets). Zero when no training forward left budget terms."""
+        r = self.recipe
         if r.penalty == "static_total":
-            expected = sum(
-                layer.gate.prob_open(layer.gate_source.log_alpha).sum() for layer in layers
-            )
-            excess = torch.relu(expected - r.static_budget_per_target * len(layers))
-            if r.normalised_penalty:
-                excess = excess / len(layers)
-            return {"budget_penalty": r.penalty_weight * excess.square()}
-        total = torch.zeros((), device=layers[0].P_U.device)
+            expected = sum(layer.gate.budget_quantity(layer.gate_source.log_alpha).sum() for layer in layers)
+            gap = expected - r.static_budget_per_target * len(layers)
+            if normalised:
+                gap = gap / len(layers)
+            return gap if signed else torch.relu(gap).square()
+        total, seen = torch.zeros((), device=layers[0].P_U.device), 0
         for layer in layers:
             terms, layer.pending_budget_terms = layer.pending_budget_terms, None
             if terms is None:  # no training forward since the last call
                 continue
-            excess = torch.relu(terms.expected_open_pairs - terms.max_open_pairs)  # (B,)
-            if r.normalised_penalty:
-                excess = excess / terms.valid_tokens.clamp(min=1)
-            total = total + excess.square().mean()
-        return {"budget_penalty": r.penalty_weight * total}
+            gap = terms.expected_open_pairs - terms.max_open_pairs  # (B,)
+            if normalised:
+                gap = gap / terms.valid_tokens.clamp(min=1)
+            total = total + (gap.mean() if signed else torch.relu(gap).square().mean())
+            seen += 1
+        if not seen:  # no training forward since the last call: nothing to add
+            return total
+        return total / seen if signed else total
+
+    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        """``budget_control: lagrangian``: μ ← max(0, μ + η · mean constraint value of the step)."""
+        if self.recipe.budget_control != "lagrangian" or not self._gap_count:
+            return
+        gap = self._gap_sum / self._gap_count
+        self.multiplier = max(0.0, self.multiplier + self.recipe.multiplier_lr * gap)
+        self._gap_sum, self._gap_count = 0.0, 0
+
+    def parameter_learning_rate(self, name: str) -> float | None:
+        """``gate_learning_rate`` for the gates and controllers (None: the adapter's)."""
+        if self.recipe.gate_learning_rate is not None and ".gate_source." in f".{name}.":
+            return self.recipe.gate_learning_rate
+        return None
 
     # --- training-time open rate -----------------------------------------------------------
     @property
@@ -242,6 +279,8 @@ class SpectralFamily(FineTuningMethod):
             return {}
         self._drain_tallies()
         rates, self._window = self._open_rates(self._window), [0.0, 0.0, 0.0]
+        if self.recipe.budget_control == "lagrangian":
+            rates["budget_multiplier"] = self.multiplier
         return rates
 
     def training_metrics(self, model: nn.Module) -> dict[str, float]:
@@ -249,7 +288,9 @@ class SpectralFamily(FineTuningMethod):
             return {}
         self._drain_tallies()
         return {**self._open_rates(self._epoch if self._epoch[2] else self._previous_epoch),
-                "gate_movement": self.gate_movement()}
+                "gate_movement": self.gate_movement(),
+                **({"budget_multiplier": self.multiplier}
+                   if self.recipe.budget_control == "lagrangian" else {})}
 
     def gate_movement(self) -> float:
         """How far training moved the gates from their initialisation: mean |Δ log α| for
@@ -276,7 +317,7 @@ class SpectralFamily(FineTuningMethod):
             return []
         checks = [capacity_ratio(evidence, thresholds), budget_met(evidence),
                   gate_movement(evidence, thresholds, static=self.recipe.gate_source == "static")]
-        if self.recipe.penalty != "none":
+        if self.recipe.penalty != "none" and self.recipe.budget_control == "penalty":
             checks.append(regulariser_share(evidence, "budget_penalty", thresholds))
         return checks
 
@@ -422,7 +463,8 @@ class SpectralFamily(FineTuningMethod):
         self._drain_tallies()
         return {"R": self.recipe.rank, "svd_file": self.svd_info.get("file"),
                 "train_open_rate": {"window": list(self._window), "epoch": list(self._epoch),
-                                    "previous_epoch": list(self._previous_epoch)}}
+                                    "previous_epoch": list(self._previous_epoch)},
+                "budget_multiplier": self.multiplier}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("R") != self.recipe.rank or state.get("svd_file") != self.svd_info.get("file"):
@@ -430,6 +472,7 @@ class SpectralFamily(FineTuningMethod):
                 f"checkpoint was made with R={state.get('R')} and SVD {state.get('svd_file')}, "
                 f"this run has R={self.recipe.rank} and SVD {self.svd_info.get('file')}"
             )
+        self.multiplier = float(state.get("budget_multiplier", 0.0))
         rates = state.get("train_open_rate")
         if rates is not None:
             self._window, self._epoch = list(rates["window"]), list(rates["epoch"])
