@@ -30,6 +30,7 @@ What the training loop cannot get from a plain peft model, and this class suppli
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -94,6 +95,18 @@ class AdaLoRAConfig:
     #: Weight of the orthogonality regulariser (`reg/orth_reg`).
     orth_reg_weight: float = 0.1
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
+
+    @classmethod
+    def from_adapter_settings(cls, settings) -> dict:
+        """A run's rank r as the target rank, starting at ⌈1.5 r⌉ (12 for r = 8), its alpha
+        and dropout."""
+        return {"type": "adalora", "target_r": settings.rank, "init_r": math.ceil(1.5 * settings.rank),
+                "lora_alpha": settings.lora_alpha, "dropout": settings.dropout}
+
+    def adapter_settings(self):
+        from rankwise.methods.settings import AdapterSettings
+
+        return AdapterSettings(self.target_r, self.lora_alpha, self.dropout)
 
     def validate(self, path: str) -> None:
         require(self.target_r >= 1, join(path, "target_r"), f"must be >= 1, got {self.target_r}")

@@ -65,6 +65,17 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.lora_alpha / self.rank
 
+    @classmethod
+    def from_adapter_settings(cls, settings) -> dict:
+        """The ``model.adapter`` block of this type with a run's rank, alpha and dropout."""
+        return {"type": cls.type, "rank": settings.rank, "lora_alpha": settings.lora_alpha,
+                "dropout": settings.dropout}
+
+    def adapter_settings(self):
+        from rankwise.methods.settings import AdapterSettings
+
+        return AdapterSettings(self.rank, self.lora_alpha, self.dropout)
+
 
 def head_modules_to_save(model: nn.Module) -> list[str]:
     """Names of the classification head (and pooler) modules present in ``model``."""
@@ -74,6 +85,8 @@ def head_modules_to_save(model: nn.Module) -> list[str]:
 
 class LoRA(PeftLayerCost, FineTuningMethod):
     name = "lora"
+    # peft lora_A / lora_B factors: the importance-weighted regulariser applies (iw_lora)
+    importance_weightable: ClassVar[bool] = True
 
     def peft_config(self, backbone: nn.Module, target_modules: list[str]):
         from peft import LoraConfig, TaskType
