@@ -1,4 +1,4 @@
-"""AdaLoRA (Zhang et al., ICLR 2023; methods.md §3) through ``peft.AdaLoraConfig`` — not re-implemented.
+"""AdaLoRA (Zhang et al., ICLR 2023; methods.md#adalora) through ``peft.AdaLoraConfig`` — not re-implemented.
 
 Each target gets an SVD-shaped update Δ_k = (lora_alpha / init_r) · P_k diag(E_k) Q_k with
 P_k ∈ R^{d_out×init_r} (``lora_B``), E_k ∈ R^{init_r} (``lora_E``, zero init, so the step-0

@@ -1,4 +1,4 @@
-"""LoRA (methods.md §2) through ``peft`` — not re-implemented.
+"""LoRA (methods.md#lora) through ``peft`` — not re-implemented.
 
 Δ_k = (lora_alpha / r) · B_k A_k with A_k ∈ R^{r×d_in} (Kaiming init) and B_k ∈ R^{d_out×r}
 (zeros), so the step-0 model equals the backbone. The classification head (and pooler) is
@@ -9,7 +9,7 @@ LoRA's input dropout (one fresh Bernoulli(1 − p) mask per target and element, 
 element of every target's B×T×d_in input (36 targets in MiniLM). :class:`GapDropout`, put in
 place of peft's ``lora_dropout`` modules, draws the same distribution from the gaps between
 dropped elements instead: i.i.d. Bernoulli(p) drops ⇔ i.i.d. Geometric(p) gaps between them,
-so only about p·n random numbers are drawn (see docs/methods.md §2). On CUDA (a fused Philox
+so only about p·n random numbers are drawn (see docs/methods.md#lora). On CUDA (a fused Philox
 kernel) and for p > 0.5 it calls ``F.dropout``. ``dropout_sampler: bernoulli`` keeps peft's
 ``nn.Dropout``.
 

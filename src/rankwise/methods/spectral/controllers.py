@@ -12,7 +12,7 @@ source                 logits                                          used by
 ``TokenController``    W2 · ReLU(W1 · x_t) for every token t            TABS
 =====================  =============================================  ==============
 
-(The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md §5:
+(The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md#spectral-gates:
 W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, no biases, default h = R.
 
 ``detach_input`` (default on; config key ``controller_input: detached | attached``) stops
@@ -58,7 +58,7 @@ class StaticGateLogits(nn.Module):
 
 
 class ControllerMLP(nn.Module):
-    """logits = W2 · ReLU(W1 · z), W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md §5)."""
+    """logits = W2 · ReLU(W1 · z), W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md#spectral-gates)."""
 
     def __init__(self, d_in: int, hidden: int, rank: int):
         super().__init__()

@@ -15,7 +15,7 @@ between. The probability that a gate is open has the closed form
 
 which the expected-budget penalties use (it is differentiable, unlike the sample count).
 
-At evaluation the gate is the binary decision ``g = 1[log α > 0]`` (methods.md §5): a closed
+At evaluation the gate is the binary decision ``g = 1[log α > 0]`` (methods.md#spectral-gates): a closed
 direction is then skipped entirely, so it costs nothing. ``eval_rule="louizos"`` uses Louizos
 et al.'s test-time estimator instead, ĝ = clamp(σ(log α)(ζ − γ) + γ, 0, 1): deterministic, 0
 below log α = log(−γ / ζ) ≈ −2.40 (so closed directions still cost nothing), fractional above.

@@ -1,4 +1,4 @@
-"""The spectral family as FineTuningMethods: Spectral Adapter, BHSP, CBSP, TABS (methods.md §5).
+"""The spectral family as FineTuningMethods: Spectral Adapter, BHSP, CBSP, TABS (methods.md#spectral-gates).
 
 One method class does the work; the four registered names differ only in their config, whose
 :class:`~rankwise.methods.spectral.config.SpectralRecipe` says which gate source, budget,
