@@ -66,6 +66,7 @@ ROWS = {
     "cbsp": {"adapter": {"type": "cbsp", "R": 4, "budget": 2}},
     "tabs": {"adapter": {"type": "tabs", "R": 4, "budget": 2}},
     "dora": {"adapter": {"type": "dora", "rank": 4, "dropout": 0.0}},
+    "pissa": {"adapter": {"type": "pissa", "rank": 4, "dropout": 0.0}},
     TOY: {"adapter": {"type": TOY, "rank": 4, "dropout": 0.0}},
 }
 # importance weighting switched on, with a penalty large enough to see and one calibration batch

@@ -184,7 +184,7 @@ def _register_builtin_methods() -> None:
     if _BUILTINS_DONE:
         return
     _BUILTINS_DONE = True
-    from rankwise.methods import adalora, dora, full_ft, lora, spectral
+    from rankwise.methods import adalora, dora, full_ft, lora, pissa, spectral
 
     register_method("full_ft", full_ft.FullFineTuning, None, adapter_type=FULL)
     register_method("lora", lora.LoRA, lora.LoRAConfig, cost_reference={"rank": 8})
@@ -194,3 +194,4 @@ def _register_builtin_methods() -> None:
     register_method("cbsp", spectral.CBSP, spectral.CBSPConfig)
     register_method("tabs", spectral.TABS, spectral.TABSConfig)
     register_method("dora", dora.DoRA, dora.DoRAConfig)
+    register_method("pissa", pissa.PiSSA, pissa.PiSSAConfig)
