@@ -1,4 +1,4 @@
-"""AdaLoRA through peft (methods.md §3): each silent pitfall has a test — total_step from the
+"""AdaLoRA through peft (methods.md#adalora): each silent pitfall has a test — total_step from the
 real step count, the tinit/tfinal schedule, update_and_allocate every step (the budget follows
 the cubic schedule computed here independently), the orthogonal regulariser equal to peft's
 in-forward value, the written rank pattern, and exact resume of the RankAllocator state."""

@@ -63,3 +63,41 @@ def test_small_interleaved_run_with_hf_trainer(tmp_path, fake_glue, capsys):
     assert report["step_time_ratio_to_reference"]["lora"] == 1.0
     assert (out / "step_time.png").exists() and (out / "step_time.pdf").exists()
     assert "hf_trainer_peft_lora" in capsys.readouterr().out
+
+
+def test_every_method_keeps_the_runs_rank_alpha_and_dropout(tmp_path):
+    """``bench train methods=[...]`` turns one run into any registered method: those that take
+    adapter settings keep the run's rank, alpha and dropout (e.g. lora, dora, pissa)."""
+    from rankwise.config.loader import load_job
+    from rankwise.methods import AdapterSettings, adapter_settings_of, registered_methods
+
+    job = load_job(["run=minilm-sst2-lora", f"results_dir={tmp_path}", "model.adapter.rank=5",
+                    "model.adapter.lora_alpha=7", "model.adapter.dropout=0.05"])
+    taking = [n for n, e in registered_methods().items() if e.takes_adapter_settings]
+    assert {"lora", "dora", "pissa", "iw_lora", "adalora"} <= set(taking)
+    for name in registered_methods():
+        run = train.method_variant(job, name).run
+        assert run.algorithm == name
+        if name in taking:
+            assert adapter_settings_of(run.model.adapter) == AdapterSettings(5, 7.0, 0.05), name
+    options = train.TrainBenchOptions(methods=["lora", "dora", "pissa", "dora_bernoulli"])
+    options.validate("bench")
+    assert train.method_variant(job, "dora_bernoulli").run.model.adapter.dropout_sampler == "bernoulli"
+
+
+def test_the_table_script_runs_parse(tmp_path):
+    """The methods × tasks table's rows beyond LoRA and Full FT (DoRA, PiSSA): the LoRA run
+    with another ``model.adapter.type``, as scripts/glue_table_cpu.sh runs them."""
+    import re
+    from pathlib import Path
+
+    from rankwise.config.loader import load_job
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "glue_table_cpu.sh").read_text()
+    methods = re.search(r"for method in ([\w\s-]+); do", script).group(1).split()
+    extra = [m for m in methods if m not in ("lora", "full-ft")]
+    assert len(extra) >= 2
+    for kind in extra:
+        job = load_job(["run=minilm-sst2-lora", f"results_dir={tmp_path}", f"model.adapter.type={kind}",
+                        "method=comparative-1"])
+        assert job.run.algorithm == kind and job.run.model.adapter.rank == 8

@@ -72,6 +72,38 @@ def test_every_link_resolves(page):
     assert broken == []
 
 
+CITATION = re.compile(r"(?:docs/)?([\w-]+\.md)#([\w-]+)")
+SECTION_NUMBER = re.compile(r"\.md,? §\s?\d")
+
+
+def cited_anchors(text: str) -> list[tuple[str, str]]:
+    return CITATION.findall(text)
+
+
+def test_code_and_docs_cite_sections_by_name():
+    """Code, README and docs cite docs/<page>.md#<name> (a heading that exists), never a
+    section number that moves when a section is inserted."""
+    files = [*PAGES, *sorted((ROOT / "src").rglob("*.py")), *sorted((ROOT / "scripts").glob("*"))]
+    numbered, missing = [], []
+    for path in files:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        numbered += [f"{path.name}: {m.group(0)}" for m in SECTION_NUMBER.finditer(text)]
+        for page, anchor in cited_anchors(text):
+            dest = ROOT / "docs" / page
+            if dest.exists() and anchor not in anchors(dest):
+                missing.append(f"{path.name}: {page}#{anchor}")
+    assert numbered == [] and missing == []
+
+
+def test_the_citation_check_fails_where_it_should():
+    assert SECTION_NUMBER.search("see methods.md §5") and not SECTION_NUMBER.search("paper §4.3")
+    assert cited_anchors("docs/methods.md#spectral-gates, x") == [("methods.md", "spectral-gates")]
+    assert "spectral-gates" in anchors(ROOT / "docs" / "methods.md")
+    assert "5-the-spectral-family" not in anchors(ROOT / "docs" / "methods.md")
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 def code_commands(text: str) -> list[str]:

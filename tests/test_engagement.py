@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_method_contract import ROWS, TOY
+from test_method_contract import row
 
 from rankwise.config.schema import parse_run_config
 from rankwise.errors import ConfigError
@@ -25,19 +25,6 @@ from rankwise.methods.spectral.method import budget_met, capacity_ratio, gate_mo
 from rankwise.methods.targets import resolve_target_modules
 from rankwise.verdicts import above_chance
 
-# Which checks each registered method runs (the runner adds above_chance to every run).
-EXPECTED = {
-    "full_ft": set(),
-    "lora": set(),
-    "iw_lora": {"regulariser_share"},
-    "adalora": {"rank_budget_met"},
-    "spectral": set(),  # ungated: no gate to check
-    "bhsp": {"capacity_ratio", "budget_met", "gate_movement", "regulariser_share"},
-    "cbsp": {"capacity_ratio", "budget_met", "gate_movement", "regulariser_share"},
-    "tabs": {"capacity_ratio", "budget_met", "gate_movement", "regulariser_share"},
-}
-
-
 def steps(task: float, reg: float, n: int = 4, name: str = "iw_reg") -> list[dict]:
     return [{"step": 10 * (k + 1), "task_loss": task, f"reg/{name}": reg, "loss": task + reg}
             for k in range(n)]
@@ -45,7 +32,7 @@ def steps(task: float, reg: float, n: int = 4, name: str = "iw_reg") -> list[dic
 
 def method_of(name: str):
     cfg = parse_run_config({"run_id": "checks", "method": "baseline",
-                            "model": {"name": "tiny-bert", **copy.deepcopy(ROWS[name])}})
+                            "model": {"name": "tiny-bert", **row(name)}})
     return build_method(cfg)
 
 
@@ -57,14 +44,23 @@ FULL_EVIDENCE = {  # every key any method's checks read, at values that pass
 
 
 def test_every_registered_method_says_which_checks_apply():
-    assert set(registered_methods()) <= set(EXPECTED), "add the new method's checks to EXPECTED"
-    for name in EXPECTED:
+    """Each registered method (its contract row) declares its checks, runs exactly those on
+    evidence that holds every key, and passes them there."""
+    for name in registered_methods():
         history = steps(0.6, 0.06, name="iw_reg") + steps(0.6, 0.06, name="budget_penalty")
         evidence = [SeedEvidence(1, FULL_EVIDENCE, history)]
-        checks = method_of(name).engagement_checks(evidence, dict(THRESHOLDS))
-        assert {c.name for c in checks} == EXPECTED[name], name
+        method = method_of(name)
+        checks = method.engagement_checks(evidence, dict(THRESHOLDS))
+        assert [c.name for c in checks] == list(method.engagement_check_names), name
         assert all(c.passed for c in checks), (name, [c for c in checks if not c.passed])
-    assert TOY not in EXPECTED  # the contract's toy method is registered only inside its tests
+
+
+def test_mechanisms_have_their_checks():
+    assert method_of("iw_lora").engagement_check_names == ("regulariser_share",)
+    assert method_of("adalora").engagement_check_names == ("rank_budget_met",)
+    assert set(method_of("tabs").engagement_check_names) == {
+        "capacity_ratio", "budget_met", "gate_movement", "regulariser_share"}
+    assert method_of("lora").engagement_check_names == ()  # nothing beyond training
 
 
 def test_regulariser_share_passes_fails_low_and_fails_high():

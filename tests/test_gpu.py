@@ -18,22 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from rankwise.methods import AdapterSettings, cost_reference, model_section, registered_methods
+
 pytestmark = pytest.mark.gpu
 
 DEVICE = os.environ.get("RANKWISE_TEST_DEVICE", "cuda")
 QUICK = os.environ.get("RANKWISE_TEST_QUICK") == "1"
 MODELS = ["tiny-bert"] if QUICK else ["tiny-bert", "tiny-deberta"]
-ADAPTERS = {
-    "full_ft": None,
-    "lora": {"type": "lora", "rank": 4, "lora_alpha": 8},
-    "iw_lora": {"type": "lora", "rank": 4, "lora_alpha": 8},
-    "adalora": {"type": "adalora", "target_r": 2, "init_r": 4, "tinit": 0, "tfinal": 1, "deltaT": 1},
-    "spectral": {"type": "spectral"},
-    "bhsp": {"type": "bhsp"},
-    "cbsp": {"type": "cbsp"},
-    "tabs": {"type": "tabs"},
-}
-METHODS = ["lora"] if QUICK else list(ADAPTERS)
+# every registered method: rank 4, alpha 8 where it takes the adapter settings, else its defaults;
+# AdaLoRA allocates from the first step
+SETTINGS = AdapterSettings(rank=4, lora_alpha=8.0, dropout=0.1)
+ADAPTER_EXTRA = {"adalora": {"tinit": 0, "tfinal": 1, "deltaT": 1}}
+METHODS = [cost_reference()[0]] if QUICK else list(registered_methods())
 PRECISIONS = ["bf16", "fp16"] if DEVICE == "cuda" else ["fp32"]
 
 
@@ -47,23 +43,22 @@ def make_trainer(tmp_path: Path, glue: Path, model: str, method: str, precision:
     from rankwise.config.loader import load_job
     from rankwise.training.loop import Trainer
 
-    adapter = ADAPTERS[method]
     over = [f"run=minilm-sst2-lora", f"results_dir={tmp_path}", f"model.name={model}",
             f"dataset.data_dir={glue}", "dataset.subset=sst2", "dataset.max_train_samples=64",
             "training.batch_size=16", f"training.learning_rate={lr}", f"device={DEVICE}",
-            "training.warmup_ratio=0.0", "training.lr_scheduler=constant",
-            f"model.importance_weighted_regularisation.enabled={str(method == 'iw_lora').lower()}"]
+            "training.warmup_ratio=0.0", "training.lr_scheduler=constant"]
     if precision in ("bf16", "fp16"):
         over.append(f"training.{precision}=true")
     job = load_job(over)
     d = dict(job.run_dict)
-    d["model"] = {**d["model"], "adapter": adapter}
+    d["model"] = model_section(method, SETTINGS, d["model"])
+    if d["model"]["adapter"] is not None:
+        d["model"]["adapter"].update(ADAPTER_EXTRA.get(d["model"]["adapter"]["type"], {}))
     job = job.with_run(d)
     torch.manual_seed(0)
     tr = Trainer(job, 0, tmp_path / f"{model}-{method}-{precision}")
     batch = next(tr.calibration_batches())
-    if method == "iw_lora":
-        tr.method.calibrate(tr.model, [batch], tr.loss_fn)
+    tr.method.calibrate(tr.model, [batch], tr.loss_fn)  # importance weights; a no-op elsewhere
     tr.method.prepare_training(tr.model, 10)
     return tr, batch
 

@@ -1,7 +1,8 @@
 """The contract every registered method keeps, on tiny BERT and tiny DeBERTa.
 
-One row per method in ``ROWS`` (the smallest ``model`` section that selects it); a registered
-method without a row fails ``test_every_registered_method_has_a_row``. Each check compares
+One row per method in ``ROWS`` (the smallest ``model`` section that selects it); the matrix
+runs over the registry, so a registered method without a row fails. An importance-weighted
+twin (``iw_<name>``) needs no row of its own: its base's row plus ``IW`` (:func:`row`). Each check compares
 with an independent reference: the frozen backbone's own output, the parameters it had before
 wrapping, ``torch.utils.flop_counter`` for the FLOPs.
 
@@ -59,17 +60,26 @@ TOY = "frozen_a_lora"
 ROWS = {
     "full_ft": {},
     "lora": {"adapter": {"type": "lora", "rank": 4, "dropout": 0.0}},
-    "iw_lora": {"adapter": {"type": "lora", "rank": 4, "dropout": 0.0},
-                "importance_weighted_regularisation": {"enabled": True, "reg_alpha": 0.5,
-                                                       "sensitivity_warmup_steps": 1}},
     "adalora": {"adapter": {"type": "adalora", "target_r": 2, "init_r": 4, "dropout": 0.0}},
     "spectral": {"adapter": {"type": "spectral", "R": 4}},
     "bhsp": {"adapter": {"type": "bhsp", "R": 4, "budget": 2}},
     "cbsp": {"adapter": {"type": "cbsp", "R": 4, "budget": 2}},
     "tabs": {"adapter": {"type": "tabs", "R": 4, "budget": 2}},
+    "dora": {"adapter": {"type": "dora", "rank": 4, "dropout": 0.0}},
+    "pissa": {"adapter": {"type": "pissa", "rank": 4, "dropout": 0.0}},
     TOY: {"adapter": {"type": TOY, "rank": 4, "dropout": 0.0}},
 }
-BUILTIN = [name for name in ROWS if name != TOY]
+# importance weighting switched on, with a penalty large enough to see and one calibration batch
+IW = {"importance_weighted_regularisation": {"enabled": True, "reg_alpha": 0.5,
+                                             "sensitivity_warmup_steps": 1}}
+
+
+def row(name: str) -> dict:
+    """The ``model`` section of method ``name`` (an ``iw_`` twin: its base's row + ``IW``)."""
+    entry = registered_methods().get(name)
+    if entry is not None and entry.importance_weighted_of:
+        return copy.deepcopy(ROWS[entry.importance_weighted_of]) | copy.deepcopy(IW)
+    return copy.deepcopy(ROWS[name])
 
 
 @pytest.fixture
@@ -87,7 +97,7 @@ def method_name(request):
 
 def build(name: str, backbone_alias: str, backbone):
     cfg = parse_run_config({"run_id": "contract", "method": "baseline",
-                            "model": {"name": backbone_alias, **copy.deepcopy(ROWS[name])}})
+                            "model": {"name": backbone_alias, **row(name)}})
     assert cfg.algorithm == name
     method = build_method(cfg)
     model = method.wrap(backbone, resolve_target_modules(backbone))
@@ -108,11 +118,12 @@ def task_loss(model, b):
 
 
 BACKBONES = ["tiny-bert", "tiny-deberta"]
-MATRIX = pytest.mark.parametrize("method_name", [*BUILTIN, TOY], indirect=True)
+MATRIX = pytest.mark.parametrize("method_name", [*registered_methods(), TOY], indirect=True)
 
 
 def test_every_registered_method_has_a_row():
-    assert set(registered_methods()) <= set(ROWS), "add the new method's row to ROWS"
+    for name, entry in registered_methods().items():
+        assert (entry.importance_weighted_of or name) in ROWS, f"add {name}'s row to ROWS"
 
 
 @MATRIX
@@ -171,6 +182,15 @@ def test_contract(method_name, alias, request):
     with torch.no_grad():
         padded = method.forward_cost(model, lambda: model(**inputs), inputs["attention_mask"])
     assert padded.valid_tokens == inputs["attention_mask"].sum(dim=1).tolist()
+    for size in (2, 5):  # every shape: per-forward work shows as a change with the batch size
+        check_flops_against_the_counter(method_name, alias, method, model, reference, size)
+
+
+def check_flops_against_the_counter(method_name, alias, method, model, reference, size):
+    """What the method counts, per token, per sequence and per forward, is what the flop
+    counter sees beyond the frozen backbone on one batch of ``size`` (unpadded rows: an
+    unmerged LoRA layer also multiplies padding, which costs count out)."""
+    inputs, _ = batch(seed=size, size=size)
     inputs = dict(inputs) | {"attention_mask": torch.ones_like(inputs["input_ids"])}
     counted = {}
     with torch.no_grad():
@@ -178,14 +198,17 @@ def test_contract(method_name, alias, request):
             model, lambda: counted.update(n=measured_flops(model, lambda: model(**inputs))),
             inputs["attention_mask"])
         base = measured_flops(reference, lambda: reference(**inputs))
-    extra = (sum(cost.adapter_flops) + sum(cost.controller_flops)
-             + cost.position_adapter_flops + cost.position_controller_flops)
-    assert counted["n"] - base == extra
+    extra = sum(cost.adapter_flops) + sum(cost.controller_flops) + cost.per_forward_flops
+    assert counted["n"] - base == extra, (size, cost.summary())
+    assert cost.flops_per_example_at(size) * size == pytest.approx(extra)
+    split = cost.shape_split()
+    assert sum(split.values()) * size == pytest.approx(extra)
     if method_name == "full_ft":
         assert extra == 0 and cost.source == "none"
     else:
         assert cost.adapter_flops_per_example > 0
         assert alias != "tiny-deberta" or cost.position_adapter_flops > 0
+        assert "per_token" in cost.sources or cost.source != "analytic", cost.sources
     for value in (cost.adapter_flops_per_example, cost.controller_flops_per_example):
         assert math.isfinite(value)
 
@@ -232,7 +255,7 @@ def test_trial_mode_runs_end_to_end(method_name, alias, tmp_path, fake_glue):
     from rankwise.main import main
 
     run = {"run_id": f"trial-{method_name}", "method": "baseline",
-           "model": {"name": alias, **copy.deepcopy(ROWS[method_name])},
+           "model": {"name": alias, **row(method_name)},
            "dataset": {"name": "glue", "subset": "sst2", "max_seq_length": 32,
                        "data_dir": str(fake_glue)},
            "training": {"epochs": 3, "batch_size": 8, "seeds": [5, 6],

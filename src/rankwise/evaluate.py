@@ -430,20 +430,24 @@ def first_value(run: dict, keys: tuple[str, ...]) -> float | None:
     return next((v for v in (run_value(run, k) for k in keys) if v is not None), None)
 
 
-def is_lora_r8(run: dict) -> bool:
+def is_cost_reference(run: dict) -> bool:
+    """Whether ``run`` is the registry's cost reference (``rankwise.methods.cost_reference``:
+    LoRA r=8), the run ``extra_vs_lora_r8`` divides by."""
+    from rankwise.methods import is_cost_reference as registry_says
+
     adapter = (run.get("config", {}).get("model") or {}).get("adapter") or {}
-    return run.get("algorithm") == "lora" and adapter.get("rank") == 8
+    return registry_says(run.get("algorithm"), adapter)
 
 
 def costs(runs: list[dict]) -> dict[str, dict[str, float | None]]:
     """Per run: adapter, controller and total extra MFLOPs per example, the extra relative to
-    LoRA r=8 of the same task, parameters, latency, budget and gate statistics."""
+    the cost reference (LoRA r=8, :func:`is_cost_reference`) of the same task, parameters, latency, budget and gate statistics."""
     out = {}
     for r in runs:
         adapter = run_value(r, "adapter_mflops_per_example")
         controller = run_value(r, "controller_mflops_per_example")
         extra = None if adapter is None else adapter + (controller or 0.0)
-        ref = next((x for x in runs if is_lora_r8(x) and task_of(x) == task_of(r)), None)
+        ref = next((x for x in runs if is_cost_reference(x) and task_of(x) == task_of(r)), None)
         ref_extra = run_value(ref, "adapter_mflops_per_example") if ref else None
         trainable = first_value(r, ("trainable_params_incl_controllers",))
         if trainable is None:

@@ -1,4 +1,4 @@
-"""Task metrics (methods.md §6), computed with numpy/scipy and checked against scikit-learn.
+"""Task metrics (methods.md#metrics), computed with numpy/scipy and checked against scikit-learn.
 
 Metric names in results are ``<split>_<metric>`` (e.g. ``validation_accuracy``,
 ``validation_mismatched_accuracy``). Each GLUE run also reports ``glue_score``, the task's

@@ -51,7 +51,7 @@ def paired_bootstrap(values_a, values_b, labels, metric_fn: Callable, n_resample
             "n_resamples": n_resamples, "n_pairs": int(len(y)), "p_value": float(min(1.0, p))}
 
 
-# --- verdicts: A vs B on one task (methods.md §7) ---------------------------------------------
+# --- verdicts: A vs B on one task (methods.md#verdicts) ---------------------------------------------
 #
 # A metric is written as per-example sufficient statistics whose sums determine its value, so
 # that a bootstrap replicate (a multiset of examples) is a weighted sum: weights = how often each

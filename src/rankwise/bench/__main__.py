@@ -1,7 +1,7 @@
 """Benchmarks.
 
 ``python -m rankwise.bench overhead run=<id> [steps=20] [warmup=3] [out=bench.json] [overrides]``
-    Per-step cost of LoRA, IW-LoRA and AdaLoRA (``overhead.py``).
+    Per-step cost of LoRA, IW-LoRA and every other rank-r method (``overhead.py``).
 ``python -m rankwise.bench inference run=<id|yaml> [run=...] [lengths=[...]] [batch_sizes=[...]]
 [max_tokens=N] [warmup=N] [repeats=N] [lora_merge=both|merged|unmerged] [weights=auto|trained|fresh]
 [spectral_path=config|sparse|dense|both] [reference=LABEL] [adapters=[...]] [input_seed=N]
@@ -133,8 +133,8 @@ def bench_help():
                                          "[overrides]"),),
         summary="Benchmarks of the methods' costs: 'rankwise bench <kind> --help' lists a kind's "
                 "options. python -m rankwise.bench takes the same arguments.",
-        arguments=(("overhead", ("per-step cost of LoRA, IW-LoRA and AdaLoRA and the IW "
-                                "calibration's share of a run")),
+        arguments=(("overhead", ("per-step cost of LoRA, IW-LoRA and every other rank-r "
+                                "method and the IW calibration's share of a run")),
                    ("inference", ("latency and adapter FLOPs vs sequence length of several "
                                  "models side by side")),
                    ("train", ("training-step speed, phase breakdown and profile of several "

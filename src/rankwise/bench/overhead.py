@@ -1,8 +1,10 @@
-"""Per-step cost of LoRA, IW-LoRA and AdaLoRA on identical batches, and IW calibration's share.
+"""Per-step cost of the rank-r methods on identical batches, and IW calibration's share.
 
-All three trainers are built in one process from the same run config (same backbone, data,
-batch size, rank, seed); the timed steps are interleaved (LoRA, IW-LoRA, AdaLoRA, LoRA, ...)
-on the same batch, so drift in machine load hits all three alike. Reported: mean and median
+The methods (:func:`overhead_methods`, from the registry: LoRA, the cost reference; IW-LoRA,
+its importance-weighted twin; AdaLoRA, DoRA, PiSSA, ...: every other method that takes the
+run's rank, alpha and dropout) are built in one process from the same run config (same
+backbone, data, batch size, rank, seed); the timed steps are interleaved (LoRA, IW-LoRA,
+AdaLoRA, ..., LoRA, ...) on the same batch, so drift in machine load hits all alike. Reported: mean and median
 step time per method, the ratios to LoRA, the measured calibration time, and the
 calibration's share of a whole run's wall time, computed for this run's size and for an
 MNLI-sized run (392,702 examples, batch 32, 3 epochs) from the measured per-batch costs.
@@ -10,7 +12,6 @@ MNLI-sized run (392,702 examples, batch 32, 3 epochs) from the measured per-batc
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -24,23 +25,24 @@ from rankwise.config.loader import Job
 MNLI_TRAIN_EXAMPLES = 392_702
 
 
+def overhead_methods() -> tuple[str, str, tuple[str, ...]]:
+    """(the cost reference method, its importance-weighted twin, every method timed): the two,
+    then every other method that takes the run's adapter settings (IW twins aside)."""
+    from rankwise.methods import cost_reference, method_for_adapter_type, registered_methods
+
+    methods = registered_methods()
+    reference = cost_reference()[0]
+    twin = method_for_adapter_type(methods[reference].adapter_type, importance_weighted=True)
+    rest = [n for n, e in methods.items()
+            if e.takes_adapter_settings and not e.importance_weighted_of and n != reference]
+    return reference, twin, (reference, twin, *rest)
+
+
 def variant(job: Job, kind: str) -> Job:
-    """The job's run with the adapter turned into LoRA, IW-LoRA or AdaLoRA (same rank)."""
-    d = copy.deepcopy(job.run_dict)
-    adapter = d["model"].get("adapter") or {"type": "lora", "rank": 8, "lora_alpha": 16}
-    rank = adapter.get("rank", adapter.get("target_r", 8))
-    alpha = adapter.get("lora_alpha", 16)
-    iw = d["model"].setdefault("importance_weighted_regularisation", {})
-    iw["enabled"] = kind == "iw_lora"
-    if kind == "adalora":
-        d["model"]["adapter"] = {"type": "adalora", "target_r": rank, "init_r": math.ceil(1.5 * rank),
-                                 "lora_alpha": alpha}
-        iw["enabled"] = False
-    else:
-        d["model"]["adapter"] = {"type": "lora", "rank": rank, "lora_alpha": alpha,
-                                 "dropout": adapter.get("dropout", 0.1)}
-    d["run_id"] = f"{job.run.run_id}-{kind}"
-    return job.with_run(d)
+    """The job's run turned into method ``kind`` with the run's rank, alpha and dropout."""
+    from rankwise.bench.train import method_variant
+
+    return method_variant(job, kind)
 
 
 def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | None = None,
@@ -49,41 +51,40 @@ def run(job: Job, steps: int = 20, warmup: int = 3, calibration_batches: int | N
     from rankwise.training.loop import Trainer
 
     workdir = workdir or Path(job.command.results_dir) / "bench-overhead"
-    from rankwise.methods import registered_methods
-
-    kinds = tuple(k for k in ("lora", "iw_lora", "adalora") if k in registered_methods())
+    reference, twin, kinds = overhead_methods()
     trainers: dict[str, Trainer] = {}
     data = None
     for kind in kinds:
         trainers[kind] = Trainer(variant(job, kind), job.run.training.seed, workdir / kind, data=data)
         data = trainers[kind].data
     n_cal = calibration_batches or job.run.model.importance_weighted_regularisation.sensitivity_warmup_steps
-    cal_metrics, calibration_s = _calibrate(trainers["iw_lora"], n_cal)
+    cal_metrics, calibration_s = _calibrate(trainers[twin], n_cal)
     total = warmup + steps
     for tr in trainers.values():
         tr.method.prepare_training(tr.model, max(total, 10))
         tr.model.train()
-    batch_list = _timed_batches(job, data, trainers["lora"].collate, total)
+    batch_list = _timed_batches(job, data, trainers[reference].collate, total)
     times = _interleaved_step_times(trainers, batch_list, warmup)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
     bs = job.run.training.batch_size
 
     def share(n_examples: int, epochs: int, batch: int) -> dict[str, float]:
-        return _calibration_share(n_examples, epochs, batch, mean["iw_lora"], n_cal, calibration_s)
+        return _calibration_share(n_examples, epochs, batch, mean[twin], n_cal, calibration_s)
 
     return {
         "run": job.run.run_id, "model": job.run.model.name, "batch_size": bs, "timed_steps": steps,
-        "warmup_steps": warmup, "step_time_s_mean": mean, "step_time_s_median": median,
-        "ratio_to_lora_mean": {k: mean[k] / mean["lora"] for k in kinds},
-        "ratio_to_lora_median": {k: median[k] / median["lora"] for k in kinds},
+        "warmup_steps": warmup, "reference": reference, "step_time_s_mean": mean,
+        "step_time_s_median": median,
+        "ratio_to_lora_mean": {k: mean[k] / mean[reference] for k in kinds},
+        "ratio_to_lora_median": {k: median[k] / median[reference] for k in kinds},
         "calibration_s": calibration_s, "calibration_s_per_batch": calibration_s / n_cal,
         "calibration": cal_metrics,
         "calibration_share_this_run": share(len(data.train), job.run.training.epochs, bs),
         "calibration_share_mnli_sized_run": share(MNLI_TRAIN_EXAMPLES, 3, 32),
         "note": ("AdaLoRA masks pruned ranks instead of shrinking them: its compute stays at "
                  "init_r throughout training."),
-        "device": device_description(trainers["lora"].device),
+        "device": device_description(trainers[reference].device),
     }
 
 

@@ -37,10 +37,8 @@ from rankwise.config.typed import join, require
 
 log = logging.getLogger(__name__)
 
-# LoRA-family variants keep the run's rank, alpha and dropout (``lora_bernoulli``: LoRA with
-# peft's per-element dropout draw); every other registered method runs on its defaults.
-LORA_FAMILY_VARIANTS = ("lora", "lora_bernoulli", "iw_lora", "adalora")
-DEFAULT_METHODS = ("full_ft", "lora", "iw_lora", "adalora")
+# ``<method>_bernoulli``: a method with a ``dropout_sampler`` drawing peft's per-element dropout
+BERNOULLI = "_bernoulli"
 PHASES = ("forward", "regularisers", "backward", "optimizer", "method_hooks")
 HF_LABEL = "hf_trainer_peft_lora"
 
@@ -49,8 +47,10 @@ HF_LABEL = "hf_trainer_peft_lora"
 class TrainBenchOptions:
     """Options of ``bench train`` (validated like a run config; errors name the key)."""
 
-    #: Methods to build from one `run=` (`lora_bernoulli` and the spectral types too); null:
-    #: full_ft, lora, iw_lora, adalora; with several `run=`, the runs as given.
+    #: Methods to build from one `run=`: any registered method (those with rank, alpha and
+    #: dropout take the run's), or `<method>_bernoulli` (that method with peft's per-element
+    #: dropout draw); null: full fine-tuning and every method that takes the run's adapter
+    #: settings; with several `run=`, the runs as given.
     methods: list[str] | None = None
     #: Timed steps per variant.
     steps: int = 10
@@ -64,9 +64,10 @@ class TrainBenchOptions:
     profile_top: int = 12
     #: Pad every batch to this length; null: dynamic padding.
     pad_to: int | None = None
-    #: The label the ratios are taken against; null: lora, else the first.
+    #: The label the ratios are taken against; null: the cost reference method (LoRA), else the
+    #: first.
     reference: str | None = None
-    #: Batches of IW-LoRA's calibration before timing (untimed).
+    #: Batches of a method's calibration (importance weighting) before timing (untimed).
     calibration_batches: int = 1
     #: torch.set_num_threads for the run; null: torch's default.
     threads: int | None = None
@@ -83,35 +84,64 @@ class TrainBenchOptions:
             require(self.threads >= 1, join(path, "threads"), f"must be >= 1, got {self.threads}")
         if self.pad_to is not None:
             require(self.pad_to >= 1, join(path, "pad_to"), f"must be >= 1, got {self.pad_to}")
-        from rankwise.methods import registered_methods
-
-        known = (*registered_methods(), "lora_bernoulli")
+        known = bench_method_names()
         for i, m in enumerate(self.methods or []):
             require(m in known, join(join(path, "methods"), i),
                     f"unknown method {m!r} (choose from {', '.join(known)})")
 
 
 # --- variants ----------------------------------------------------------------------------------
-def method_variant(job: Job, kind: str) -> Job:
-    """The job's run turned into ``kind`` (LoRA-family keep the run's rank, alpha, dropout)."""
-    from rankwise.bench.inference import with_adapter
-    from rankwise.bench.overhead import variant
-    from rankwise.methods import get_method
+def bench_method_names() -> tuple[str, ...]:
+    """Every registered method, then ``<name>_bernoulli`` for those with a dropout sampler."""
+    from dataclasses import fields
 
-    if kind not in LORA_FAMILY_VARIANTS:
-        return with_adapter(job, get_method(kind).adapter_type)
-    base = variant(job, "lora" if kind == "lora_bernoulli" else kind)
-    if kind != "adalora":
-        d = copy.deepcopy(base.run_dict)
-        old = job.run_dict["model"].get("adapter") or {}
-        sampler = "bernoulli" if kind == "lora_bernoulli" else old.get("dropout_sampler", "geometric")
-        d["model"]["adapter"]["dropout_sampler"] = sampler
-        for key in ("bias",):
-            if key in old:
-                d["model"]["adapter"][key] = old[key]
-        d["run_id"] = f"{job.run.run_id}-{kind}"
-        return base.with_run(d)
-    return base
+    from rankwise.methods import registered_methods
+
+    methods = registered_methods()
+    samplers = tuple(n + BERNOULLI for n, e in methods.items() if e.config_cls is not None
+                     and "dropout_sampler" in {f.name for f in fields(e.config_cls)})
+    return (*methods, *samplers)
+
+
+def default_methods() -> tuple[str, ...]:
+    """Full fine-tuning and every method that takes the run's adapter settings."""
+    from rankwise.methods import FULL, registered_methods
+
+    return tuple(n for n, e in registered_methods().items()
+                 if e.adapter_type == FULL or e.takes_adapter_settings)
+
+
+def method_variant(job: Job, kind: str) -> Job:
+    """The job's run turned into method ``kind`` (``rankwise.methods.model_section``): one that
+    takes adapter settings keeps the run's rank, alpha and dropout, and the run adapter's
+    ``bias`` and ``dropout_sampler`` where its config has them (``<name>_bernoulli``: sampler
+    ``bernoulli``); any other runs on its defaults."""
+    from dataclasses import fields
+
+    from rankwise.methods import adapter_settings_of, get_method, model_section
+
+    name = kind[: -len(BERNOULLI)] if kind.endswith(BERNOULLI) else kind
+    d = copy.deepcopy(job.run_dict)
+    old = (d.get("model") or {}).get("adapter") or {}
+    d["model"] = model_section(name, adapter_settings_of(job.run.model.adapter), d.get("model"))
+    entry, new = get_method(name), d["model"]["adapter"]
+    if entry.takes_adapter_settings:
+        keys = {f.name for f in fields(entry.config_cls)}
+        if "dropout_sampler" in keys:
+            new["dropout_sampler"] = "bernoulli" if kind != name else old.get("dropout_sampler", "geometric")
+        if "bias" in keys and "bias" in old:
+            new["bias"] = old["bias"]
+    d["run_id"] = f"{job.run.run_id}-{kind}"
+    return job.with_run(d)
+
+
+def runs_plain_lora(job: Job) -> bool:
+    """Whether the job runs the cost reference method (peft LoRA) or its ``iw_`` twin: the
+    runs a Hugging Face Trainer + peft LoRA twin can stand beside."""
+    from rankwise.methods import cost_reference, get_method
+
+    entry = get_method(job.run.algorithm)
+    return (entry.importance_weighted_of or entry.name) == cost_reference()[0]
 
 
 def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -263,7 +293,7 @@ class HFTrainerDriver:
 def labelled_jobs(jobs: list[Job], options: TrainBenchOptions) -> list[tuple[str, Job]]:
     """(label, job) per variant: one run × ``methods``, or several runs as they are."""
     if len(jobs) == 1:
-        return [(m, method_variant(jobs[0], m)) for m in (options.methods or DEFAULT_METHODS)]
+        return [(m, method_variant(jobs[0], m)) for m in (options.methods or default_methods())]
     if options.methods:
         from rankwise.errors import ConfigError
 
@@ -281,9 +311,8 @@ def build_steppers(jobs: list[tuple[str, Job]], options: TrainBenchOptions, work
     for label, job in jobs:
         tr = Trainer(job, job.run.training.seed, workdir / label, data=data)
         data, first = tr.data, first or tr
-        if tr.method.name == "iw_lora":  # its coefficients come from calibration (untimed)
-            cal = tr.calibration_batches()
-            tr.method.calibrate(tr.model, (next(cal) for _ in range(options.calibration_batches)), tr.loss_fn)
+        cal = tr.calibration_batches()  # e.g. importance weights: untimed, as in a run
+        tr.method.calibrate(tr.model, (next(cal) for _ in range(options.calibration_batches)), tr.loss_fn)
         tr.method.prepare_training(tr.model, max(total, 10))
         tr.model.train()
         steppers.append(TrainerStep(label, tr, tr.device))
@@ -367,7 +396,7 @@ def run(jobs: list[tuple[str, Job]], options: TrainBenchOptions) -> dict[str, An
                      if device.type == "cuda" else None)
 
         hf, hf_optimizer = None, None
-        lora_like = [j for _, j in jobs if j.run.algorithm in ("lora", "iw_lora")]
+        lora_like = [j for _, j in jobs if runs_plain_lora(j)]
         if options.hf_trainer and lora_like:
             hf = HFTrainerDriver(lora_like[0], data, first.epoch_order(0), n_run, options.pad_to,
                                  device, Path(tmp))
@@ -410,7 +439,10 @@ def variant_row(s: TrainerStep, recs, timed, peak, profiles) -> dict[str, Any]:
 
 def report_of(results, options: TrainBenchOptions, first, timed, prov) -> dict[str, Any]:
     labels = [r["label"] for r in results]
-    ref = options.reference or next((lb for lb in labels if lb == "lora"), labels[0])
+    from rankwise.methods import cost_reference
+
+    reference = cost_reference()[0]
+    ref = options.reference or next((lb for lb in labels if lb == reference), labels[0])
     if ref not in labels:
         from rankwise.errors import ConfigError
 

@@ -9,11 +9,11 @@ A run file has six top-level keys: ``run_id``, ``method``, ``model``, ``dataset`
 ``model.adapter``                              algorithm
 =============================================  ===================================
 absent / ``null`` / ``type: full``             ``full_ft``
-``type: lora`` + IW regularisation disabled    ``lora``
-``type: lora`` + IW regularisation enabled     ``iw_lora``
-``type: adalora``                              ``adalora``
-``type: spectral | bhsp | cbsp | tabs``        same name
+``type: <t>``                                   the method registered for ``<t>``
+``type: <t>`` + IW regularisation enabled      its ``iw_`` twin (LoRA family only)
 =============================================  ===================================
+
+(``rankwise.methods`` is the one list of types, e.g. ``lora`` + IW = ``iw_lora``.)
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ ROLE_PATTERN = re.compile(r"^(proposed|baseline|comparative(-\d+)?|ablation(-[A-
 
 @dataclass
 class IWRegularisationConfig:
-    """IW-LoRA (methods.md §4): calibration, importance weights, weighted L2 penalty."""
+    """Importance weighting (docs/methods.md#iw-lora): calibration, importance weights, weighted
+    L2 penalty, on any LoRA-family adapter."""
 
-    #: Make LoRA IW-LoRA: calibrate importance weights, add the weighted L2 penalty (needs
-    #: `model.adapter.type: lora`).
+    #: Make a LoRA-family method its importance-weighted twin (LoRA: IW-LoRA): calibrate
+    #: importance weights, add the weighted L2 penalty (needs a LoRA-family `model.adapter.type`).
     enabled: bool = False
     #: α, the weight of the penalty α Σ_k c_k ‖Δ_k‖²; 0 trains exactly as LoRA.
     reg_alpha: float = 1e-4
@@ -500,16 +501,18 @@ class RunConfig:
         require(bool(ROLE_PATTERN.match(self.method)), "method",
                 f"role label {self.method!r} is not one of proposed, baseline, comparative-<n>, "
                 "ablation-<name>")
+        from rankwise.methods import importance_weightable_types, registered_methods
+
         iw = self.model.importance_weighted_regularisation
-        if iw.enabled and self.adapter_type != "lora":
+        weightable = importance_weightable_types()
+        if iw.enabled and self.adapter_type not in weightable:
             raise ConfigError(
                 "model.importance_weighted_regularisation.enabled",
-                f"IW regularisation needs model.adapter.type: lora, got {self.adapter_type!r}",
+                f"IW regularisation needs a LoRA-family model.adapter.type ({', '.join(weightable)}), "
+                f"got {self.adapter_type!r}",
             )
-        from rankwise.methods import registered_methods
-
         if self.algorithm not in registered_methods():
-            key = ("model.importance_weighted_regularisation.enabled" if self.algorithm == "iw_lora"
+            key = ("model.importance_weighted_regularisation.enabled" if iw.enabled
                    else "model.adapter.type")
             raise ConfigError(key, f"method {self.algorithm!r} is not available in this build")
         from rankwise.metrics import metric_names_for
@@ -533,10 +536,11 @@ class RunConfig:
         """Registry name of the method this config selects (``rankwise.methods``)."""
         from rankwise.methods import method_for_adapter_type
 
-        t = self.adapter_type
-        if t == "lora" and self.model.importance_weighted_regularisation.enabled:
-            return "iw_lora"
-        return method_for_adapter_type(t)
+        try:
+            return method_for_adapter_type(self.adapter_type,
+                                           self.model.importance_weighted_regularisation.enabled)
+        except KeyError as missing:  # validate names the key
+            return str(missing.args[0])
 
 
 def parse_adapter(raw: Any, path: str) -> Any:

@@ -11,7 +11,7 @@ class TaskSpec:
     text_columns: tuple[str, ...]
     num_labels: int  # 1 = regression
     metrics: tuple[str, ...]  # metric names computed on each evaluation split
-    primary_metric: str  # the verdict metric (methods.md §7)
+    primary_metric: str  # the verdict metric (methods.md#verdicts)
     extra_validation: tuple[str, ...] = field(default_factory=tuple)
     # Binary F1: the class counted as positive, and its name in the task's label set.
     f1_positive_label: int = 1

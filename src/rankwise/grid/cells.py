@@ -25,7 +25,7 @@ from typing import Any
 
 from rankwise.errors import ConfigError
 
-RUN_NAME = re.compile(r"^(?P<cpu>cpu-)?(?P<tabs>tabs-)?(?P<role>.+?)-"
+RUN_NAME = re.compile(r"^(?P<cpu>cpu-)?(?P<experiment2>tabs-)?(?P<role>.+?)-"
                       r"(?P<model>MiniLM-L6|DeBERTaV3-base-86-M)--(?P<task>.+)$")
 ROLE_ORDER = ("proposed", "comparative", "baseline", "ablation")
 
@@ -46,7 +46,7 @@ def parse_run_name(run_id: str) -> RunName | None:
     m = RUN_NAME.match(run_id)
     if m is None or (m["model"] == "MiniLM-L6") != bool(m["cpu"]):
         return None
-    experiment = 2 if m["tabs"] else 1
+    experiment = 2 if m["experiment2"] else 1
     task = m["task"]
     if experiment == 1:
         if not task.startswith("GLUE-"):

@@ -27,6 +27,11 @@ Called once per seed by the training loop after the final evaluation
 ``adapter_mflops_per_example``, ``controller_mflops_per_example``
     mean over the primary evaluation split (10^6 FLOPs; controller = TABS/CBSP gate MLPs,
     0 for every other method);
+``extra_mflops_per_example_at_eval_batch``
+    adapter + controller MFLOPs per example plus the primary split's per-forward work
+    (DoRA's weight rebuild, ...) shared by an evaluation batch (``training.eval_batch_size``):
+    every cost shape at the stated batch size; ``inference.json`` ``evaluation`` has the split
+    by shape (``flops_per_example_by_shape``) and ``sources``;
 ``position_mflops_per_forward``
     adapter + controller FLOPs (10^6) of DeBERTa's relative-position rows, projected once per
     forward through query/key and shared by the batch (0 for other backbones);
@@ -77,6 +82,7 @@ log = logging.getLogger(__name__)
 # Present for every run (``budget_violations`` for budgeted methods, ``open_gates_per_token``
 # for the spectral family only).
 COST_KEYS = ("adapter_mflops_per_example", "controller_mflops_per_example",
+             "extra_mflops_per_example_at_eval_batch",
              "trainable_params_incl_controllers")
 HEADLINE_KEYS = (
     "latency_ms_mean", "latency_ms_p50", "latency_ms_p99", "latency_n_timed", *COST_KEYS,
@@ -129,6 +135,9 @@ def cost_headline(run: TrainedRun, primary: ForwardCost | None) -> dict[str, flo
     if primary is not None:
         out["adapter_mflops_per_example"] = primary.adapter_flops_per_example / 1e6
         out["controller_mflops_per_example"] = primary.controller_flops_per_example / 1e6
+        # every shape at the evaluation batch size (per-forward work shared by its examples)
+        out["extra_mflops_per_example_at_eval_batch"] = (
+            primary.flops_per_example_at(run.eval_batch_size) / 1e6)
         if primary.open_gates_per_token is not None:
             out["open_gates_per_token"] = float(primary.open_gates_per_token)
     return out
@@ -278,6 +287,7 @@ def measure_trained_model(run: TrainedRun) -> dict[str, float]:
             "per_token_flops": primary.per_token_flops if primary is not None else None,
             "position_flops_per_forward": shapes[0]["position_flops_per_forward"] if shapes else None,
             "merged_extra_flops": 0,
+            **_shapes_at_eval_batch(primary, run.eval_batch_size),
         },
         "gate_histogram": {"split": last_split, "counts": figure_cost.histogram}
         if figure_cost is not None and figure_cost.histogram else None,
@@ -291,6 +301,18 @@ def measure_trained_model(run: TrainedRun) -> dict[str, float]:
     report["seconds"] = time.perf_counter() - start
     atomic_write_json(run.seed_dir / "inference.json", report)
     return headline
+
+
+def _shapes_at_eval_batch(cost: ForwardCost | None, batch_size: int) -> dict[str, Any]:
+    """The evaluation's FLOPs per example at its batch size, split by cost shape, and what
+    was counted or measured for each shape (``methods.cost``)."""
+    if cost is None:
+        return {}
+    return {"batch_size": batch_size,
+            "extra_flops_per_example_at_batch": cost.flops_per_example_at(batch_size),
+            "per_forward_flops": cost.per_forward_flops,
+            "flops_per_example_by_shape": cost.shape_split(batch_size),
+            "sources": dict(cost.sources)}
 
 
 def _write_figures(run: TrainedRun, cost: ForwardCost, split: str) -> None:

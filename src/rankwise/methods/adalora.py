@@ -1,4 +1,4 @@
-"""AdaLoRA (Zhang et al., ICLR 2023; methods.md §3) through ``peft.AdaLoraConfig`` — not re-implemented.
+"""AdaLoRA (Zhang et al., ICLR 2023; methods.md#adalora) through ``peft.AdaLoraConfig`` — not re-implemented.
 
 Each target gets an SVD-shaped update Δ_k = (lora_alpha / init_r) · P_k diag(E_k) Q_k with
 P_k ∈ R^{d_out×init_r} (``lora_B``), E_k ∈ R^{init_r} (``lora_E``, zero init, so the step-0
@@ -30,6 +30,7 @@ What the training loop cannot get from a plain peft model, and this class suppli
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -95,6 +96,18 @@ class AdaLoRAConfig:
     #: Weight of the orthogonality regulariser (`reg/orth_reg`).
     orth_reg_weight: float = 0.1
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
+
+    @classmethod
+    def from_adapter_settings(cls, settings) -> dict:
+        """A run's rank r as the target rank, starting at ⌈1.5 r⌉ (12 for r = 8), its alpha
+        and dropout."""
+        return {"type": "adalora", "target_r": settings.rank, "init_r": math.ceil(1.5 * settings.rank),
+                "lora_alpha": settings.lora_alpha, "dropout": settings.dropout}
+
+    def adapter_settings(self):
+        from rankwise.methods.settings import AdapterSettings
+
+        return AdapterSettings(self.target_r, self.lora_alpha, self.dropout)
 
     def validate(self, path: str) -> None:
         require(self.target_r >= 1, join(path, "target_r"), f"must be >= 1, got {self.target_r}")
@@ -234,6 +247,10 @@ class AdaLoRA(PeftLayerCost, FineTuningMethod):
         if not pattern:
             return {name: [True] * self.config.init_r for name in names}
         return {name: [bool(k) for k in pattern[name + suffix]] for name in names}
+
+    @property
+    def engagement_check_names(self) -> tuple[str, ...]:
+        return ("rank_budget_met",)
 
     def engagement_checks(self, evidence: list[SeedEvidence],
                           thresholds: dict[str, float]) -> list[Check]:

@@ -138,6 +138,12 @@ class FineTuningMethod:
             "evaluation_cost (see rankwise.methods.cost)")
 
     # --- mechanism checks -----------------------------------------------------------------
+    @property
+    def engagement_check_names(self) -> tuple[str, ...]:
+        """The names of the checks ``engagement_checks`` runs for this configuration (the
+        runner adds ``above_chance`` to every run): each method says which apply to it."""
+        return ()
+
     def engagement_checks(self, evidence: list[SeedEvidence],
                           thresholds: dict[str, float]) -> list[Check]:
         """Whether the run switched on this method's mechanism, from every seed's evidence

@@ -2,6 +2,22 @@
 ``forward_cost`` / ``evaluation_cost`` from (the table of every method's formula is in
 ``rankwise.measure.adapter_flops``).
 
+Costs have three shapes (docs/methods.md#cost-shapes), each counted where it arises:
+
+- **per token**: work on each real token (a LoRA target: 2·r·(d_in + d_out); the spectral
+  family's open pairs and token-level controllers), in ``adapter_flops`` / ``controller_flops``
+  per example;
+- **per sequence**: work done once per example (a sequence-level gate controller), also in
+  those per-example lists and split out in ``sequence_flops``;
+- **per forward**: work shared by the whole batch, done once per forward pass whatever its
+  size: DeBERTa's relative-position rows (``position_*``) and anything else in
+  ``forward_flops`` by name (DoRA's weight-norm rebuild, a per-layer controller). Per example
+  it is ``per_forward_flops / batch size``, so a per-example figure names its batch size
+  (:meth:`ForwardCost.flops_per_example_at`).
+
+``sources`` says, per shape, what was counted in the pass and what is a formula of the live
+modules; the contract matrix checks every shape against ``torch.utils.flop_counter``.
+
 Convention of ``torch.utils.flop_counter``: 2 FLOPs per multiply-add of a matmul; elementwise
 work is not counted; padding is not counted. peft LoRA-family layers are costed analytically
 from the live layers (rank = rows of ``lora_A``), the spectral family from the gates of the
@@ -90,6 +106,12 @@ class ForwardCost:
     position_dense_adapter_flops: int = 0
     position_controller_flops: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    # per-sequence part of adapter_flops + controller_flops, per example (None: none)
+    sequence_flops: list[int] | None = None
+    # further batch-shared FLOPs per forward pass, by what they are (e.g. "weight_rebuild")
+    forward_flops: dict[str, int] = field(default_factory=dict)
+    # per shape ("per_token", "per_sequence", "per_forward"): what was counted, what measured
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def examples(self) -> int:
@@ -111,8 +133,26 @@ class ForwardCost:
     def extra_flops_per_example(self) -> float:
         return self.adapter_flops_per_example + self.controller_flops_per_example
 
+    @property
+    def per_forward_flops(self) -> int:
+        """Every batch-shared FLOP of one forward pass (position rows + ``forward_flops``)."""
+        return self.position_adapter_flops + self.position_controller_flops + sum(self.forward_flops.values())
+
+    def flops_per_example_at(self, batch_size: int) -> float:
+        """Extra FLOPs per example when examples run ``batch_size`` to a forward pass."""
+        return self.extra_flops_per_example + self.per_forward_flops / batch_size
+
+    def shape_split(self, batch_size: int | None = None) -> dict[str, float]:
+        """Extra FLOPs per example by shape at ``batch_size`` (default: this pass's)."""
+        per_sequence = self._mean(self.sequence_flops or [])
+        return {"per_token": self.extra_flops_per_example - per_sequence,
+                "per_sequence": per_sequence,
+                "per_forward": self.per_forward_flops / (batch_size or max(self.examples, 1))}
+
     def summary(self) -> dict[str, Any]:
         return {
+            "per_forward_flops": self.per_forward_flops,
+            "forward_flops": dict(self.forward_flops), "sources": dict(self.sources),
             "source": self.source, "examples": self.examples,
             "adapter_flops_per_example": self.adapter_flops_per_example,
             "controller_flops_per_example": self.controller_flops_per_example,
@@ -132,6 +172,8 @@ def analytic_cost(model: nn.Module, valid_tokens: list[int]) -> ForwardCost:
         adapter_flops=[per_token * t for t in valid_tokens],
         controller_flops=[0] * len(valid_tokens), per_token_flops=per_token,
         detail={"targets": len(costs), "ranks": sorted({c.rank for c in costs.values()})},
+        sources={"per_token": "analytic: 2·r·(d_in + d_out) per real token, from the live layers"}
+        if costs else {},
     )
 
 
@@ -189,7 +231,31 @@ def peft_forward_cost(model: nn.Module, forward: Callable[[], Any],
         forward()
     cost = analytic_cost(model, attention_mask.bool().sum(dim=1).tolist())
     cost.position_adapter_flops = cost.position_dense_adapter_flops = position["flops"]
+    if position["flops"]:
+        cost.sources["per_forward"] = ("counted: the position rows that went through adapted "
+                                       "layers in the pass × 2·r·(d_in + d_out)")
     return cost
+
+
+@contextlib.contextmanager
+def count_calls(modules: dict[nn.Module, int], counts: Callable[[nn.Module], bool] | None = None
+                ) -> Iterator[dict[str, int]]:
+    """Count the FLOPs of work done once per call of each module (``modules``: module -> its
+    FLOPs per call) while the block runs: yields ``{"flops": n, "calls": k}``. ``counts(m)``
+    says whether this call does the work (default: always), e.g. not on a cache hit."""
+    state = {"flops": 0, "calls": 0}
+
+    def pre_hook(module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        if counts is None or counts(module):
+            state["flops"] += modules[module]
+            state["calls"] += 1
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in modules]
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class PeftLayerCost:

@@ -1,4 +1,4 @@
-"""Full fine-tuning (methods.md §1): every parameter trainable, no adapter (no extra FLOPs)."""
+"""Full fine-tuning (methods.md#full-fine-tuning): every parameter trainable, no adapter (no extra FLOPs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""IW-LoRA — Importance-Weighted LoRA (methods.md §4): LoRA plus a per-matrix weighted L2.
+"""Importance weighting (docs/methods.md#iw-lora): a per-matrix weighted L2 that any peft
+LoRA-family method (``importance_weightable = True``) can switch on. IW-LoRA is LoRA + IW; the
+registry makes the ``iw_<name>`` twin of every such method with :func:`importance_weighted`
+(IW-DoRA, IW-PiSSA: no code of their own).
 
 1. Calibration (before training, nothing updated): for N_cal = ``sensitivity_warmup_steps``
    training batches record, for every target matrix k, the exact gradient of the task loss
@@ -72,8 +75,9 @@ def coefficient_spread(c: torch.Tensor) -> float:
     return float(c.max() - c.min()) / mean if mean > 0 else 0.0
 
 
-class IWLoRA(LoRA):
-    name = "iw_lora"
+class ImportanceWeighted:
+    """The importance-weighted regulariser, mixed in before a LoRA-family method class (its
+    ``wrap`` makes the peft layers; this adds calibration, the penalty and the report)."""
 
     def __init__(self, config: Any, run_cfg: Any):
         super().__init__(config, run_cfg)
@@ -168,6 +172,10 @@ class IWLoRA(LoRA):
         return {"iw_reg": self.iw.reg_alpha * total}
 
     # --- outputs and resume ---------------------------------------------------------------
+    @property
+    def engagement_check_names(self) -> tuple[str, ...]:
+        return ("regulariser_share",)
+
     def engagement_checks(self, evidence: list[SeedEvidence],
                           thresholds: dict[str, float]) -> list[Check]:
         """The weighted L2 must be a visible part of the loss: at α = 1e-4 it was about 3e-4 of
@@ -209,3 +217,22 @@ class IWLoRA(LoRA):
         if state.get("sensitivity") is not None:
             self.names = state["names"]
             self.set_sensitivity(state["sensitivity"])
+
+
+_TWINS: dict[type, type] = {}
+
+
+def importance_weighted(method_cls: type) -> type:
+    """``method_cls`` with :class:`ImportanceWeighted` mixed in, named ``iw_<name>`` (one class
+    per method, made on first use; LoRA's is :class:`IWLoRA`)."""
+    if method_cls not in _TWINS:
+        _TWINS[method_cls] = type(f"IW{method_cls.__name__}", (ImportanceWeighted, method_cls),
+                                  {"name": f"iw_{method_cls.name}", "__module__": __name__})
+    return _TWINS[method_cls]
+
+
+class IWLoRA(ImportanceWeighted, LoRA):
+    name = "iw_lora"
+
+
+_TWINS[LoRA] = IWLoRA

@@ -1,4 +1,4 @@
-"""LoRA (methods.md §2) through ``peft`` — not re-implemented.
+"""LoRA (methods.md#lora) through ``peft`` — not re-implemented.
 
 Δ_k = (lora_alpha / r) · B_k A_k with A_k ∈ R^{r×d_in} (Kaiming init) and B_k ∈ R^{d_out×r}
 (zeros), so the step-0 model equals the backbone. The classification head (and pooler) is
@@ -9,7 +9,7 @@ LoRA's input dropout (one fresh Bernoulli(1 − p) mask per target and element, 
 element of every target's B×T×d_in input (36 targets in MiniLM). :class:`GapDropout`, put in
 place of peft's ``lora_dropout`` modules, draws the same distribution from the gaps between
 dropped elements instead: i.i.d. Bernoulli(p) drops ⇔ i.i.d. Geometric(p) gaps between them,
-so only about p·n random numbers are drawn (see docs/methods.md §2). On CUDA (a fused Philox
+so only about p·n random numbers are drawn (see docs/methods.md#lora). On CUDA (a fused Philox
 kernel) and for p > 0.5 it calls ``F.dropout``. ``dropout_sampler: bernoulli`` keeps peft's
 ``nn.Dropout``.
 
@@ -65,6 +65,17 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.lora_alpha / self.rank
 
+    @classmethod
+    def from_adapter_settings(cls, settings) -> dict:
+        """The ``model.adapter`` block of this type with a run's rank, alpha and dropout."""
+        return {"type": cls.type, "rank": settings.rank, "lora_alpha": settings.lora_alpha,
+                "dropout": settings.dropout}
+
+    def adapter_settings(self):
+        from rankwise.methods.settings import AdapterSettings
+
+        return AdapterSettings(self.rank, self.lora_alpha, self.dropout)
+
 
 def head_modules_to_save(model: nn.Module) -> list[str]:
     """Names of the classification head (and pooler) modules present in ``model``."""
@@ -74,6 +85,8 @@ def head_modules_to_save(model: nn.Module) -> list[str]:
 
 class LoRA(PeftLayerCost, FineTuningMethod):
     name = "lora"
+    # peft lora_A / lora_B factors: the importance-weighted regulariser applies (iw_lora)
+    importance_weightable: ClassVar[bool] = True
 
     def peft_config(self, backbone: nn.Module, target_modules: list[str]):
         from peft import LoraConfig, TaskType

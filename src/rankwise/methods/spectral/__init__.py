@@ -1,4 +1,4 @@
-"""The spectral family (methods.md §5): Spectral Adapter, BHSP, CBSP and TABS.
+"""The spectral family (methods.md#spectral-gates): Spectral Adapter, BHSP, CBSP and TABS.
 
 Modules: ``svd_cache`` (frozen top-R factors), ``gates`` (HardConcrete), ``controllers``
 (gate sources), ``budget_projection`` (B_max and the top-logit projection), ``context``

@@ -1,4 +1,4 @@
-"""Per-sequence rank budgets and the hard budget projection of TABS (methods.md §5).
+"""Per-sequence rank budgets and the hard budget projection of TABS (methods.md#spectral-gates).
 
 Budget. For one target layer and one sequence with T_valid non-padding tokens the budget is
 

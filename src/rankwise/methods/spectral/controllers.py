@@ -12,7 +12,7 @@ source                 logits                                          used by
 ``TokenController``    W2 · ReLU(W1 · x_t) for every token t            TABS
 =====================  =============================================  ==============
 
-(The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md §5:
+(The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md#spectral-gates:
 W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, no biases, default h = R.
 
 ``detach_input`` (default on; config key ``controller_input: detached | attached``) stops
@@ -58,8 +58,8 @@ class StaticGateLogits(nn.Module):
 
 
 class ControllerMLP(nn.Module):
-    """logits = W2 · ReLU(W1 · z) + c, W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md,
-    spectral family); the constant c (``init_offset``, not trained, default 0) sets where the
+    """logits = W2 · ReLU(W1 · z) + c, W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free
+    (methods.md#spectral-gates); the constant c (``init_offset``, not trained, default 0) sets where the
     gates start (log α ≈ c at initialisation), apart from the adapter's initialisation."""
 
     def __init__(self, d_in: int, hidden: int, rank: int, init_offset: float = 0.0):

@@ -1,4 +1,4 @@
-"""SpectralLinear: one layer type for the whole spectral family (methods.md §5).
+"""SpectralLinear: one layer type for the whole spectral family (methods.md#spectral-gates).
 
 A frozen ``nn.Linear`` W (d_out × d_in) with frozen top-R factors U_R (d_out×R), s (R),
 V_R (d_in×R) and trainable additive perturbations P_U (d_out×R), P_V (d_in×R), zero-initialised
@@ -299,7 +299,7 @@ class SpectralLinear(nn.Module):
         projected once per forward by query/key and shared by the whole batch (context.py).
 
         Every method adapts them exactly as it adapts tokens, treating the rows as one extra
-        sequence of N = 2·span real rows (design choice, docs/methods.md §5):
+        sequence of N = 2·span real rows (design choice, docs/methods.md#spectral-gates):
 
         - Spectral Adapter: g ≡ 1 (the merged weight).
         - BHSP: the same gate sample as the token rows of this forward (``_static_sample``).

@@ -1,4 +1,4 @@
-"""The spectral family as FineTuningMethods: Spectral Adapter, BHSP, CBSP, TABS (methods.md §5).
+"""The spectral family as FineTuningMethods: Spectral Adapter, BHSP, CBSP, TABS (methods.md#spectral-gates).
 
 One method class does the work; the four registered names differ only in their config, whose
 :class:`~rankwise.methods.spectral.config.SpectralRecipe` says which gate source, budget,
@@ -307,6 +307,13 @@ class SpectralFamily(FineTuningMethod):
         return (moved / start) ** 0.5 if start > 0 else float(moved > 0)
 
     # --- mechanism checks ------------------------------------------------------------------
+    @property
+    def engagement_check_names(self) -> tuple[str, ...]:
+        if not self.gated:
+            return ()
+        share = self.recipe.penalty != "none" and self.recipe.budget_control == "penalty"
+        return ("capacity_ratio", "budget_met", "gate_movement") + (("regulariser_share",) if share else ())
+
     def engagement_checks(self, evidence: list[SeedEvidence],
                           thresholds: dict[str, float]) -> list[Check]:
         """Gated methods: the gates evaluate with the capacity they trained with

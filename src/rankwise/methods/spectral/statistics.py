@@ -1,4 +1,4 @@
-"""Gate statistics gathered during an evaluation pass (methods.md §6, spectral family).
+"""Gate statistics gathered during an evaluation pass (methods.md#metrics, spectral family).
 
 Per target layer: a histogram of how many directions each real token opened (its adapter
 rank), open pairs, tokens, budget violations. Per example: T_valid and the realised adapter
