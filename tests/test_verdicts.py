@@ -6,6 +6,7 @@ forms of the normal power formula, label counts for the constant predictors.
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_majority_class_baseline_makes_the_verdict_inconclusive(tmp_path):
     assert any("b seed 1 predicts 1 on every example" in r for r in t["inconclusive_reasons"])
     assert any("b is not above chance" in r for r in t["inconclusive_reasons"])
     assert t["aso_epsilon"] is None and t["aso_skipped"] == "a degenerate run"
-    assert report["gap"] is None and "degenerate" in report["gap_reason"]
+    assert report["gap"] is None and "predicts 1 on every example" in report["gap_reason"]
     assert report["gap_absolute"] == pytest.approx(0.03, abs=1e-9)
     checks = report["run_checks"]
     assert checks["b"]["above_chance"]["threshold"] == pytest.approx(labels.mean())
@@ -286,3 +287,22 @@ def test_one_seed_runs_show_their_test_set_interval(tmp_path):
     assert (tmp_path / "comparison" / "comparison_validation_accuracy.png").stat().st_size > 1000
     agg = json.loads((tmp_path / "comparison" / "aggregated_metrics.json").read_text())
     assert agg["significance"]["verdict"] == "no_difference_detected"
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "verdicts-cpu"
+ASO_DEFAULT = rankwise.stats.ASO_BOOTSTRAP_ITERATIONS  # read before the fixture lowers it
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in COMMITTED.iterdir() if (p / "runs").is_dir()))
+def test_committed_comparison_is_recomputed_from_its_predictions(name, tmp_path, monkeypatch):
+    """Every committed comparison ships the runs it compared; evaluate on them today gives the
+    same verdicts, p-values, intervals and run checks as the committed output."""
+    monkeypatch.setattr(rankwise.stats, "ASO_BOOTSTRAP_ITERATIONS", ASO_DEFAULT)
+    folder = COMMITTED / name
+    committed = json.loads((folder / "aggregated_metrics.json").read_text())
+    report = evaluate(folder / "runs", committed["run_ids"], out_dir=tmp_path)
+    keys = ("runs", "verdict", "inconclusive_reasons", "difference", "ci95", "p_value", "p_bootstrap",
+            "p_t_test", "p_adjusted", "n_tests_corrected", "mde", "aso_epsilon")
+    fresh = [{k: t.get(k) for k in keys} for t in json.loads(json.dumps(report["pairwise"]))]
+    assert fresh == [{k: t.get(k) for k in keys} for t in committed["pairwise"]]
+    assert json.loads(json.dumps(report["run_checks"])) == committed["run_checks"]

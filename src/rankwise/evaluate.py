@@ -146,12 +146,13 @@ def best_of(runs: list[dict], metric: str) -> dict | None:
 def gap(proposed: float, baseline: float, metric: str, degenerate: list[str]) -> dict:
     """Proposed − baseline, absolute and as a percentage of the baseline (sign: positive is
     better). The percentage is null, with the reason, where the baseline's value is ≤ 0 (a
-    percentage of it would mislead) or a run it is built on is degenerate."""
+    percentage of it would mislead) or a run it is built on fails its checks (``degenerate``:
+    degenerate, not above chance, not engaged)."""
     sign = -1.0 if is_lower_better(metric) else 1.0
     absolute = sign * (proposed - baseline)
     reason = None
     if degenerate:
-        reason = "built on a degenerate run: " + "; ".join(degenerate)
+        reason = "built on a run that cannot carry it: " + "; ".join(degenerate)
     elif baseline <= 0 and not is_lower_better(metric):
         reason = f"the best baseline's value {baseline:.4g} is ≤ 0"
     elif baseline == 0:
@@ -373,13 +374,18 @@ def degenerate_of(health: dict[str, RunHealth | None], *run_ids: str) -> list[st
     return [r for rid in run_ids if health.get(rid) is not None for r in health[rid].degenerate]
 
 
+def failing_of(health: dict[str, RunHealth | None], *run_ids: str) -> list[str]:
+    """Every reason the runs cannot carry a claim: degenerate, not above chance, not engaged."""
+    return [r for rid in run_ids if health.get(rid) is not None for r in health[rid].reasons]
+
+
 def task_summary(runs: list[dict], pairwise: list[dict], health: dict[str, RunHealth | None]) -> dict:
     """Primary metric, best proposed / baseline, gap and the best-vs-best verdict of one task."""
     metric = primary_metric(runs[0])
     proposed = [r for r in runs if r.get("method") == "proposed"]
     baselines = [r for r in runs if is_baseline(r)] or [r for r in runs if r.get("method") != "proposed"]
     bp, bb = best_of(proposed, metric), best_of(baselines, metric)
-    g = gap(bp["value"], bb["value"], metric, degenerate_of(health, bp["run_id"], bb["run_id"])) \
+    g = gap(bp["value"], bb["value"], metric, failing_of(health, bp["run_id"], bb["run_id"])) \
         if bp and bb else None
     significance = next((t for t in pairwise if bp and bb and t["runs"] == [bp["run_id"], bb["run_id"]]),
                         None)
@@ -408,7 +414,8 @@ def methods_by_tasks(runs: list[dict], health: dict[str, RunHealth | None]) -> d
         cells.setdefault(row, {})[task_label(task)] = {
             "mean": mean, "std": std, "n_seeds": len(values), "run_id": r["run_id"],
             "metric": "glue_score" if task[0] == "glue" else primary_metric(r),
-            "trial": is_trial(r), "degenerate": bool(degenerate_of(health, r["run_id"]))}
+            "trial": is_trial(r), "degenerate": bool(degenerate_of(health, r["run_id"])),
+            "fails_checks": bool(failing_of(health, r["run_id"]))}
     tasks = sorted({t for row in cells.values() for t in row})
     glue_tasks = sorted({task_label(task_of(r)) for r in runs if task_of(r)[0] == "glue"})
     shared = [t for t in glue_tasks if all(t in row for row in cells.values())]
@@ -522,7 +529,7 @@ def write_outputs(report: dict, runs: list[dict], results_dir: Path, out: Path) 
 
 def cross_task_headline(runs: list[dict], table: dict) -> dict:
     """Across tasks there is no single test: the headline is the best rows' ``glue_avg`` gap,
-    null where either row holds a degenerate run."""
+    null where either row holds a run that fails its run checks."""
     roles = {row_label(r): r.get("method") for r in runs}
     avg = table["glue_avg"]
     prop = {k: v for k, v in avg.items() if roles.get(k) == "proposed"}
@@ -533,9 +540,9 @@ def cross_task_headline(runs: list[dict], table: dict) -> dict:
     g = None
     if bp and bb:
         cells = [c for row in (bp[0], bb[0]) for t, c in table["rows"][row].items()
-                 if t in table["glue_avg_tasks"] and c["degenerate"]]
-        degenerate = [f"{c['run_id']} is degenerate" for c in cells]
-        g = gap(bp[1], bb[1], "glue_avg", degenerate)
+                 if t in table["glue_avg_tasks"] and c["fails_checks"]]
+        failing = [f"{c['run_id']} fails its run checks" for c in cells]
+        g = gap(bp[1], bb[1], "glue_avg", failing)
     return {"primary_metric": "glue_avg",
             "best_proposed": {"row": bp[0], "value": bp[1]} if bp else None,
             "best_baseline": {"row": bb[0], "value": bb[1]} if bb else None,

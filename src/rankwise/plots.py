@@ -67,7 +67,7 @@ def seed_points(runs: list[dict], metric: str, stem: Path, title: str | None = N
     ax.set_ylim(*axis_span(points, spans))
     ax.set_ylabel(metric)
     levels = sorted({i["level"] for i in intervals.values()}) if intervals else ["t-interval over seeds"]
-    ax.set_title(title or f"{metric}: seeds (grey), mean ± 95 % CI ({'; '.join(levels)})", fontsize=8)
+    ax.set_title(title or f"{metric}\nseeds (grey), mean ± 95 % CI\n({'; '.join(levels)})", fontsize=8)
     if verdicts:
         fig.text(0.01, 0.01, "\n".join(verdicts), fontsize=7, va="bottom", ha="left")
         fig.tight_layout(rect=(0, 0.06 * len(verdicts), 1, 1))

@@ -8,8 +8,8 @@ import math
 from rankwise.metrics import METRIC_FNS
 
 ROLE_NOTE = ("Values are means over seeds (± sample std, n seeds). † marks trial-mode runs "
-             "(at most 2 batches) and runs that record no mode: not results. ‡ marks a degenerate "
-             "run (see Run checks).")
+             "(at most 2 batches) and runs that record no mode: not results. ‡ marks a run that "
+             "fails its run checks (see Run checks).")
 
 TIME_NOTE = ("Times: 'train + eval' sums calibration, training steps and evaluation over seeds; "
              "'job' is the whole command (loading, a search when there is one, the post-training "
@@ -100,7 +100,7 @@ def methods_by_tasks_section(report: dict) -> list[str]:
             c = cells.get(task)
             line.append("—" if c is None else f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
                         + (f" (n={c['n_seeds']})" if c["n_seeds"] > 1 else "") + (" †" if c["trial"] else "")
-                        + (" ‡" if c.get("degenerate") else ""))
+                        + (" ‡" if c.get("fails_checks") else ""))
         if t["glue_avg"]:
             avg = t["glue_avg"].get(row)
             line.append("—" if avg is None else f"**{100 * avg:.2f}**")
@@ -108,8 +108,9 @@ def methods_by_tasks_section(report: dict) -> list[str]:
     note = ("GLUE tasks show the GLUE score ×100 (CoLA MCC; STS-B mean of Pearson and Spearman; MRPC "
             "and QQP mean of F1 and accuracy; MNLI mean of matched and mismatched accuracy; the rest "
             "accuracy); other tasks their primary metric ×100. glue_avg averages the tasks every row has: "
-            + (", ".join(t["glue_avg_tasks"]) or "none") + ". ‡: a degenerate run (constant predictions "
-            "or a correlation ≤ 0): its cell, and any glue_avg holding it, are not results.")
+            + (", ".join(t["glue_avg_tasks"]) or "none") + ". ‡: a run that fails its run checks "
+            "(degenerate, not above chance or not engaged; see Run checks): its cell, and any "
+            "glue_avg holding it, are not results.")
     headline = (f"Best proposed row {report['best_proposed']}; best baseline row "
                 f"{report['best_baseline']}; glue_avg gap {gap_text(report)}.")
     return ["## Methods × tasks", ""] + table(head, rows) + ["", note, "", headline, ""]
@@ -121,16 +122,19 @@ def verdict_line(t: dict, trial_runs: set[str]) -> str:
     reasons = "".join(f"\n  - {r}" for r in t.get("inconclusive_reasons", []))
     if t["p_value"] is None:
         return f"- {a} vs {b}: {word}{reasons}"
+    claims = t["verdict"] != "inconclusive"  # no dominance or detection claim from such a pair
     aso = "" if t["aso_epsilon"] is None else f", ASO ε_min = {t['aso_epsilon']:.3f}" + (
-        " (A almost stochastically dominates B)" if t["aso_epsilon"] < 0.2 else "")
+        " (A almost stochastically dominates B)" if t["aso_epsilon"] < 0.2 and claims else "")
     lo, hi = t["ci95"]
     few = ""
     if t.get("few_seeds"):
         t_p = "no t-test: one seed" if t.get("p_t_test") is None else f"t-test p = {t['p_t_test']:.4g}"
         few = f"; few seeds: p is the larger of bootstrap p = {t['p_bootstrap']:.4g} and {t_p}"
     detect = ""
-    if not t["significant"] and t.get("mde") is not None:
+    if t["verdict"] == "no_difference_detected":
         detect = f" — no difference larger than {t['mde']:.4f} detected (80 % power)"
+    elif t.get("mde") is not None and not t["significant"]:
+        detect = f" (MDE {t['mde']:.4f})"
     return (f"- {a} vs {b} on {t['metric']}: {word}{detect}. Δ = {t['difference']:+.4f} (95 % CI "
             f"[{lo:+.4f}, {hi:+.4f}]), p = {t['p_value']:.4g}, Holm p = {t['p_adjusted']:.4g} "
             f"(family of {t['n_tests_corrected']}){aso}; seeds {t['n_seeds'][0]} vs {t['n_seeds'][1]}"
