@@ -58,7 +58,16 @@ class StaticGateLogits(nn.Module):
 
 
 class ControllerMLP(nn.Module):
-    """logits = W2 · ReLU(W1 · z), W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md §5)."""
+    """logits = W2 · ReLU(W1 · z), W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free (methods.md §5).
+
+    Always in float32, autocast or not (the controller is h·(d_in + R) multiply-adds per row,
+    small beside the layer it gates). Two things break in half precision: the budget
+    projection ranks these logits, and bf16's 8 significant bits tie many (token, direction)
+    pairs, which ``topk`` then breaks by position; and the budget penalty's gradient reaches
+    them as λ · 2 · excess · ∂P/∂logit, which for an excess of tens of pairs times fp16's loss
+    scale (2^16) overflows float16, so the GradScaler skips steps and lowers the scale of the
+    whole model for the controllers' sake (tests/test_mixed_precision.py shows both).
+    """
 
     def __init__(self, d_in: int, hidden: int, rank: int):
         super().__init__()
@@ -66,7 +75,9 @@ class ControllerMLP(nn.Module):
         self.w2 = nn.Linear(hidden, rank, bias=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.w2(torch.relu(self.w1(z)))  # (..., d_in) -> (..., R)
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            return self.w2(torch.relu(self.w1(z)))  # (..., d_in) -> (..., R), float32
 
     def flops_per_input(self) -> int:
         """Matmul FLOPs for one input row: 2·(d_in·h + h·R)."""
