@@ -262,9 +262,9 @@ def assert_gate_law(trainer: Trainer, dtype: torch.dtype) -> None:
         with trainer._autocast():  # where the layer samples them
             samples = gate.sample(torch.full((n,), logit, dtype=dtype, device=trainer.device),
                                   generator=torch.Generator(trainer.device).manual_seed(0))
-        assert samples.dtype == torch.float32
         expected = float(gate.prob_open(torch.tensor(logit)))
         assert_binomial(int((samples > 0).sum()), n, expected)
+        assert samples.dtype == torch.float32
 
 
 def assert_resumes_exactly(trainer, tmp_path, glue, method, alias, precision, batch) -> None:
@@ -276,12 +276,13 @@ def assert_resumes_exactly(trainer, tmp_path, glue, method, alias, precision, ba
     resumed.method.prepare_training(resumed.model, resumed.total_steps)
     assert resumed.global_step == trainer.global_step
     assert resumed.scaler.get_scale() == trainer.scaler.get_scale()
+    exact = 0.0 if DEVICE == "cpu" else 1e-6  # CUDA's atomics may reorder a backward's sums
     torch.testing.assert_close(logits(resumed, batch, train=False), logits(trainer, batch, train=False),
-                               rtol=0, atol=0)
+                               rtol=0, atol=exact)
     for t in (trainer, resumed):
         torch.manual_seed(5)
         t.train_step(batch)
     ours = dict(resumed.model.named_parameters())
     for name, p in trainer.model.named_parameters():
         if p.requires_grad:
-            assert torch.equal(p, ours[name]), name
+            torch.testing.assert_close(p, ours[name], rtol=0, atol=exact, msg=name)
