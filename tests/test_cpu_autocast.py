@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -64,7 +63,6 @@ def write_fake_stsb(root):
     """STS-B-shaped parquet files (64 train, 16 validation rows), similarity 0-5 in the text."""
     import numpy as np
     import pandas as pd
-
     from conftest import WORDS
 
     rng = np.random.default_rng(5)

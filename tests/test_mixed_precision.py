@@ -200,7 +200,7 @@ def first_batch(trainer: Trainer):
 @pytest.mark.parametrize("precision", list(DTYPES))
 @pytest.mark.parametrize("alias", BACKBONES)
 @pytest.mark.parametrize("method_name", METHODS, indirect=True)
-def test_mixed_precision_contract(method_name, alias, precision, tmp_path, fake_glue, float32_trace):
+def test_mixed_precision_contract(method_name, alias, precision, tmp_path, fake_glue, float32_trace):  # noqa: F811
     reference = float32_trace(method_name, alias)
     trainer = make_trainer(tmp_path, fake_glue, method_name, alias, precision)
     assert trainer.amp_dtype == DTYPES[precision]
