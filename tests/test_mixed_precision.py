@@ -22,10 +22,11 @@ and gate samples. Per case:
 - a checkpoint (GradScaler state included) resumes to the same model, and the resumed run's
   next step equals the uninterrupted run's.
 
-Tolerances: the largest deviations measured on these models, states and batches are about
-9e-4 (bf16) and 1.4e-4 (fp16) on logits of magnitude ≲ 0.2, 1.1e-3 (bf16) relative on the
-regularisers; each bound below leaves a margin of 4× or more. Everything is seeded, so a
-case passes or fails the same way every time.
+Tolerances: the largest deviations from float32 measured over the 36 cases (on logits of
+magnitude ≲ 0.04) are, bf16 / fp16: logits 3.4e-4 / 3.8e-5; loss terms and regularisers
+3.7e-4 / 1.9e-5 relative; gradients 7.2e-3 / 1.6e-3 relative to their norm; the validation
+loss after training 3.0e-3 (either). Each bound below leaves a margin of 5× or more.
+Everything is seeded, so a case passes or fails the same way every time.
 
 ``RANKWISE_TEST_QUICK=1`` (``gpu_check.sh --quick``) keeps LoRA on tiny BERT only.
 """
@@ -49,10 +50,11 @@ from rankwise.training.loop import Trainer
 DEVICE = os.environ.get("RANKWISE_TEST_DEVICE", "cpu")
 QUICK = os.environ.get("RANKWISE_TEST_QUICK") == "1"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# float32 (8 significant bits for bf16, 11 for fp16): bounds on |amp − float32|
-LOGIT_ATOL = {"bf16": 5e-3, "fp16": 1e-3}
-TERM_RTOL = {"bf16": 1e-2, "fp16": 2e-3}
-GRAD_RTOL = {"bf16": 0.1, "fp16": 0.02}  # ||g_amp − g_32|| / ||g_32|| over all trained parameters
+# bounds on |amp − float32| (bf16 keeps 8 significant bits, fp16 11); measured maxima above
+LOGIT_ATOL = {"bf16": 2e-3, "fp16": 3e-4}
+TERM_RTOL = {"bf16": 2e-3, "fp16": 2e-4}
+GRAD_RTOL = {"bf16": 0.04, "fp16": 0.01}  # ||g_amp − g_32|| / ||g_32|| over all trained parameters
+VALIDATION_LOSS_ATOL = 0.015
 STEPS = 2  # optimizer steps on one batch after the compared first step
 LR = 1e-2
 METHODS = ["lora"] if QUICK else [*BUILTIN, TOY]
@@ -152,11 +154,10 @@ def trace(trainer: Trainer, batch) -> dict:
     regularisers also computed inside the autocast block) and gradients, the losses of the
     following steps, and the validation metrics."""
     set_state(trainer, batch)
-    out = {"eval_logits": logits(trainer, batch, train=False),
-           "train_logits": logits(trainer, batch, train=True)}
-    with trainer._autocast():  # as a loss written inside the forward's autocast block would
+    out = {"eval_logits": logits(trainer, batch, train=False)}
+    with trainer._autocast():  # the regularisers as a loss written inside this block would be
         torch.manual_seed(11)
-        trainer.model(**model_inputs(batch, trainer.device))
+        out["train_logits"] = trainer.model(**model_inputs(batch, trainer.device)).logits.detach().float()
         out["regs_in_autocast"] = {k: v.detach() for k, v in
                                    trainer.method.regularization_losses(trainer.model).items()}
     torch.manual_seed(11)
@@ -246,7 +247,8 @@ def test_mixed_precision_contract(method_name, alias, precision, tmp_path, fake_
     # evaluation under autocast
     metrics, ref_metrics = amp["metrics"], reference["metrics"]
     assert math.isfinite(metrics["validation_loss"]) and 0 <= metrics["validation_accuracy"] <= 1
-    assert metrics["validation_loss"] == pytest.approx(ref_metrics["validation_loss"], abs=0.05)
+    assert metrics["validation_loss"] == pytest.approx(ref_metrics["validation_loss"],
+                                                       abs=VALIDATION_LOSS_ATOL)
 
     assert_resumes_exactly(trainer, tmp_path, fake_glue, method_name, alias, precision, batch)
 
