@@ -250,7 +250,7 @@ def test_adalora_orthogonality_penalty_near_identity_under_bf16(tiny_bert):
                 q = q if p.shape[0] >= p.shape[1] else q.T
                 p.copy_(q + 1e-4 * torch.randn(p.shape, generator=g))
     reference = float(orthogonality_penalty(model).detach())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         kept = orthogonality_penalty(model)
         naive = []
         for n, p in model.named_parameters():
