@@ -131,9 +131,9 @@ def orthogonality_penalty(model: nn.Module, adapter_name: str = ADAPTER_NAME) ->
     ``model`` is the module whose parameter names carry ``lora_A.<adapter>`` (the peft model).
 
     In float32 even when called inside autocast: there the Gram products would run in half
-    precision, and a Gram matrix near I in bf16 holds its diagonal to steps of 2^-7 ≈ 0.008,
+    precision, and a Gram matrix near I in bf16 holds its diagonal to steps of 2^-8 to 2^-7 (0.004-0.008),
     coarser than the deviation from orthogonality the penalty measures once the factors are
-    nearly orthogonal (tests/test_mixed_precision.py compares it with float32).
+    nearly orthogonal (tests/test_cpu_autocast.py shows it).
     """
     penalties = []
     for name, param in model.named_parameters():

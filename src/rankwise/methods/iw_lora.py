@@ -67,7 +67,7 @@ def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tenso
     block would be): autocast runs the two Gram products in half precision, and under fp16
     those of a young B (entries ~1e-5 after the first steps from B = 0, products ~1e-10) fall
     below fp16's smallest subnormal (6e-8), so the penalty and its gradient vanish exactly when
-    they should start to act (tests/test_mixed_precision.py shows it)."""
+    they should start to act (tests/test_cpu_autocast.py shows it)."""
     with torch.autocast(a.device.type, enabled=False):
         a, b = a.float(), b.float()
         return scale**2 * ((b.T @ b) * (a @ a.T)).sum()

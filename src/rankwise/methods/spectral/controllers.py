@@ -66,7 +66,8 @@ class ControllerMLP(nn.Module):
     pairs, which ``topk`` then breaks by position; and the budget penalty's gradient reaches
     them as λ · 2 · excess · ∂P/∂logit, which for an excess of tens of pairs times fp16's loss
     scale (2^16) overflows float16, so the GradScaler skips steps and lowers the scale of the
-    whole model for the controllers' sake (tests/test_mixed_precision.py shows both).
+    whole model for the controllers' sake (tests/test_cpu_autocast.py shows the ties, the fp16
+    cases of tests/test_mixed_precision.py the overflow).
     """
 
     def __init__(self, d_in: int, hidden: int, rank: int):
