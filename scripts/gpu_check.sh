@@ -5,11 +5,12 @@
 #
 # --device cuda (default): pytest -m gpu tests/test_gpu.py (bf16/fp16 steps of every method on
 #   tiny BERT and DeBERTa, sparse vs dense spectral kernels, GradScaler skips, 2-process NCCL
-#   when two GPUs exist); bench train on long-deberta in bf16 (Full FT, LoRA, IW-LoRA, AdaLoRA,
+#   when two GPUs exist) and tests/test_mixed_precision.py (the default suite's mixed-precision
+#   contract matrix, there on CPU autocast, here on the GPU); bench train on long-deberta in bf16 (Full FT, LoRA, IW-LoRA, AdaLoRA,
 #   HF Trainer + peft; batch 32, length 128); bench inference on long-deberta (TABS, CBSP, LoRA;
 #   sparse and dense spectral paths; lengths 128-4096).
 # --device cpu: the same steps on the CPU in float32 (the fallback that keeps this script
-#   working without a GPU); --quick: tiny-bert, a few steps and shapes (what the default test
+#   working without a GPU), the contract matrix on CPU autocast; --quick: tiny-bert, a few steps and shapes (what the default test
 #   suite runs).
 # Writes DIR/gpu_check.json (default gpu-check/) with the device, the test outcomes and the two
 # benchmarks' headline numbers (full reports in DIR/bench-train/ and DIR/bench-inference/).
@@ -62,7 +63,8 @@ else
 fi
 
 gpu_tests() {
-  RANKWISE_TEST_DEVICE=$DEVICE "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
+  RANKWISE_TEST_DEVICE=$DEVICE "$PY" -m pytest -m "gpu or not slow" tests/test_gpu.py \
+    tests/test_mixed_precision.py -q -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml" > "$OUT/pytest-gpu.log" 2>&1
 }
 bench_train() {

@@ -3,8 +3,9 @@ vs dense kernels, GradScaler's skipped steps and a 2-process NCCL run.
 
 Marked ``gpu`` (deselected by default; ``pytest -m gpu``). They run on ``cuda`` unless
 ``RANKWISE_TEST_DEVICE=cpu``, which ``scripts/gpu_check.sh --device cpu`` sets so the same
-tests run (in float32, autocast being CUDA-only in the loop) on a machine without a GPU;
-a default-suite test runs that fallback (tests/test_gpu_check_script.py).
+tests run (in float32) on a machine without a GPU; a default-suite test runs that fallback
+(tests/test_gpu_check_script.py). The bf16/fp16 contract of every method runs in the default
+suite on CPU autocast (tests/test_mixed_precision.py), and gpu_check.sh runs it on CUDA too.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ def test_gpu_check_cpu_fallback_writes_one_json(tmp_path, fake_glue):
     names = {t["test"] for t in tests["tests"] if t["outcome"] == "passed"}
     assert any(n.startswith("test_mixed_precision_step") for n in names)
     assert any(n.startswith("test_sparse_and_dense_spectral_paths_agree") for n in names)
+    assert any(n.startswith("test_mixed_precision_contract") for n in names)  # under autocast
     rows = {r["label"]: r for r in report["bench_train"]["results"]}
     assert rows["lora"]["examples_per_s"] > 0 and math.isfinite(rows["lora"]["step_time_s_median"])
     assert report["bench_train"]["batches"]["lengths"] == [32]  # pad_to=32

@@ -300,6 +300,8 @@ def run_header(job: Job, search: dict[str, Any] | None) -> dict[str, Any]:
 
     ctx = distributed.current()
     task = get_task(job.run.dataset.name, job.run.dataset.subset)
+    t = job.run.training
+    requested = "fp16" if t.fp16 else "bf16" if t.bf16 else "float32"
     return {"run_id": job.run.run_id, "method": job.run.method, "algorithm": job.run.algorithm,
             "status": "running", "mode": job.command.mode,
             "task": {"dataset": job.run.dataset.name, "subset": job.run.dataset.subset,
@@ -309,6 +311,8 @@ def run_header(job: Job, search: dict[str, Any] | None) -> dict[str, Any]:
                      "missing_splits": missing_eval_splits(job.run.dataset, task)},
             "config": job.run_dict, "ignored_sections": job.ignored_sections,
             "provenance": provenance(resolve_device(job.command.device)),
+            # what the config asks for; ``precision`` (what the run used) comes with the results
+            "precision_requested": requested,
             **({"processes": ctx.world_size} if ctx.enabled else {}),
             **({"search": search} if search is not None else {})}
 
@@ -330,6 +334,9 @@ def complete_metrics(job: Job, base: dict[str, Any], results: list, t_start: flo
         "wall_time_s": {k: float(np.sum([r.wall_time_s[k] for r in results])) for k in first.wall_time_s},
         "job_wall_time_s": time.perf_counter() - t_start,
         "amp_skipped_steps": int(sum(r.amp_skipped_steps for r in results)),
+        # the precision the run used (float32 | bf16 | fp16) and autocast's device; a CPU run of
+        # an fp16 config without training.cpu_autocast records float32
+        **first.precision,
         "step_time_s": first.step_time_s, "peak_memory_mb": max((r.peak_memory_mb or 0) for r in results) or None,
         "method_metrics": first.method_metrics,
         "per_seed_method_metrics": {str(r.seed): r.method_metrics for r in results},

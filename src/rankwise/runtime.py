@@ -44,15 +44,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(training, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``training.fp16`` / ``training.bf16`` ask for (None: float32; both
-    need CUDA, elsewhere the run stays in float32 and says so)."""
+    """The autocast dtype ``training.fp16`` / ``training.bf16`` ask for (None: float32).
+
+    On CUDA the request is honoured. On the CPU it is honoured only with
+    ``training.cpu_autocast: true``: the run then goes through the same ``torch.autocast`` and
+    (fp16) ``GradScaler`` code as on CUDA, with the CPU's kernels, to rehearse the GPU's
+    mixed-precision path; without the switch the run stays in float32 and says so."""
     if not (training.fp16 or training.bf16):
         return None
-    if device.type != "cuda":
-        log.info("training.%s=true needs CUDA; running in float32 on %s",
-                 "fp16" if training.fp16 else "bf16", device.type)
+    name = "fp16" if training.fp16 else "bf16"
+    if device.type != "cuda" and not (device.type == "cpu" and training.cpu_autocast):
+        log.info("training.%s=true needs CUDA (or training.cpu_autocast=true on the CPU); "
+                 "running in float32 on %s", name, device.type)
         return None
+    if device.type == "cpu":
+        log.info("training.%s=true on the CPU through CPU autocast (training.cpu_autocast)", name)
     return torch.float16 if training.fp16 else torch.bfloat16
+
+
+PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_record(device: torch.device | None, dtype: torch.dtype | None) -> dict[str, str | None]:
+    """What metrics.json records of the precision a run used: ``precision`` (float32, bf16 or
+    fp16) and ``autocast_device`` (the device type autocast ran on; None in float32)."""
+    return {"precision": PRECISION_NAMES[dtype],
+            "autocast_device": None if dtype is None else device.type}
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):

@@ -63,7 +63,7 @@ def metrics_section(report: dict, runs: list[dict]) -> list[str]:
     primaries = {t["primary_metric"] for t in report["by_task"].values()}
     others = task_metric_names(runs, primaries)
     head = ["run", "role", "algorithm", "task", "primary metric", "primary (mean ± std)"] + others + [
-        "train + eval (s)", "job (s)"]
+        "train + eval (s)", "job (s)", "precision"]
     rows = []
     for r in runs:
         primary = report["by_task"][report["tasks"][r["run_id"]]]["primary_metric"]
@@ -71,7 +71,8 @@ def metrics_section(report: dict, runs: list[dict]) -> list[str]:
                      report["tasks"][r["run_id"]], primary, mean_std_cell(r, primary)]
                     + [mean_std_cell(r, m) for m in others]
                     + [f"{r.get('wall_time_s', {}).get('total', float('nan')):.1f}",
-                       f"{r.get('job_wall_time_s', float('nan')):.1f}"])
+                       f"{r.get('job_wall_time_s', float('nan')):.1f}",
+                       str(r.get("precision", "—"))])  # as run (metrics.json), not as configured
     return ["## Task metrics", ""] + table(head, rows) + ["", ROLE_NOTE + " " + TIME_NOTE, ""]
 
 

@@ -279,12 +279,17 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     #: Stop after this many optimizer steps; null: `epochs` decide.
     max_steps: int | None = None
-    #: float16 autocast with a GradScaler on CUDA (float32 on a machine without CUDA, said
-    #: once).
+    #: float16 autocast with a GradScaler. Honoured on CUDA; on the CPU only with
+    #: `cpu_autocast` (else the run trains in float32, says so once, and metrics.json records
+    #: precision: float32).
     fp16: bool = False
     #: bfloat16 autocast on CUDA (float32 on a machine without CUDA, said once); exclusive with
     #: `fp16`.
     bf16: bool = False
+    #: Run fp16/bf16 on the CPU too, through torch's CPU autocast and the same GradScaler code
+    #: as CUDA (a rehearsal of the GPU path; slower than float32 on most CPUs). Needs `fp16` or
+    #: `bf16`. No effect on CUDA.
+    cpu_autocast: bool = False
     #: The seed of a one-seed run, of every search trial, and the first of `n_seeds`.
     seed: int = 42
     #: Train once per seed into the one run folder; null: `n_seeds`, else `seed` alone.
@@ -354,6 +359,8 @@ class TrainingConfig:
         if self.max_steps is not None:
             require(self.max_steps >= 1, join(path, "max_steps"), "must be >= 1 or null")
         require(not (self.fp16 and self.bf16), join(path, "bf16"), "fp16 and bf16 are exclusive")
+        require(not self.cpu_autocast or self.fp16 or self.bf16, join(path, "cpu_autocast"),
+                "needs training.fp16 or training.bf16 (the precision to run on the CPU)")
         if self.seeds is not None:
             require(len(self.seeds) >= 1, join(path, "seeds"), "must list at least one seed")
             require(len(set(self.seeds)) == len(self.seeds), join(path, "seeds"), "seeds must be distinct")

@@ -155,14 +155,21 @@ def orthogonality_penalty(model: nn.Module, adapter_name: str = ADAPTER_NAME) ->
     matrices are init_r × init_r. As in peft (``AdaLoraModel.forward``) the norms are not
     squared (the paper writes squared norms) and the sum is averaged over the 2|K| factors.
     ``model`` is the module whose parameter names carry ``lora_A.<adapter>`` (the peft model).
+
+    In float32 even when called inside autocast: there the Gram products would run in half
+    precision, and a Gram matrix near I in bf16 holds its diagonal to steps of 2^-8 to 2^-7 (0.004-0.008),
+    coarser than the deviation from orthogonality the penalty measures once the factors are
+    nearly orthogonal (tests/test_cpu_autocast.py shows it).
     """
     penalties = []
     for name, param in model.named_parameters():
         if adapter_name not in name or not ("lora_A" in name or "lora_B" in name):
             continue
-        gram = param @ param.T if "lora_A" in name else param.T @ param  # (init_r, init_r)
-        identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        penalties.append(torch.linalg.matrix_norm(gram - identity, ord="fro"))
+        with torch.autocast(param.device.type, enabled=False):
+            p = param.float()
+            gram = p @ p.T if "lora_A" in name else p.T @ p  # (init_r, init_r)
+            identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            penalties.append(torch.linalg.matrix_norm(gram - identity, ord="fro"))
     if not penalties:
         return zero_loss(model)
     return torch.stack(penalties).mean()

@@ -65,8 +65,16 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """||scale · B A||_F² = scale² Σ((BᵀB) ⊙ (AAᵀ)), A: (r, d_in), B: (d_out, r)."""
-    return scale**2 * ((b.T @ b) * (a @ a.T)).sum()
+    """||scale · B A||_F² = scale² Σ((BᵀB) ⊙ (AAᵀ)), A: (r, d_in), B: (d_out, r).
+
+    In float32 even when called inside autocast (as a loss computed in the forward's autocast
+    block would be): autocast runs the two Gram products in half precision, and under fp16
+    those of a young B (entries ~1e-5 after the first steps from B = 0, products ~1e-10) fall
+    below fp16's smallest subnormal (6e-8), so the penalty and its gradient vanish exactly when
+    they should start to act (tests/test_cpu_autocast.py shows it)."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        return scale**2 * ((b.T @ b) * (a @ a.T)).sum()
 
 
 def coefficient_spread(c: torch.Tensor) -> float:

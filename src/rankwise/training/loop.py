@@ -41,6 +41,7 @@ from rankwise.runtime import (
     labels_on,
     model_inputs,
     peak_memory_mb,
+    precision_record,
     task_loss,
 )
 from rankwise.training import checkpoint as ckpt
@@ -68,6 +69,8 @@ class SeedResult:
     peak_memory_mb: float | None
     method_metrics: dict[str, Any] = field(default_factory=dict)
     amp_skipped_steps: int = 0  # optimizer steps the fp16 GradScaler skipped (overflow)
+    # the precision the seed trained and evaluated in (runtime.precision_record)
+    precision: dict[str, str | None] = field(default_factory=lambda: precision_record(None, None))
 
 
 class StopFlag:
@@ -411,6 +414,7 @@ class Trainer:
             wall_time_s={**self.wall, "total": sum(self.wall.values())},
             step_time_s=float(np.mean(self.step_times)) if self.step_times else None,
             peak_memory_mb=peak_memory_mb(self.device), amp_skipped_steps=self.amp_skipped_steps,
+            precision=precision_record(self.device, self.amp_dtype),
             method_metrics={**self.calibration_metrics,
                             **(self.method.write_artifacts(self.model, self.seed_dir)
                                if self.dist.is_main else {})})

@@ -59,8 +59,18 @@ class StaticGateLogits(nn.Module):
 
 class ControllerMLP(nn.Module):
     """logits = W2 · ReLU(W1 · z) + c, W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, bias-free
-    (methods.md#spectral-gates); the constant c (``init_offset``, not trained, default 0) sets where the
-    gates start (log α ≈ c at initialisation), apart from the adapter's initialisation."""
+    (methods.md#spectral-gates); the constant c (``init_offset``, not trained, default 0) sets
+    where the gates start (log α ≈ c at initialisation), apart from the adapter's.
+
+    Always in float32, autocast or not (the controller is h·(d_in + R) multiply-adds per row,
+    small beside the layer it gates). Two things break in half precision: the budget
+    projection ranks these logits, and bf16's 8 significant bits tie many (token, direction)
+    pairs, which ``topk`` then breaks by position; and the budget penalty's gradient reaches
+    them as λ · 2 · excess · ∂P/∂logit, which for an excess of tens of pairs times fp16's loss
+    scale (2^16) overflows float16, so the GradScaler skips steps and lowers the scale of the
+    whole model for the controllers' sake (tests/test_cpu_autocast.py shows the ties, the fp16
+    cases of tests/test_mixed_precision.py the overflow).
+    """
 
     def __init__(self, d_in: int, hidden: int, rank: int, init_offset: float = 0.0):
         super().__init__()
@@ -69,8 +79,9 @@ class ControllerMLP(nn.Module):
         self.init_offset = float(init_offset)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.w2(torch.relu(self.w1(z)))  # (..., d_in) -> (..., R)
-        return out + self.init_offset if self.init_offset else out
+        with torch.autocast(z.device.type, enabled=False):
+            out = self.w2(torch.relu(self.w1(z.float())))  # (..., d_in) -> (..., R), float32
+            return out + self.init_offset if self.init_offset else out
 
     def flops_per_input(self) -> int:
         """Matmul FLOPs for one input row: 2·(d_in·h + h·R)."""

@@ -98,7 +98,15 @@ class HardConcreteGate(nn.Module):
     def sample(
         self, logits: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """One reparameterised sample g ∈ [0, 1] per logit (gradients flow into ``logits``)."""
+        """One reparameterised sample g ∈ [0, 1] per logit (gradients flow into ``logits``).
+
+        In float32 whatever the logits' dtype or autocast: drawn in bf16 (8 significant bits)
+        or fp16 (11), u stops below 1 − 2^-8 or 1 − 2^-11, the logistic noise cannot exceed
+        about 5.5 or 7.6, and a gate at log α = −10 never opens where the closed form below
+        (which the budget penalty and the open-rate statistics use) gives P = 2.2e-4; in
+        float32 the same generator also draws the same gates at every precision
+        (tests/test_cpu_autocast.py, and the gate-law check of tests/test_mixed_precision.py).
+        """
         u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
         u = u.clamp(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
         noise = torch.log(u) - torch.log1p(-u)  # standard logistic

@@ -104,6 +104,9 @@ class SpectralLinear(nn.Module):
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
         device = base_layer.weight.device
+        # The SVD factors and P_U, P_V stay float32 under autocast (its matmuls cast them per
+        # call): the bases u + p_U, v + p_V are summed in float32 before that cast, so small
+        # perturbations are not rounded away against the factors' entries in half precision.
         self.register_buffer("U", factors.U.to(device=device, dtype=torch.float32).clone())
         self.register_buffer("s", factors.s.to(device=device, dtype=torch.float32).clone())
         self.register_buffer("V", factors.V.to(device=device, dtype=torch.float32).clone())
