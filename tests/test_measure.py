@@ -354,7 +354,8 @@ ROW_KEYS = {"variant", "algorithm", "merged", "batch_size", "length", "latency_m
             "adapter_flops_per_example", "controller_flops_per_example", "extra_flops_per_example",
             "backbone_flops_per_example", "total_flops_per_example", "budget_violations",
             "open_gates_per_token", "flop_counter", "source", "examples", "spectral_inference_path",
-            "open_pair_flops_per_example", "position_flops_per_forward"}
+            "open_pair_flops_per_example", "position_flops_per_forward", "per_forward_flops",
+            "forward_flops", "sources"}
 
 
 def test_bench_inference_on_trained_runs(trained, tmp_path):
@@ -429,7 +430,7 @@ def test_bench_inference_adapters_on_a_relative_position_model(tmp_path):
     (["lengths=[0]"], "lengths.0"),
     (["repeats=0"], "repeats"),
     (["reference=nope"], "reference"),
-    (["adapters=[lora,dora]"], "adapters.1"),
+    (["adapters=[lora,nope]"], "adapters.1"),
     (["lora_merge=sometimes"], "lora_merge"),
 ])
 def test_bench_inference_option_errors_name_the_key(args, key, capsys, tmp_path):

@@ -40,9 +40,10 @@ import os
 import pytest
 import torch
 from mask_stats import assert_binomial
-from test_method_contract import BUILTIN, ROWS, TOY, method_name  # noqa: F401 (fixture)
+from test_method_contract import TOY, method_name, row  # noqa: F401 (fixture)
 
 from rankwise.config.loader import load_job
+from rankwise.methods import registered_methods
 from rankwise.methods.base import is_head_parameter
 from rankwise.runtime import model_inputs
 from rankwise.training.loop import Trainer
@@ -57,7 +58,7 @@ GRAD_RTOL = {"bf16": 0.04, "fp16": 0.01}  # ||g_amp − g_32|| / ||g_32|| over a
 VALIDATION_LOSS_ATOL = 0.015
 STEPS = 2  # optimizer steps on one batch after the compared first step
 LR = 1e-2
-METHODS = ["lora"] if QUICK else [*BUILTIN, TOY]
+METHODS = ["lora"] if QUICK else [*registered_methods(), TOY]
 BACKBONES = ["tiny-bert"] if QUICK else ["tiny-bert", "tiny-deberta"]
 
 
@@ -91,7 +92,7 @@ def make_trainer(folder, glue, method: str, alias: str, precision: str) -> Train
         _JOBS[precision] = load_job(over)
     job = _JOBS[precision]
     run = copy.deepcopy(job.run_dict)
-    run["model"] = {"name": alias, "adapter": None, **copy.deepcopy(ROWS[method])}
+    run["model"] = {"name": alias, "adapter": None, **row(method)}
     torch.manual_seed(0)
     trainer = Trainer(job.with_run(run), 0, folder / "seed0", data=_DATA.get(alias))
     _DATA.setdefault(alias, trainer.data)

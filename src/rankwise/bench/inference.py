@@ -15,8 +15,8 @@ every model of a shape. Models:
   latest checkpoint under ``results_dir`` (``<results_dir>/<run_id>/seed<seed>/checkpoints``);
   ``fresh`` builds them untrained; ``auto`` (default) uses the checkpoint where one fits.
 - Fresh gates are put in a realistic state — the state a trained model sits in, at its budget:
-  TABS and CBSP controllers as initialised (logits centred at 0: about half of the R
-  directions want to open; TABS's projection then keeps b·T pairs, CBSP opens ≈ R/2 ≈ b
+  TABS and CBSP controllers as initialised, their logits centred on the evaluation rule's
+  threshold (about half of the R directions want to open; TABS's projection then keeps b·T pairs, CBSP opens ≈ R/2 ≈ b
   per sequence), BHSP with the first ⌊b⌋ directions of every target open (its init opens all
   R). The open-gates-per-token column says what each model actually ran. P_U, P_V (and
   LoRA's B) stay zero: values do not change the cost.
@@ -214,11 +214,17 @@ def realistic_fresh_gates(method: Any, model: nn.Module) -> dict[str, Any]:
         with torch.no_grad():
             for layer in spectral_layers(model).values():
                 log_alpha = layer.gate_source.log_alpha
-                log_alpha.fill_(-1.0)
+                # shut under every evaluation rule (sign: 0, prob_open: −1.6, louizos: −2.4)
+                log_alpha.fill_(-4.0)
                 log_alpha[:n_open] = 1.0
         info["gates"] = f"static: first {n_open} of {recipe.rank} directions open per target"
     elif recipe.gate_source in ("token", "sequence"):
-        info["gates"] = f"{recipe.gate_source} controller as initialised (logits centred at 0)"
+        # centre the fresh logits on the evaluation rule's threshold, so about half open
+        with torch.no_grad():
+            for layer in spectral_layers(model).values():
+                layer.gate_source.mlp.init_offset = layer.gate.eval_threshold
+        info["gates"] = (f"{recipe.gate_source} controller as initialised, logits centred at the "
+                         f"evaluation rule's threshold ({recipe.eval_gates})")
     else:
         info["gates"] = "ungated (g = 1)"
     return info

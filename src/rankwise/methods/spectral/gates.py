@@ -123,6 +123,15 @@ class HardConcreteGate(nn.Module):
             return (logits > self.open_logit_shift).float()
         return self.louizos(logits)
 
+    @property
+    def eval_threshold(self) -> float:
+        """The logit at which the evaluation rule starts to open a gate."""
+        if self.eval_rule == "sign":
+            return 0.0
+        if self.eval_rule == "prob_open":
+            return self.open_logit_shift
+        return math.log(-self.gamma / self.zeta)  # ĝ > 0
+
     def louizos(self, logits: torch.Tensor) -> torch.Tensor:
         """ĝ = clamp(σ(log α)(ζ − γ) + γ, 0, 1), differentiable in ``logits`` where in (0, 1)."""
         return (torch.sigmoid(logits.float()) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
