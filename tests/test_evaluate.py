@@ -13,12 +13,20 @@ from scipy import stats
 from sklearn import metrics as skm
 from statsmodels.stats.multitest import multipletests
 
+import rankwise.plots
 import rankwise.stats
 from rankwise.evaluate import EvaluationError, evaluate, main
 from rankwise.stats import hierarchical_bootstrap
 
 CONTRACT = ("runs", "metric", "test", "n_seeds", "difference", "ci95", "p_value", "p_adjusted",
             "significant", "aso_epsilon")
+
+
+@pytest.fixture(autouse=True)
+def _no_figures(monkeypatch, request):
+    """No figures except where a test looks at them (matplotlib costs about a second a call)."""
+    if request.node.originalname != "test_summary_costs_and_figures":
+        monkeypatch.setattr(rankwise.plots, "comparison_figures", lambda *args, **kwargs: None)
 
 
 @pytest.fixture

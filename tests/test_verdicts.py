@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import rankwise.plots
 import rankwise.stats
 from rankwise.evaluate import EvaluationError, evaluate, gap, main
 from rankwise.plots import axis_span
@@ -22,14 +23,18 @@ from fake_runs import edit_metrics, fake_run, seeds_with_gaps, with_accuracy
 
 
 @pytest.fixture(autouse=True)
-def _fast_aso(monkeypatch):
+def _fast_aso(monkeypatch, request):
+    """ASO with 200 bootstrap iterations (the verdicts need no more here) and no figures
+    except where a test looks at one (matplotlib costs about a second a comparison)."""
     monkeypatch.setattr(rankwise.stats, "ASO_BOOTSTRAP_ITERATIONS", 200)
+    if request.node.originalname != "test_one_seed_runs_show_their_test_set_interval":
+        monkeypatch.setattr(rankwise.plots, "comparison_figures", lambda *args, **kwargs: None)
 
 
 def test_majority_class_baseline_makes_the_verdict_inconclusive(tmp_path):
     rng = np.random.default_rng(0)
-    labels = (rng.random(5000) < 0.6).astype(int)  # majority class 1 at about 60 %
-    majority = {s: np.ones(5000, int) for s in range(1, 6)}
+    labels = (rng.random(3000) < 0.6).astype(int)  # majority class 1 at about 60 %
+    majority = {s: np.ones(3000, int) for s in range(1, 6)}
     above = {s: with_accuracy(labels, labels.mean() + 0.03, rng) for s in range(1, 6)}
     fake_run(tmp_path, "p", "proposed", "iw_lora", "rte", above, labels)
     fake_run(tmp_path, "b", "comparative-1", "lora", "rte", majority, labels)
