@@ -20,6 +20,7 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from conftest import draw_gate_parameters
 
 from rankwise.config.schema import parse_run_config
@@ -203,6 +204,15 @@ def check_flops_against_the_counter(method_name, alias, method, model, reference
     assert cost.flops_per_example_at(size) * size == pytest.approx(extra)
     split = cost.shape_split()
     assert sum(split.values()) * size == pytest.approx(extra)
+    if cost.sequence_flops:  # the per-sequence shape alone, against the counter's per-module count
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(**inputs)
+        per_module = counter.get_flop_counts()
+        controllers = sum(sum(ops.values()) for name, ops in per_module.items()
+                          if name.endswith(".gate_source"))
+        # (on DeBERTa the controllers also gate the batch-shared position rows, per forward)
+        assert sum(cost.sequence_flops) + cost.position_controller_flops == controllers > 0
     if method_name == "full_ft":
         assert extra == 0 and cost.source == "none"
     else:

@@ -404,6 +404,13 @@ class SpectralFamily(FineTuningMethod):
             position_controller_flops=position.controller_flops,
             detail={"dense_adapter_flops_per_example": ForwardCost._mean(
                 [e.dense_adapter_flops for e in stats.examples])},
+            # sequence-level controllers (CBSP, TABS's shared-gates ablation) run once per
+            # sequence: their FLOPs are the per-sequence shape
+            sequence_flops=([e.controller_flops for e in stats.examples]
+                            if self.recipe.gate_source == "sequence" else None),
+            sources={"per_token": "counted: open (token, direction) pairs of the pass × cost per pair",
+                     **({"per_sequence": "counted: one controller pass per sequence and target"}
+                        if self.recipe.gate_source == "sequence" else {})},
         )
 
     def _context(self, model: nn.Module) -> ForwardContext:
