@@ -20,10 +20,16 @@ from test_method_contract import row
 from rankwise.config.schema import parse_run_config
 from rankwise.errors import ConfigError
 from rankwise.methods import build_method, registered_methods
-from rankwise.methods.engagement import THRESHOLDS, SeedEvidence, regulariser_share, resolve_thresholds
+from rankwise.methods.engagement import (
+    THRESHOLDS,
+    SeedEvidence,
+    regulariser_share,
+    resolve_thresholds,
+)
 from rankwise.methods.spectral.method import budget_met, capacity_ratio, gate_movement
 from rankwise.methods.targets import resolve_target_modules
 from rankwise.verdicts import above_chance
+
 
 def steps(task: float, reg: float, n: int = 4, name: str = "iw_reg") -> list[dict]:
     return [{"step": 10 * (k + 1), "task_loss": task, f"reg/{name}": reg, "loss": task + reg}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_runs import edit_metrics, fake_run, seeds_with_gaps, with_accuracy
 from scipy import stats
 
 import rankwise.plots
@@ -18,8 +19,6 @@ from rankwise.evaluate import EvaluationError, evaluate, gap, main
 from rankwise.plots import axis_span
 from rankwise.stats import minimum_detectable_effect, seed_t_test
 from rankwise.verdicts import chance_level
-
-from fake_runs import edit_metrics, fake_run, seeds_with_gaps, with_accuracy
 
 
 @pytest.fixture(autouse=True)
@@ -103,12 +102,18 @@ def test_three_seeds_of_plus_6_2_10_points_are_not_significant(tmp_path):
     assert f"no difference larger than {t['mde']:.4f} detected" in summary and "few seeds" in summary
 
 
-def test_five_steady_seeds_stay_better_and_the_bootstrap_p_is_used(tmp_path):
-    rng = np.random.default_rng(4)
-    labels = rng.integers(0, 2, 1000)
+def steady_pair(root, seed: int, n: int):
+    """Runs p (proposed) and b, 5 shared seeds, p a steady 4 points above b on n examples."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
     a, b = seeds_with_gaps(labels, [4] * 5, rng)
-    fake_run(tmp_path, "p", "proposed", "iw_lora", "rte", a, labels)
-    fake_run(tmp_path, "b", "comparative-1", "lora", "rte", b, labels)
+    fake_run(root, "p", "proposed", "iw_lora", "rte", a, labels)
+    fake_run(root, "b", "comparative-1", "lora", "rte", b, labels)
+    return labels, a, b
+
+
+def test_five_steady_seeds_stay_better_and_the_bootstrap_p_is_used(tmp_path):
+    labels, a, b = steady_pair(tmp_path, seed=4, n=1000)
     t = evaluate(tmp_path, ["p", "b"])["significance"]
     assert t["verdict"] == "better" and not t["few_seeds"]
     assert t["p_value"] == t["p_bootstrap"] and t["inconclusive_reasons"] == []
@@ -191,11 +196,7 @@ def test_negative_correlation_is_degenerate(tmp_path):
 
 
 def test_failed_engagement_check_makes_the_verdict_inconclusive(tmp_path):
-    rng = np.random.default_rng(8)
-    labels = rng.integers(0, 2, 2000)
-    a, b = seeds_with_gaps(labels, [4] * 5, rng)
-    fake_run(tmp_path, "p", "proposed", "iw_lora", "rte", a, labels)
-    fake_run(tmp_path, "b", "comparative-1", "lora", "rte", b, labels)
+    steady_pair(tmp_path, seed=8, n=2000)
     edit_metrics(tmp_path, "p", lambda m: m.update(engagement={"engaged": False, "checks": [
         {"name": "regulariser_share", "passed": False, "value": 3e-4, "threshold": 0.01,
          "why": "the IW term is 0.03 % of the loss"}]}))
