@@ -155,3 +155,27 @@ def test_gates_take_their_own_learning_rate_and_initialisation(tiny_bert):
     with torch.no_grad():
         raw = layer.gate_source.mlp.w2(torch.relu(layer.gate_source.mlp.w1(x)))
         torch.testing.assert_close(layer.gate_source(x, torch.ones(2, 5, dtype=torch.bool)), raw - 1.5)
+
+
+def test_expected_count_opens_the_expected_number_of_the_largest_gates(samples):
+    """Along the last axis, as many gates open as training expects open (Monte-Carlo count of
+    g ≠ 0, rounded), and they are the ones with the largest logits; gates spread near P ≈ 0.3,
+    which 1[P(g ≠ 0) > ½] shuts entirely, keep their expected count."""
+    gate = HardConcreteGate(eval_rule="expected_count", budget_on="prob_open")
+    opened = gate.decide(LOGITS)
+    expected_open = float((samples > 0).double().mean(1).sum())
+    assert opened.sum() == round(expected_open)
+    top = LOGITS.argsort(descending=True)[: int(opened.sum())]
+    assert opened[top].all() and opened.sum() == len(top)
+    spread = torch.full((3, 16), -2.6)  # P(g ≠ 0) ≈ 0.27 each: Σ ≈ 4.4 per row
+    spread[:, 0] += 0.1  # a unique largest logit per row, then ties broken by position
+    assert HardConcreteGate(eval_rule="prob_open").decide(spread).sum() == 0
+    per_row = gate.decide(spread).sum(dim=-1)
+    assert per_row.tolist() == [round(float(gate.prob_open(spread[0]).sum()))] * 3
+    assert all(gate.decide(spread)[:, 0] == 1)
+
+
+def test_static_gates_evaluate_with_the_expected_count_by_default():
+    assert BHSPConfig().recipe().eval_gates == "expected_count"
+    assert BHSPConfig(budget_on="gate_value").recipe().eval_gates == "sign"
+    assert TABSConfig().recipe().eval_gates == "prob_open"

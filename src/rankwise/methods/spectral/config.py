@@ -126,10 +126,12 @@ class _GatedConfig:
     #: (`gate_value`) or the seed's Louizos estimate ĝ (`louizos`).
     budget_on: BudgetOn = "prob_open"
     #: Gates at evaluation, each followed by the budget projection where there is one:
-    #: `auto` (the rule consistent with `budget_on`: prob_open → `prob_open`, gate_value →
-    #: `sign`, louizos → `louizos`), `sign` (1[logit > 0], the seed's code), `prob_open`
-    #: (1[P(g ≠ 0) > ½]) or `louizos` (ĝ, fractional).
-    eval_gates: Literal["auto", "sign", "prob_open", "louizos"] = "auto"
+    #: `auto` (the rule consistent with `budget_on`: prob_open → `prob_open`, or
+    #: `expected_count` for BHSP's static gates; gate_value → `sign`; louizos → `louizos`),
+    #: `sign` (1[logit > 0], the seed's code), `prob_open` (1[P(g ≠ 0) > ½]), `louizos` (ĝ,
+    #: fractional) or `expected_count` (the round(Σ q) largest logits of each target, sequence
+    #: or token, q what the budget counts).
+    eval_gates: Literal["auto", "sign", "prob_open", "louizos", "expected_count"] = "auto"
     #: `penalty`: λ · squared hinge of the budget excess; `lagrangian`: a multiplier learned by
     #: dual ascent on the budget constraint (meets the budget without guessing λ).
     budget_control: BudgetControl = "penalty"
@@ -155,8 +157,14 @@ class _GatedConfig:
             require(self.gate_learning_rate > 0, join(path, "gate_learning_rate"),
                     f"must be > 0 or null, got {self.gate_learning_rate}")
 
+    # static gates meet a budget on Σ P with many gates near P ≈ 0.3, which 1[P > ½] shuts
+    # (measured on BHSP): their consistent rule opens the expected count instead
+    static_gates = False
+
     def _recipe(self, **kwargs) -> SpectralRecipe:
         rule = CONSISTENT_RULE[self.budget_on] if self.eval_gates == "auto" else self.eval_gates
+        if self.eval_gates == "auto" and self.static_gates and self.budget_on == "prob_open":
+            rule = "expected_count"
         return SpectralRecipe(
             rank=self.R, scale=self.scale, penalty_weight=self.penalty_weight,
             inference_path=self.inference_path, eval_gates=rule, budget_on=self.budget_on,
@@ -182,6 +190,7 @@ class BHSPConfig(_GatedConfig):
     init_log_alpha: float = 1.0
 
     budget_unit = "target"
+    static_gates = True
 
     def recipe(self) -> SpectralRecipe:
         return self._recipe(
