@@ -300,9 +300,10 @@ def test_rerunning_a_complete_grid_trains_nothing(reference, fake_glue, fake_eva
         assert len(attempt_logs(results, rid)) == 1
 
 
-def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys):
+def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys, monkeypatch):
     results, _ = reference
     shutil.rmtree(results / "comparison")  # the stand-in's outputs would count as up to date
+    monkeypatch.setattr(compare, "EVALUATE_COMMAND", [*compare.EVALUATE_COMMAND, "figures=false"])
     assert main(grid_args(results, fake_glue, "workers=2")) == 0
     reports = []
     for out in (results / "comparison" / "RTE", results / "comparison"):

@@ -23,9 +23,11 @@ from rankwise.verdicts import chance_level
 
 @pytest.fixture(autouse=True)
 def _fast_aso(monkeypatch, request):
-    """ASO with 200 bootstrap iterations (the verdicts need no more here) and no figures
-    except where a test looks at one (matplotlib costs about a second a comparison)."""
+    """ASO with 200 bootstrap iterations and verdicts with 4,000 replicates (the verdicts need
+    no more here), and no figures except where a test looks at one (matplotlib costs about a
+    second a comparison)."""
     monkeypatch.setattr(rankwise.stats, "ASO_BOOTSTRAP_ITERATIONS", 200)
+    monkeypatch.setattr(rankwise.stats, "VERDICT_RESAMPLES", 4000)  # p down to 2/4001, CIs ±1 %
     if request.node.originalname != "test_one_seed_runs_show_their_test_set_interval":
         monkeypatch.setattr(rankwise.plots, "comparison_figures", lambda *args, **kwargs: None)
 
@@ -296,7 +298,8 @@ def test_one_seed_runs_show_their_test_set_interval(tmp_path):
 
 
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "verdicts-cpu"
-ASO_DEFAULT = rankwise.stats.ASO_BOOTSTRAP_ITERATIONS  # read before the fixture lowers it
+ASO_DEFAULT = rankwise.stats.ASO_BOOTSTRAP_ITERATIONS  # read before the fixture lowers them
+RESAMPLES_DEFAULT = rankwise.stats.VERDICT_RESAMPLES
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in COMMITTED.iterdir() if (p / "runs").is_dir()))
@@ -304,6 +307,7 @@ def test_committed_comparison_is_recomputed_from_its_predictions(name, tmp_path,
     """Every committed comparison ships the runs it compared; evaluate on them today gives the
     same verdicts, p-values, intervals and run checks as the committed output."""
     monkeypatch.setattr(rankwise.stats, "ASO_BOOTSTRAP_ITERATIONS", ASO_DEFAULT)
+    monkeypatch.setattr(rankwise.stats, "VERDICT_RESAMPLES", RESAMPLES_DEFAULT)
     folder = COMMITTED / name
     committed = json.loads((folder / "aggregated_metrics.json").read_text())
     report = evaluate(folder / "runs", committed["run_ids"], out_dir=tmp_path)

@@ -96,7 +96,7 @@ def refuse_flag(flag: str, command: str, takes: tuple[str, ...] = ()) -> None:
 EVALUATE_HELP = CommandHelp(
     command="rankwise evaluate",
     usage=(("results_dir=DIR run_ids='[id1,id2,...]' [out_dir=DIR] [allow_incomplete=true] "
-            "[allow_trial=true] [holm_family=FILE]"),),
+            "[allow_trial=true] [holm_family=FILE] [figures=false]"),),
     summary="Compare finished runs of one or several tasks: aggregated_metrics.json, summary.md "
             "and figures, with a verdict for every proposed run against each other run of its "
             "task (python -m rankwise.evaluate takes the same arguments).",
@@ -110,6 +110,7 @@ EVALUATE_HELP = CommandHelp(
         ("holm_family=FILE", "default none (the call is its own family): an experiment-wide "
                              "comparison's aggregated_metrics.json whose adjusted p-values the "
                              "call takes (a grid passes it)"),
+        ("figures=BOOL", "default true: false writes the JSON and summary.md only"),
     ),
     examples=(
         "rankwise evaluate results_dir=results run_ids='[minilm-sst2-full-ft,minilm-sst2-lora]'",

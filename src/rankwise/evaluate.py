@@ -1,5 +1,6 @@
 """``python -m rankwise.evaluate results_dir=<dir> run_ids='["a","b"]' [out_dir=<dir>]
-[allow_incomplete=true] [allow_trial=true] [holm_family=<aggregated_metrics.json>]``
+[allow_incomplete=true] [allow_trial=true] [holm_family=<aggregated_metrics.json>]
+[figures=false]``
 
 Reads each run's ``metrics.json`` and per-seed predictions (``seed<N>.jsonl``, or gzipped
 ``seed<N>.jsonl.gz``) and writes ``out_dir`` (default ``<results_dir>/comparison/``):
@@ -63,7 +64,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     from rankwise.config.typed import did_you_mean
 
     known = {"results_dir": None, "run_ids": None, "out_dir": None, "allow_incomplete": False,
-             "allow_trial": False, "holm_family": None}
+             "allow_trial": False, "holm_family": None, "figures": True}
     for key, value, _ in parse_overrides(argv):
         if key not in known:
             raise EvaluationError(f"unknown argument '{key}'{did_you_mean(key, known)}")
@@ -72,7 +73,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         raise EvaluationError("results_dir=<dir> is required")
     if not isinstance(known["run_ids"], list) or not known["run_ids"]:
         raise EvaluationError("run_ids='[\"id1\",\"id2\"]' (a non-empty list) is required")
-    for flag in ("allow_incomplete", "allow_trial"):
+    for flag in ("allow_incomplete", "allow_trial", "figures"):
         if not isinstance(known[flag], bool):
             raise EvaluationError(f"{flag} must be true or false, got '{known[flag]}'")
     return known
@@ -481,7 +482,7 @@ def costs(runs: list[dict]) -> dict[str, dict[str, float | None]]:
 
 def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = False,
              allow_trial: bool = False, out_dir: Path | None = None,
-             holm_family: str | None = None) -> dict[str, Any]:
+             holm_family: str | None = None, figures: bool = True) -> dict[str, Any]:
     runs = [load_run(results_dir, r, allow_incomplete, allow_trial) for r in run_ids]
     predictions = Predictions(results_dir)
     health = {r["run_id"]: predictions.health(r) for r in runs}
@@ -513,18 +514,20 @@ def evaluate(results_dir: Path, run_ids: list[str], allow_incomplete: bool = Fal
         table = methods_by_tasks(runs, health)
         report["methods_by_tasks"] = table
         report.update(cross_task_headline(runs, table))
-    write_outputs(report, runs, results_dir, out_dir or results_dir / "comparison")
+    write_outputs(report, runs, results_dir, out_dir or results_dir / "comparison", figures)
     return report
 
 
-def write_outputs(report: dict, runs: list[dict], results_dir: Path, out: Path) -> None:
+def write_outputs(report: dict, runs: list[dict], results_dir: Path, out: Path,
+                  figures: bool = True) -> None:
     from rankwise.plots import comparison_figures
     from rankwise.summary import summary_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "aggregated_metrics.json", report)
     atomic_write_bytes(out / "summary.md", summary_markdown(report, runs).encode())
-    comparison_figures(report, runs, results_dir, out)
+    if figures:
+        comparison_figures(report, runs, results_dir, out)
 
 
 def cross_task_headline(runs: list[dict], table: dict) -> dict:
@@ -569,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args["out_dir"]) if args["out_dir"] else None
         report = evaluate(Path(args["results_dir"]), [str(r) for r in args["run_ids"]],
                           args["allow_incomplete"], args["allow_trial"], out_dir,
-                          args["holm_family"])
+                          args["holm_family"], args["figures"])
     except RankwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -154,9 +154,12 @@ def _metric_parts(preds: np.ndarray, labels: np.ndarray, metric: str, positive: 
     return np.stack([parts_fn(p, labels) for p in preds]), value_fn  # (S, K, n)
 
 
+VERDICT_RESAMPLES = 10_000  # R of the verdicts' two-level bootstrap (methods.md#verdicts)
+
+
 def hierarchical_bootstrap(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.ndarray,
                            metric: str, *, paired_seeds: bool, positive: int = 1,
-                           n_resamples: int = 10_000, seed: int = 0, chunk: int = 500) -> dict:
+                           n_resamples: int | None = None, seed: int = 0, chunk: int = 500) -> dict:
     """Two-level bootstrap of mean_s M_A(s) − mean_s M_B(s) (methods.md, verdicts).
 
     ``preds_a`` (S_A, n) and ``preds_b`` (S_B, n) are per-seed predictions on the same n
@@ -166,6 +169,7 @@ def hierarchical_bootstrap(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.
     95 % percentile CI, the two-sided p = min(1, 2·min((1+#{d_r≤0}), (1+#{d_r≥0}))/(1+R)) and
     the replicates' standard deviation ``se`` (the design's standard error, for the MDE).
     """
+    n_resamples = n_resamples or VERDICT_RESAMPLES
     pa, value_fn = _metric_parts(preds_a, labels, metric, positive)
     pb, _ = _metric_parts(preds_b, labels, metric, positive)
     if paired_seeds and len(pa) != len(pb):
@@ -183,10 +187,11 @@ def hierarchical_bootstrap(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.
 
 
 def run_interval(preds: np.ndarray, labels: np.ndarray, metric: str, *, positive: int = 1,
-                 n_resamples: int = 10_000, seed: int = 0, chunk: int = 500) -> dict:
+                 n_resamples: int | None = None, seed: int = 0, chunk: int = 500) -> dict:
     """One run's mean metric over seeds with the 95 % percentile CI of the same two-level
     bootstrap as a verdict (seeds, then examples). With one seed only the examples are drawn:
     the interval is test-set sampling alone."""
+    n_resamples = n_resamples or VERDICT_RESAMPLES
     pa, value_fn = _metric_parts(preds, labels, metric, positive)
     observed = float(value_fn(_summed(pa, np.ones((1, len(labels)))))[0].mean())
     m = np.concatenate([ma for ma, _ in _replicate_means(
