@@ -50,6 +50,7 @@ from rankwise.verdicts import (
     metric_function,
     run_health,
     seed_level,
+    seeds_on_common_examples,
 )
 
 ASO_THRESHOLD = 0.2
@@ -237,9 +238,8 @@ class Predictions:
         preds = self.of(run["run_id"], split)
         if not preds:
             return None
-        common = sorted(set.intersection(*(set(p) for p in preds.values())))
-        labels = np.asarray([next(iter(preds.values()))[i][0] for i in common])
-        return run_health(run, sorted(preds), stack(preds, common), labels, leaf, positive_label(run))
+        seeds, stacked, labels = seeds_on_common_examples(preds)
+        return run_health(run, seeds, stacked, labels, leaf, positive_label(run))
 
 
 def stack(preds: dict[int, dict[int, tuple]], idx: list[int]) -> np.ndarray:

@@ -347,16 +347,14 @@ def chance_check(job: Job, results: list):
     """``above_chance`` of the finished run, from its predictions on the primary split (the
     examples every seed scored)."""
     from rankwise.methods.engagement import Check
-    from rankwise.verdicts import above_chance
+    from rankwise.verdicts import above_chance, seeds_on_common_examples
 
     task = get_task(job.run.dataset.name, job.run.dataset.subset)
-    preds = [r.predictions.get("validation") for r in results]
-    if not all(p and p["idx"] for p in preds):
+    preds = {r.seed: r.predictions.get("validation") for r in results}
+    if not all(p and p["idx"] for p in preds.values()):
         return Check("above_chance", False, None, None, "no predictions on the validation split")
-    rows = [dict(zip(p["idx"], zip(p["label"], p["prediction"]))) for p in preds]
-    common = sorted(set.intersection(*(set(r) for r in rows)))
-    labels = np.asarray([rows[0][i][0] for i in common])
-    stacked = np.asarray([[r[i][1] for i in common] for r in rows])
+    _, stacked, labels = seeds_on_common_examples(
+        {seed: dict(zip(p["idx"], zip(p["label"], p["prediction"]))) for seed, p in preds.items()})
     check = above_chance(stacked, labels, task.primary_metric, task.f1_positive_label)
     return Check(check["name"], check["passed"], check["value"], check["threshold"], check["why"])
 

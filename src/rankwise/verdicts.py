@@ -40,6 +40,16 @@ def metric_function(leaf: str, positive: int):
 
 # --- one run ------------------------------------------------------------------------------------
 
+def seeds_on_common_examples(per_seed: dict[int, dict[int, tuple]]
+                             ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(seeds, predictions (S, n), labels (n,)) on the examples every seed scored, from
+    seed -> {idx: (label, prediction)}."""
+    seeds = sorted(per_seed)
+    common = sorted(set.intersection(*(set(rows) for rows in per_seed.values())))
+    labels = np.asarray([per_seed[seeds[0]][i][0] for i in common])
+    return seeds, np.asarray([[per_seed[s][i][1] for i in common] for s in seeds]), labels
+
+
 def chance_level(labels: np.ndarray, leaf: str, positive: int) -> tuple[float, str]:
     """The best score a constant predictor gets on these labels, and which predictor that is
     (the majority class for accuracy, "always positive" for F1, 0 for a correlation)."""
