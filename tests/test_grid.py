@@ -18,6 +18,7 @@ import pytest
 
 from rankwise.config.loader import packaged_configs
 from rankwise.grid import compare, main
+from rankwise.main import main as run_main
 from rankwise.grid.cells import Cell, parse_run_name, select_experiment
 from rankwise.grid.launchers import Resources, local_resources, usable_cores
 from rankwise.grid.run import Grid
@@ -50,8 +51,8 @@ def seed_metrics(results, run_id) -> dict:
             for seed, final in m["per_seed"].items()}
 
 
-def attempt_logs(results, run_id) -> list[Path]:
-    return sorted((Path(results) / "grid" / "logs" / run_id).glob("*.err"))
+def attempt_logs(results, run_id, part="") -> list[Path]:
+    return sorted((Path(results) / "grid" / "logs" / run_id).glob(f"{part}*.err"))
 
 
 def grid_json(results) -> dict:
@@ -174,7 +175,8 @@ def test_slurm_keys_reach_the_sbatch_script(tmp_path, monkeypatch):
 
 
 class ScriptedLauncher:
-    """Answers each submission with the next scripted result for that cell."""
+    """Answers each submission with the next scripted result for that cell (``<run>/seed1``);
+    cells without a script (the merges) complete."""
 
     name, capacity = "scripted", 2
 
@@ -182,8 +184,10 @@ class ScriptedLauncher:
         self.script, self.resources, self.submitted = script, Resources(2, 1, 0), []
 
     def submit(self, specs):
-        self.submitted += [s.run_id for s in specs]
-        return [_Done(self.script[s.run_id].pop(0)) for s in specs]
+        ids = [f"{s.run_id}/{'merge' if s.kind == 'merge' else f'seed{s.index}'}" for s in specs]
+        self.submitted += ids
+        return [_Done(self.script[cid].pop(0) if cid in self.script else CellResult(s.run_id, "complete", 0))
+                for cid, s in zip(ids, specs)]
 
     def job_id(self, handle):
         return None
@@ -209,7 +213,8 @@ class _Done:
 
 
 def scripted_grid(tmp_path, script, retries=1):
-    cells = [Cell(rid, "T", "proposed", [f"run={rid}"], {"run_id": rid}, "full") for rid in script]
+    runs = dict.fromkeys(cid.split("/")[0] for cid in script)
+    cells = [Cell(rid, "T", "proposed", [f"run={rid}"], {"run_id": rid}, "full") for rid in runs]
     launcher = ScriptedLauncher(script)
     state = GridState(tmp_path / "grid.json", "tok", [])
     grid = Grid(cells, launcher, state, tmp_path, "tok", retries, compare=False, trial=False)
@@ -218,39 +223,43 @@ def scripted_grid(tmp_path, script, retries=1):
 
 
 def test_failures_are_retried_up_to_the_limit_unless_a_retry_cannot_help(tmp_path):
-    script = {"killed": [CellResult("killed", "failed", -9, "Killed"), CellResult("killed", "complete", 0)],
-              "bad-data": [CellResult("bad-data", "failed", 3, "error: split 'x' not found")],
-              "lost": [RuntimeError("worker died"), RuntimeError("worker died again")]}
+    script = {"killed/seed1": [CellResult("killed", "failed", -9, "Killed"), CellResult("killed", "complete", 0)],
+              "bad-data/seed1": [CellResult("bad-data", "failed", 3, "error: split 'x' not found")],
+              "lost/seed1": [RuntimeError("worker died"), RuntimeError("worker died again")]}
     grid, launcher, state = scripted_grid(tmp_path, script, retries=1)
     while grid.busy():
         grid.step()
     state.save()
-    assert grid.final == {"killed": "complete", "bad-data": "failed", "lost": "failed"}
-    assert launcher.submitted.count("killed") == 2 and launcher.submitted.count("bad-data") == 1
-    assert launcher.submitted.count("lost") == 2
+    assert grid.run_final == {"killed": "complete", "bad-data": "failed", "lost": "failed"}
+    assert grid.final == {"killed/seed1": "complete", "killed/merge": "complete", "bad-data/seed1": "failed",
+                          "bad-data/merge": "failed", "lost/seed1": "failed", "lost/merge": "failed"}
+    assert launcher.submitted.count("killed/seed1") == 2 and launcher.submitted.count("bad-data/seed1") == 1
+    assert launcher.submitted.count("lost/seed1") == 2
+    assert "bad-data/merge" not in launcher.submitted  # it waited for a seed that failed
     cells = grid_json(tmp_path)["cells"]
-    assert [a["status"] for a in cells["killed"]["attempts"]] == ["failed", "complete"]
-    assert cells["bad-data"]["exit_code"] == 3 and "split 'x'" in cells["bad-data"]["error"]
-    assert cells["lost"]["error"].startswith("RuntimeError: worker died again")
+    assert [a["status"] for a in cells["killed/seed1"]["attempts"]] == ["failed", "complete"]
+    assert cells["bad-data/seed1"]["exit_code"] == 3 and "split 'x'" in cells["bad-data/seed1"]["error"]
+    assert cells["bad-data/merge"]["note"] == "not run: seed1 failed"
+    assert cells["lost/seed1"]["error"].startswith("RuntimeError: worker died again")
 
 
 def test_a_cell_locked_by_another_grid_waits_and_is_not_trained_again(tmp_path):
     from filelock import FileLock
 
-    grid, launcher, _ = scripted_grid(tmp_path, {"held": [], "free": [CellResult("free", "complete", 0)]})
-    other = FileLock(grid.lock_path("held"), timeout=0)
-    other.acquire()  # another grid's worker runs "held"
+    grid, launcher, _ = scripted_grid(tmp_path, {"held/seed1": [], "free/seed1": [CellResult("free", "complete", 0)]})
+    other = FileLock(grid.lock_path("held/seed1"), timeout=0)
+    other.acquire()  # another grid's worker runs seed 1 of "held"
     grid.step()
-    assert grid.state.cells["held"]["status"] == "waiting" and "held" not in launcher.submitted
-    (tmp_path / "held").mkdir()  # ... and finishes it
-    (tmp_path / "held" / "metrics.json").write_text(json.dumps(
-        {"status": "complete", "mode": "full", "config": {"run_id": "held"}}))
+    assert grid.state.cells["held/seed1"]["status"] == "waiting" and "held/seed1" not in launcher.submitted
+    (tmp_path / "held" / "seed1").mkdir(parents=True)  # ... and finishes it
+    (tmp_path / "held" / "seed1" / "result.json").write_text(json.dumps(
+        {"mode": "full", "run_config": {"run_id": "held"}, "config": {"run_id": "held"}}))
     other.release()
     while grid.busy():
         grid.step()
-    assert grid.final == {"held": "complete", "free": "complete"}
-    assert grid.state.cells["held"]["note"] == "completed by another grid"
-    assert launcher.submitted == ["free"]
+    assert grid.run_final == {"held": "complete", "free": "complete"}
+    assert grid.state.cells["held/seed1"]["note"] == "completed by another grid"
+    assert sorted(launcher.submitted) == ["free/merge", "free/seed1", "held/merge"]
 
 
 # --- real cells ------------------------------------------------------------------------------
@@ -272,12 +281,14 @@ def test_local_grid_with_two_workers_completes_and_compares(reference):
     cells = grid_json(results)["cells"]
     for rid in (LORA, FULL):
         m = metrics(results, rid)
-        assert m["status"] == "complete" and m["seeds"] == [1, 2] and m["mode"] == "full"
+        assert m["status"] == "complete" and m["seeds"] == [1, 2] and m["mode"] == "full" and m["seed_cells"]
         assert m["provenance"]["device"]["torch_threads"] == 1  # the worker's share: one core
-        assert cells[rid]["status"] == "complete" and len(cells[rid]["attempts"]) == 1
-        assert len(attempt_logs(results, rid)) == 1
-    a, b = (cells[rid]["attempts"][0] for rid in (LORA, FULL))
-    assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]  # ran side by side
+        for part in ("seed1", "seed2", "merge"):
+            assert cells[f"{rid}/{part}"]["status"] == "complete" and len(cells[f"{rid}/{part}"]["attempts"]) == 1
+        assert len(attempt_logs(results, rid)) == 3
+    # one run's two seeds trained side by side, each its own cell
+    a, b = (cells[f"{LORA}/seed{s}"]["attempts"][0] for s in (1, 2))
+    assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
     for out in (results / "comparison" / "RTE", results / "comparison"):
         report = json.loads((out / "aggregated_metrics.json").read_text())
         assert report["run_ids"] == [LORA, FULL] and "allow_trial=true" not in report["argv"]
@@ -289,15 +300,32 @@ def test_local_grid_with_two_workers_completes_and_compares(reference):
                                                                                       "all": "complete"}
 
 
+def test_grid_predictions_are_those_of_one_process_training_every_seed(reference, fake_glue, tmp_path):
+    """A seed trained in its own cell predicts byte for byte what ``rankwise.main`` training
+    every seed in one process predicts, at the same threads."""
+    import torch
+
+    results, _ = reference
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_main([f"run={LORA}", f"results_dir={tmp_path}", "training.seeds=[1,2]", *tiny(fake_glue)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for seed in (1, 2):
+        path = Path("predictions") / "validation" / f"seed{seed}.jsonl"
+        assert (results / LORA / path).read_bytes() == (tmp_path / LORA / path).read_bytes()
+
+
 def test_rerunning_a_complete_grid_trains_nothing(reference, fake_glue, fake_evaluate, capsys):
     results, _ = reference
     before = {rid: (results / rid / "metrics.json").read_bytes() for rid in (LORA, FULL)}
     assert main(grid_args(results, fake_glue, "workers=2")) == 0
     out = capsys.readouterr().out
-    assert out.count("already complete") >= 2 and f"summary: {results / 'comparison' / 'summary.md'}" in out
+    assert out.count("already complete") >= 6 and f"summary: {results / 'comparison' / 'summary.md'}" in out
     for rid in (LORA, FULL):
         assert (results / rid / "metrics.json").read_bytes() == before[rid]
-        assert len(attempt_logs(results, rid)) == 1
+        assert len(attempt_logs(results, rid)) == 3
 
 
 def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys, monkeypatch):
@@ -322,30 +350,44 @@ def test_sigkill_mid_grid_then_rerun_finishes_without_retraining(tmp_path, fake_
     with open(tmp_path / "grid.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rankwise.grid", *args], stdout=log, stderr=log,
                                 start_new_session=True)
-    checkpoints = results / FULL / "seed1" / "checkpoints"
+
+    def mid_seed() -> tuple[str, int] | None:
+        """A seed past its first checkpoint and not finished, once another seed has finished."""
+        finished = list(results.glob("*/seed*/result.json"))
+        for ckpt in results.glob("*/seed*/checkpoints/step-*.pt"):
+            seed_dir = ckpt.parent.parent
+            if finished and not (seed_dir / "result.json").exists():
+                return seed_dir.parent.name, int(seed_dir.name[len("seed"):])
+        return None
+
     deadline = time.time() + 300
-    while not any(checkpoints.glob("step-*.pt")):  # LoRA done, Full FT past its first epoch
+    while (killed := mid_seed()) is None:
         assert proc.poll() is None, (tmp_path / "grid.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint of the second cell in time"
+        assert time.time() < deadline, "no seed past its first checkpoint in time"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the grid, its workers and their runs
     proc.wait()
-    assert metrics(results, LORA)["status"] == "complete" and metrics(results, FULL)["status"] == "running"
-    done_before = (results / LORA / "metrics.json").read_bytes()
+    done = {p.parent.parent.name + "/" + p.parent.name: p.read_bytes() for p in results.glob("*/seed*/result.json")}
+    assert done and f"{killed[0]}/seed{killed[1]}" not in done
 
     assert main(args) == 0
-    assert (results / LORA / "metrics.json").read_bytes() == done_before
-    assert len(attempt_logs(results, LORA)) == 1
-    logs = attempt_logs(results, FULL)
-    assert len(logs) == 2 and "resuming incomplete run" in logs[-1].read_text()
+    for cid, before in done.items():  # a complete seed is never trained again
+        assert (results / cid / "result.json").read_bytes() == before
+        rid, part = cid.split("/")
+        assert len(attempt_logs(results, rid, part)) == 1
+    logs = attempt_logs(results, killed[0], f"seed{killed[1]}")
+    assert len(logs) == 2 and "resumed from step-" in logs[-1].read_text()  # the killed seed, resumed
     # grid.json tells the truth after the kill: the killed grid and its attempt are "lost"
     state = grid_json(results)
     assert [g["status"] for g in state["grids"]] == ["lost", "finished"]
-    assert [a["status"] for a in state["cells"][FULL]["attempts"]] == ["lost", "complete"]
-    assert [a["status"] for a in state["cells"][LORA]["attempts"]] == ["complete"]
+    assert [a["status"] for a in state["cells"][f"{killed[0]}/seed{killed[1]}"]["attempts"]] == ["lost", "complete"]
     ref_results, _ = reference
     for rid in (LORA, FULL):
+        assert metrics(results, rid)["status"] == "complete"
         assert seed_metrics(results, rid) == seed_metrics(ref_results, rid)
+        for seed in (1, 2):
+            path = Path("predictions") / "validation" / f"seed{seed}.jsonl"
+            assert (results / rid / path).read_bytes() == (ref_results / rid / path).read_bytes()
 
 
 def test_two_grids_started_together_train_each_cell_once(tmp_path, fake_glue):
@@ -357,10 +399,11 @@ def test_two_grids_started_together_train_each_cell_once(tmp_path, fake_glue):
     assert other.wait(timeout=300) == 0, (tmp_path / "other.log").read_text()[-3000:]
     assert code == 0
     cells = grid_json(results)["cells"]
-    for rid in (LORA, FULL):
+    for rid in (LORA, FULL):  # mode=trial: the first seed only
         assert metrics(results, rid)["status"] == "complete"
-        assert len(attempt_logs(results, rid)) == 1
-        assert len(cells[rid]["attempts"]) == 1 and cells[rid]["status"] == "complete"
+        assert len(attempt_logs(results, rid)) == 2  # seed1 and merge, each once
+        for part in ("seed1", "merge"):
+            assert len(cells[f"{rid}/{part}"]["attempts"]) == 1 and cells[f"{rid}/{part}"]["status"] == "complete"
 
 
 def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fake_glue, fake_evaluate, capsys):
@@ -378,12 +421,13 @@ def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fak
     out = capsys.readouterr().out
     assert code == 1
     cells = grid_json(results)["cells"]
-    assert cells[LORA]["status"] == "complete" and metrics(results, LORA)["mode"] == "trial"
-    failed = cells[bad["run_id"]]
+    assert cells[f"{LORA}/merge"]["status"] == "complete" and metrics(results, LORA)["mode"] == "trial"
+    failed = cells[f"{bad['run_id']}/seed1"]
     assert failed["status"] == "failed" and failed["exit_code"] == 3 and failed["tries"] == 1
     assert "glue/mrpc not found" in failed["error"]
-    assert f"retry alone: python -m rankwise.main run={bad_path}" in out and bad["run_id"] in out
-    assert all(c["job_id"] and c["job_id"] != "None" for c in cells.values())  # submitit job ids
+    assert f"retry alone: python -m rankwise.main run={bad_path}" in out and "seed_only=1" in out
+    assert cells[f"{bad['run_id']}/merge"]["status"] == "failed"
+    assert all(c["job_id"] and c["job_id"] != "None" for c in cells.values() if c.get("tries"))  # submitit job ids
     assert list((results / "grid" / "submitit").glob("*_result.pkl"))
     report = json.loads((results / "comparison" / "RTE" / "aggregated_metrics.json").read_text())
     assert report["run_ids"] == [LORA] and "allow_trial=true" in report["argv"]
@@ -397,7 +441,7 @@ def test_ray_launcher_runs_a_cell_on_a_local_ray_instance(tmp_path, fake_glue):
     assert code == 0
     assert metrics(results, LORA)["status"] == "complete"
     assert metrics(results, LORA)["provenance"]["device"]["torch_threads"] == 1
-    assert len(grid_json(results)["cells"][LORA]["attempts"]) == 1
+    assert len(grid_json(results)["cells"][f"{LORA}/seed1"]["attempts"]) == 1
 
 
 def test_error_line_is_the_message_after_a_progress_bar(tmp_path):

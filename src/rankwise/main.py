@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("run config sections not used by rankwise, kept in metrics.json "
                         "(ignored_sections): %s", ", ".join(job.ignored_sections))
         preflight(job)
-        made = not job.run_dir.exists()
+        # a process that runs one part of a run (a grid cell) shares the folder: never removes it
+        c = job.command
+        made = not job.run_dir.exists() and c.seed_only is None and c.max_trials is None and not c.merge_seeds
         from rankwise.runner import execute
 
         summary = execute(job, prepare_run_dir)

@@ -99,8 +99,21 @@ def train_seeds(job: Job, resume: bool, reporter: Callable | None = None, write_
 
 
 def execute(job: Job, prepare_run_dir: Callable[..., bool]) -> str:
-    """Run the job (search first when it asks for one); return the CLI's one-line summary."""
+    """Run the job (search first when it asks for one), or the one part of it the command
+    names (``max_trials``, ``seed_only``, ``merge_seeds``: the grid's cells); return the CLI's
+    one-line summary."""
     t_start = time.perf_counter()
+    c = job.command
+    if c.max_trials is not None:
+        return search_trials_only(job)
+    if c.seed_only is not None or c.merge_seeds:
+        search, run_config = None, job.run_dict
+        if job.run.optuna.n_trials > 0:
+            job, search = finished_search(job)
+        job.seed_identity = seed_identity(job, search, run_config)
+        if c.merge_seeds:
+            return merge_seed_results(job, t_start, search)
+        return train_seed_only(job, c.seed_only, search)
     if job.run.optuna.n_trials > 0:  # 0 in trial mode (config.loader.resolve_mode)
         return search_then_final_run(job, prepare_run_dir, t_start)
     return train_and_write(job, prepare_run_dir, t_start)
@@ -163,6 +176,42 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
         log.info("final run with the best parameters: %s",
                  ", ".join(f"{k}={v}" for k, v in search["best_overrides"].items()))
         return train_and_write(final_job, prepare_run_dir, t_start, search=search)
+
+
+def search_trials_only(job: Job) -> str:
+    """``max_trials=N``: at most N trials of the run's search on its shared study, no final
+    run (the grid's search cells; the seed cells start when the study is finished)."""
+    from rankwise.search import run_search
+
+    check_search_is_runnable(job)
+    job.training_started = True  # the study is shared: never removed
+    seed = job.run.training.seed
+    result = run_search(job.run.run_id, job.run_dict, job.run.optuna, seed, job.run_dir / "optuna",
+                        trial_objective(job, seed), max_trials=job.command.max_trials)
+    return (f"search {job.run.run_id}: {result.n_finished}/{job.run.optuna.n_trials} trials finished"
+            + ("" if result.best_value is None else f", best {job.run.optuna.metric_name}="
+               f"{result.best_value:.4f} (trial #{result.best_trial_number})"))
+
+
+def finished_search(job: Job) -> tuple[Job, dict[str, Any]]:
+    """The job with its finished study's best parameters, and the search block; a study with
+    trials still to run is refused (its seeds would train an unsettled configuration)."""
+    from rankwise.errors import RankwiseError
+    from rankwise.search import SearchAborted, run_search
+
+    check_search_is_runnable(job)
+    seed = job.run.training.seed
+    result = run_search(job.run.run_id, job.run_dict, job.run.optuna, seed, job.run_dir / "optuna",
+                        trial_objective(job, seed), max_trials=0)
+    n_trials = job.run.optuna.n_trials
+    if result.n_finished < n_trials:
+        raise RankwiseError(f"search {job.run.run_id}: {result.n_finished}/{n_trials} trials finished; "
+                            f"its seeds train the best configuration of a finished study (run the "
+                            f"trials first: max_trials=1 per process, or the whole run)")
+    if result.best_value is None:
+        raise SearchAborted(f"search {job.run.run_id}: no trial completed, so there is no best "
+                            f"configuration; see {job.run_dir / 'optuna' / 'trials.csv'}")
+    return with_params(job, result.best_params), search_summary(job, result)
 
 
 def trial_objective(job: Job, seed: int) -> Callable:
@@ -282,6 +331,111 @@ def final_run_lock(study_dir: Path) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+# --- one seed at a time (the grid's seed cells) --------------------------------------------
+
+SEED_RESULT = "result.json"
+SEED_FIELDS = ("seed", "final", "best", "history", "params", "wall_time_s", "step_time_s",
+               "peak_memory_mb", "method_metrics", "amp_skipped_steps", "precision")
+
+
+def seed_identity(job: Job, search: dict[str, Any] | None, run_config: dict[str, Any]) -> dict[str, Any]:
+    """What a seed's result must match to count for this run: the config it trained (after a
+    search, with the best parameters), the run config as given, the mode and the study."""
+    identity = {"config": job.run_dict, "run_config": run_config, "mode": job.command.mode,
+                "search": None if search is None else
+                {k: search[k] for k in ("storage", "n_trials", "best_trial_number", "best_params")}}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def read_seed_result(job: Job, seed: int) -> dict[str, Any] | None:
+    """``seed<N>/result.json`` when it is this run's (same identity), else None."""
+    try:
+        record = read_json(job.run_dir / f"seed{seed}" / SEED_RESULT)
+    except (OSError, ValueError):
+        return None
+    same = job.seed_identity
+    return record if {k: record.get(k) for k in same} == same else None
+
+
+def train_seed_only(job: Job, seed: int, search: dict[str, Any] | None) -> str:
+    """``seed_only=N``: train seed N as the whole run would (same Trainer, data, checkpoints,
+    predictions file) into ``seed<N>/`` and write ``seed<N>/result.json``; the run folder is
+    shared with the other seeds' processes and never cleared. A complete result of this
+    identity is kept (``resume=false`` retrains it); a seed folder of another identity is
+    replaced; an incomplete one resumes from its checkpoint (``resume=auto``)."""
+    import shutil
+
+    from rankwise.training.loop import Trainer, stop_on_signals
+
+    ctx = distributed.current()
+    seed_dir = job.run_dir / f"seed{seed}"
+    identity = job.seed_identity
+    resume = job.command.resume
+    if resume is not False and read_seed_result(job, seed) is not None:
+        return f"seed {seed} already complete -> {seed_dir / SEED_RESULT} (resume=false retrains it)"
+    with ctx.main_first():
+        trainer = Trainer(job, seed, seed_dir)
+    if ctx.is_main:
+        try:
+            started = read_json(seed_dir / "identity.json")
+        except (OSError, ValueError):
+            started = None
+        if seed_dir.exists() and (started != identity or resume is False):
+            shutil.rmtree(seed_dir)  # another configuration's (or a restart's) checkpoints
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(seed_dir / "identity.json", identity)
+        (seed_dir / SEED_RESULT).unlink(missing_ok=True)
+    ctx.barrier()
+    job.training_started = True
+    with stop_on_signals() as stop:
+        result = trainer.run(resume=resume is not False, stop=stop)
+    if ctx.is_main:
+        write_predictions(job.run_dir, seed, result.predictions)
+        record = {**identity, **{k: getattr(result, k) for k in SEED_FIELDS}}
+        atomic_write_json(seed_dir / SEED_RESULT, record)
+    primary = f"validation_{get_task(job.run.dataset.name, job.run.dataset.subset).primary_metric}"
+    return (f"seed {seed}: {primary}={result.final.get(primary, float('nan')):.4f} -> "
+            f"{seed_dir / SEED_RESULT}")
+
+
+def read_predictions(run_dir: Path, seed: int) -> dict[str, dict[str, list]]:
+    """The per-split predictions :func:`write_predictions` wrote for ``seed``."""
+    out: dict[str, dict[str, list]] = {}
+    for path in sorted((run_dir / "predictions").glob(f"*/seed{seed}.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        out[path.parent.name] = {k: [r[k] for r in rows] for k in ("idx", "label", "prediction")}
+    return out
+
+
+def merge_seed_results(job: Job, t_start: float, search: dict[str, Any] | None) -> str:
+    """``merge_seeds=true``: the run's ``metrics.json`` and ``config.yaml`` from the seeds'
+    ``result.json`` files, as :func:`train_and_write` writes them after training every seed in
+    one process (times are the seeds' own; ``job_wall_time_s`` is their sum)."""
+    from rankwise.errors import RankwiseError
+    from rankwise.training.loop import SeedResult
+
+    results = []
+    for seed in job.limits.seeds(job.run):
+        record = read_seed_result(job, seed)
+        if record is None:
+            raise RankwiseError(f"run {job.run.run_id}: seed {seed} has no complete result of this "
+                                f"configuration in {job.run_dir / f'seed{seed}'}; train it first "
+                                f"(seed_only={seed})")
+        results.append(SeedResult(predictions=read_predictions(job.run_dir, seed),
+                                  **{k: record[k] for k in SEED_FIELDS}))
+    base = run_header(job, search)
+    metrics = complete_metrics(job, base, results, t_start)
+    metrics["job_wall_time_s"] = float(sum(r.wall_time_s.get("total", 0.0) for r in results))
+    metrics["seed_cells"] = True  # trained one seed per process (seed_only), then merged
+    metrics["engagement"] = engagement(job, results)
+    log.info("mechanism checks: %s", engagement_line(metrics["engagement"]))
+    write_yaml(job.run_dir / "config.yaml", job.run_dict)
+    atomic_write_json(job.run_dir / "metrics.json", metrics)
+    primary, final = metrics["task"]["primary_metric"], metrics["final"]
+    return (f"merged {len(results)} seed(s): {primary}={final.get(primary, float('nan')):.4f}; "
+            f"{engagement_line(metrics['engagement'])} -> {job.run_dir / 'metrics.json'}")
 
 
 # --- one configuration -------------------------------------------------------------------

@@ -30,7 +30,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from rankwise.config.schema import RunConfig, parse_run_config
-from rankwise.config.typed import did_you_mean, from_mapping
+from rankwise.config.typed import did_you_mean, from_mapping, require
 from rankwise.data.tasks import known_splits
 from rankwise.errors import ConfigError
 
@@ -69,6 +69,24 @@ class JobConfig:
     #: `auto`: CUDA when available, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    #: Train only this seed (one of the run's seeds) into `<run_dir>/seed<N>/`, ending with
+    #: `seed<N>/result.json` instead of the run's `metrics.json`; after a search, with the
+    #: finished study's best parameters. The grid's seed cells; `merge_seeds` joins them.
+    seed_only: int | None = None
+    #: Write the run's `metrics.json` from the seeds that `seed_only` trained (every seed of
+    #: the run must be complete); trains nothing.
+    merge_seeds: bool = False
+    #: Run at most this many trials of the run's search in this process (on the shared study),
+    #: then exit without the final run. The grid's search cells.
+    max_trials: int | None = None
+
+    def validate(self, path: str) -> None:
+        parts = [k for k, on in (("seed_only", self.seed_only is not None), ("merge_seeds", self.merge_seeds),
+                                 ("max_trials", self.max_trials is not None)) if on]
+        require(len(parts) <= 1, parts[-1] if parts else "seed_only",
+                f"{' and '.join(parts)} exclude each other: a process does one part of a run")
+        require(self.max_trials is None or self.max_trials >= 1, "max_trials",
+                f"must be >= 1, got {self.max_trials}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,8 @@ class Job:
     configured_run: RunConfig | None = None
     # Set once training (or the search) has begun: errors before it leave no run folder behind.
     training_started: bool = False
+    # seed_only / merge_seeds: what a seed's result.json must match (runner.seed_identity)
+    seed_identity: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -307,4 +327,17 @@ def load_job(argv: list[str]) -> Job:
     run_dict, ignored = split_run_sections(_resolve(run_dict, "run"))
     built = make_job(job, run_dict, ignored)
     check_splits(built.run)
+    check_run_part(built)
     return built
+
+
+def check_run_part(job: Job) -> None:
+    """``seed_only`` names one of the seeds the run trains; ``max_trials`` needs a search."""
+    c = job.command
+    seeds = job.limits.seeds(job.run)
+    if c.seed_only is not None and c.seed_only not in seeds:
+        raise ConfigError("seed_only", f"seed {c.seed_only} is not one of the run's seeds "
+                                       f"({', '.join(map(str, seeds))})")
+    if c.max_trials is not None and job.run.optuna.n_trials < 1:
+        raise ConfigError("max_trials", "the run has no search (optuna.n_trials is 0"
+                                        + (" in mode=trial" if c.mode == "trial" else "") + ")")

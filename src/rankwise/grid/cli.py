@@ -33,10 +33,10 @@ def describe(cfg, launcher, n_cells: int, results_dir: Path) -> str:
 
 def report(grid, argv: list[str], results_dir: Path, overall) -> int:
     """Print the outcome; the exit code (0 all complete and compared, 1 otherwise)."""
-    failed = [rid for rid in grid.cells if grid.final.get(rid) == "failed"]
+    failed = [cid for cid in grid.parts if grid.final.get(cid) == "failed"]
     done = sum(1 for s in grid.final.values() if s == "complete")
-    rest = len(grid.cells) - done - len(failed)
-    print(f"grid: {done}/{len(grid.cells)} cell(s) complete, {len(failed)} failed"
+    rest = len(grid.parts) - done - len(failed)
+    print(f"grid: {done}/{len(grid.parts)} cell(s) complete, {len(failed)} failed"
           + (f", {rest} interrupted or not started" if rest else "") + f"; state in {results_dir / 'grid.json'}")
     if failed:
         print("failed cells (re-running the grid command retries them and skips complete ones:\n"
@@ -92,34 +92,129 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, overrides = parse_grid_args(argv)
         results_dir = Path(cfg.results_path).expanduser().resolve()
-        cells = build_cells(select_refs(cfg), results_dir, cfg.mode, cfg.seeds, overrides)
+        cells = build_cells(select_refs(cfg), results_dir, cfg.mode, cfg.seeds, overrides, cfg.measure)
+        probe = layout_probe(cfg, cells, results_dir)
         launcher = make_launcher(cfg, results_dir / "grid")
     except RankwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(describe(cfg, launcher, len(cells), results_dir), flush=True)
+    if cfg.plan:
+        return print_plan(cfg, cells, launcher, results_dir, probe)
     code = 130
     try:
-        code = run(cfg, cells, launcher, results_dir, argv)
+        code = run(cfg, cells, launcher, results_dir, argv, probe)
         return code
     finally:
         launcher.close(wait=code != 130)
 
 
-def run(cfg, cells, launcher, results_dir: Path, argv: list[str]) -> int:
+def layout_probe(cfg, cells, results_dir: Path) -> dict | None:
+    """On a CPU machine with workers and cpus_per_run unset (local pool, full mode): the
+    workers × threads layout of the fastest probe (:mod:`rankwise.grid.probe`), set on ``cfg``;
+    kept in ``grid/probe.json`` and reused while the probed run and the cores are the same.
+    With ``plan=true`` every run is probed at that layout too. None when nothing was probed."""
+    import json
+
+    from rankwise.grid.launchers import thread_env, usable_cores, visible_gpus
+    from rankwise.grid.plan import seed_steps
+    from rankwise.grid.probe import choose_layout, run_probes
+    from rankwise.results import atomic_write_json
+
+    path = results_dir / "grid" / "probe.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    cores = usable_cores()
+    choose = (cfg.launcher == "local" and cfg.workers is None and cfg.cpus_per_run is None and cfg.probe
+              and cfg.mode == "full" and len(cores) > 1 and not visible_gpus())
+    if not choose and not cfg.plan:
+        return cached.get("result") if cached.get("cores") == cores else None
+    # the run with the most work per seed (steps × length) stands for the grid's model
+    longest = max(cells, key=lambda c: (seed_steps(c.estimate) or 0) * c.estimate["max_seq_length"])
+    key = {"args": longest.args, "cores": cores}
+    parallel = sum(len(c.seeds) for c in cells)
+    if cached.get("key") == key and cached.get("result", {}).get("chosen"):
+        result = cached["result"]
+        print(f"grid: layout from the earlier probe in {path}", flush=True)
+    else:
+        print(f"grid: probing workers × threads on {longest.run_id} ...", flush=True)
+        result = choose_layout(longest.args, cores, max_workers=min(len(cores), parallel))
+    chosen = result.get("chosen")
+    if chosen is None:
+        print("grid: the probe failed (" + "; ".join(t.get("error", "") for t in result["layouts"])
+              + "); 1 worker with every core", flush=True)
+    else:
+        lines = [f"{t['workers']}×{t['threads']}: {t['s_per_step']:.3f} s/step, {t['steps_per_s']:.2f} steps/s"
+                 for t in result["layouts"] if "steps_per_s" in t]
+        print(f"grid: probe {'; '.join(lines)} -> {chosen['workers']} worker(s) × {chosen['threads']} thread(s)",
+              flush=True)
+        if choose:
+            cfg.workers, cfg.cpus_per_run = chosen["workers"], chosen["threads"]
+    if cfg.plan and chosen is not None and set(result.get("runs", {})) != {c.run_id for c in cells}:
+        workers, threads = cfg.workers or chosen["workers"], cfg.cpus_per_run or chosen["threads"]
+        runs = {}
+        for i in range(0, len(cells), workers):  # every run at the layout, ``workers`` at a time
+            batch = cells[i:i + workers]
+            slots = [{"cores": cores[w * threads:(w + 1) * threads], "env": thread_env(threads)}
+                     for w in range(len(batch))]
+            for cell, r in zip(batch, run_probes([(c.args, slot) for c, slot in zip(batch, slots)])):
+                runs[cell.run_id] = r
+        result["runs"] = runs
+    atomic_write_json(path, {"key": key, "cores": cores, "result": result})
+    return result
+
+
+def print_plan(cfg, cells, launcher, results_dir: Path, probe: dict | None) -> int:
+    """``plan=true``: every cell with its estimated time, and the grid's total; runs nothing."""
+    from rankwise.grid.cells import parts_of
+    from rankwise.grid.plan import Estimator, simulate
+    from rankwise.grid.progress import fmt_s
+    from rankwise.grid.worker import part_state, study_state
+
+    estimator = Estimator({c.run_id: c for c in cells}, results_dir, probe)
+    parts, seconds, rows = [], {}, []
+    for cell in cells:
+        trials = max(0, cell.n_trials - study_state(results_dir / cell.run_id)["finished"]) if cell.n_trials else 0
+        for part in parts_of(cell, trials):
+            from rankwise.grid.worker import CellSpec
+
+            spec = CellSpec(cell.run_id, [], str(results_dir / cell.run_id), "", "", "", cell.config, cell.mode,
+                            "", 0, kind=part.kind, index=part.index, n_trials=cell.n_trials)
+            done = part_state(spec) == "complete"
+            est = 0.0 if done else estimator.seconds(part)
+            parts.append(part)
+            seconds[part.id] = est if est is not None else float("nan")
+            rows.append((part.id, "done" if done else fmt_s(est)))
+    width = max(len(r[0]) for r in rows)
+    for cid, est in rows:
+        print(f"  {cid.ljust(width)}  {est}")
+    total = simulate(parts, seconds, launcher.capacity if launcher.capacity != float("inf") else len(parts))
+    core_s = sum(v for v in seconds.values() if v == v)
+    print(f"plan: {len(parts)} cell(s), {fmt_s(core_s)} of cell time on {launcher.capacity} worker(s) "
+          f"-> about {fmt_s(total)} end to end (comparisons not included); nothing was run", flush=True)
+    return 0
+
+
+def run(cfg, cells, launcher, results_dir: Path, argv: list[str], probe: dict | None = None) -> int:
+    from rankwise.grid.plan import Estimator
     from rankwise.grid.progress import Progress
     from rankwise.grid.run import Grid
     from rankwise.grid.state import GridState
 
     token = f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}"
     state = GridState(results_dir / "grid.json", token, argv)
-    grid = Grid(cells, launcher, state, results_dir, token, cfg.retries, cfg.compare, cfg.mode == "trial")
+    state.info["layout"] = {"workers": launcher.capacity, "probe": probe}
+    estimator = Estimator({c.run_id: c for c in cells}, results_dir, probe, state.past_durations())
+    grid = Grid(cells, launcher, state, results_dir, token, cfg.retries, cfg.compare, cfg.mode == "trial",
+                estimator)
     grid.scan()
     state.save()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     interrupted = False
     try:
-        with Progress(state, list(grid.cells), launcher.capacity) as progress:
+        with Progress(grid) as progress:
             try:
                 grid.run(progress)
             except KeyboardInterrupt:
@@ -135,7 +230,7 @@ def run(cfg, cells, launcher, results_dir: Path, argv: list[str]) -> int:
     overall = None if interrupted else grid.compare_all()
     state.info.update(status="interrupted" if interrupted else "finished", ended_at=time.time())
     state.save()
-    final = Progress(state, list(grid.cells), launcher.capacity)
+    final = Progress(grid)
     if not final.live:  # a terminal already shows the live table
         final.print_table()
     code = report(grid, argv, results_dir, overall)

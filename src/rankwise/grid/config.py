@@ -81,6 +81,15 @@ class GridConfig:
     retries: int = 1
     #: Compare each task's runs, then all runs, as they finish.
     compare: bool = True
+    #: `reported`: each cell measures only what its experiment's comparison reports (no
+    #: latency or FLOPs-vs-length pass for experiment 1); `all`: every run measures everything.
+    measure: Literal["reported", "all"] = "reported"
+    #: With `workers` and `cpus_per_run` unset on a CPU machine (local pool): time a short probe
+    #: of the grid's own model under each workers × threads layout and take the fastest;
+    #: false: one worker with every core.
+    probe: bool = True
+    #: Print the cells, their estimated times and the grid's total, and run nothing.
+    plan: bool = False
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import Any, Self
 
-from rankwise.grid.state import GridState, estimate
 
 
 def fmt_s(seconds: float | None) -> str:
@@ -41,31 +40,35 @@ def grid_eta(running: list[float | None], queued: list[float | None], capacity: 
     return max(slots)
 
 
-def cell_rows(state: GridState, order: list[str], capacity: float) -> tuple[list[list[str]], str]:
-    """Rows (cell, task, status, try, elapsed, ETA, note) and a footer with the grid's ETA."""
+def cell_rows(grid, order: list[str] | None = None) -> tuple[list[list[str]], str]:
+    """Rows (cell, task, status, try, elapsed, ETA, note) and a footer with the grid's ETA:
+    each cell's time from :class:`rankwise.grid.plan.Estimator` (a running seed's own step rate
+    once it has logged steps), the queued cells placed on the first free worker."""
     now = time.time()
-    tasks = {rid: state.cells[rid].get("task", "") for rid in order}
-    durations = state.past_durations()
+    state, capacity = grid.state, grid.launcher.capacity
     rows, running, queued = [], [], []
-    for rid in order:
-        c = state.cells[rid]
+    for cid in order or list(grid.parts):
+        c, part = state.cells[cid], grid.parts[cid]
         status, started = c.get("status", "queued"), c.get("started_at")
         elapsed = now - started if status == "running" and started else c.get("duration_s")
-        est = estimate(rid, tasks[rid], tasks, durations)
-        eta = None if est is None else max(0.0, est - (elapsed or 0.0) if status == "running" else est)
         if status == "running":
+            eta = grid.estimator.remaining(part, elapsed)
             running.append(eta)
-        elif status in ("queued", "waiting"):
-            queued.append(eta)
+        else:
+            eta = grid.estimator.seconds(part)
+            if status in ("queued", "waiting"):
+                queued.append(eta)
         pending = status in ("queued", "waiting", "running")
         note = c.get("error") or c.get("note") or ""
-        rows.append([rid, c.get("task", ""), status, str(c.get("tries") or ""), fmt_s(elapsed) if elapsed else "",
+        rows.append([cid, c.get("task", ""), status, str(c.get("tries") or ""), fmt_s(elapsed) if elapsed else "",
                      fmt_s(eta) if pending else "", note[:120]])
     counts = {s: sum(1 for r in rows if r[2] == s)
               for s in ("complete", "failed", "interrupted", "running", "queued", "waiting")}
     left = grid_eta(running, queued, capacity)
     footer = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     footer += " — " + ("done" if not (running or queued) else f"ETA ~{fmt_s(left)}")
+    state.info["eta_s"] = None if left is None or not (running or queued) else round(left, 1)
+    state.info["eta_at"] = None if state.info["eta_s"] is None else round(now + left, 1)
     return rows, footer
 
 
@@ -75,8 +78,8 @@ STYLE = {"complete": "green", "failed": "red", "running": "yellow", "queued": "d
 
 
 class Progress:
-    def __init__(self, state: GridState, order: list[str], capacity: float, live: bool | None = None):
-        self.state, self.order, self.capacity = state, order, capacity
+    def __init__(self, grid, live: bool | None = None):
+        self.grid, self.state = grid, grid.state
         self.live = sys.stdout.isatty() if live is None else live
         self._seen: dict[str, Any] = {}
         self._live = None
@@ -98,7 +101,7 @@ class Progress:
     def _table(self):
         from rich.table import Table
 
-        rows, footer = cell_rows(self.state, self.order, self.capacity)
+        rows, footer = cell_rows(self.grid)
         table = Table(*HEADER, title="rankwise grid", caption=footer, caption_justify="left")
         for row in rows:
             table.add_row(*row[:2], f"[{STYLE.get(row[2], '')}]{row[2]}[/]", *row[3:])
@@ -109,7 +112,7 @@ class Progress:
             self._live.update(self._table())
             return
         changed = False
-        for rid in self.order:  # plain output: one line per status change, then the grid's ETA
+        for rid in list(self.grid.parts):  # plain output: one line per status change, then the grid's ETA
             c = self.state.cells[rid]
             key = (c.get("status"), c.get("tries"))
             if self._seen.get(rid) != key:
@@ -120,12 +123,12 @@ class Progress:
                       + (f" (try {c['tries']})" if c.get("tries") else "") + (f": {note}" if note else ""),
                       flush=True)
         if changed:
-            print(f"[grid {time.strftime('%H:%M:%S')}] {cell_rows(self.state, self.order, self.capacity)[1]}",
+            print(f"[grid {time.strftime('%H:%M:%S')}] {cell_rows(self.grid)[1]}",
                   flush=True)
 
     def print_table(self) -> None:
         """The final table, as plain text."""
-        rows, footer = cell_rows(self.state, self.order, self.capacity)
+        rows, footer = cell_rows(self.grid)
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
         for line in [HEADER, *rows]:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())

@@ -1,27 +1,34 @@
 """The grid loop: submit cells to the launcher, collect results, retry failures, compare tasks.
 
-A cell is skipped when its run folder holds a complete run of the same configuration and mode,
-waits while another process holds its lock (another grid command runs it), and otherwise goes
-to the launcher; ``rankwise.main`` resumes an incomplete run from its checkpoints (``resume=auto``).
-A failed cell is re-submitted up to ``retries`` times, except for the failures a retry cannot
-fix (exit 2 config, 3 data, 4 model load, 5 non-finite loss).
+A run is cut into cells (:mod:`rankwise.grid.cells`): its search trials, its seeds, its merge.
+A cell is skipped when its part of the run is done (a complete seed of the same configuration,
+a finished study, a complete run), waits while another process holds its lock (another grid
+command runs it), and otherwise goes to the launcher when it is ready: a seed after its run's
+search, a merge after its seeds. A free worker takes merges first, then trials, then the
+longest seed (:func:`rankwise.grid.plan.priority`). ``rankwise.main`` resumes an incomplete
+seed from its checkpoints (``resume=auto``). A failed cell is re-submitted up to ``retries``
+times, except for the failures a retry cannot fix (exit 2 config, 3 data, 4 model load, 5
+non-finite loss); the cells that wait for it then fail with it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rankwise.grid.cells import Cell
+from rankwise.grid.cells import Cell, Part, parts_of
 from rankwise.grid.compare import Comparison
 from rankwise.grid.launchers import run_env
+from rankwise.grid.plan import Estimator, is_ready, priority
 from rankwise.grid.state import GridState
-from rankwise.grid.worker import CellResult, CellSpec, folder_state
+from rankwise.grid.worker import CellResult, CellSpec, folder_state, part_state, study_state
 
 NO_RETRY_EXIT_CODES = (2, 3, 4, 5)
+TRIAL_CELLS_PER_TRIAL = 3  # trial cells a search may take in all, per trial it needs
 POLL_S = 0.5
 
 
@@ -47,100 +54,142 @@ def read_owner(path: Path) -> dict[str, Any]:
 
 class Grid:
     def __init__(self, cells: list[Cell], launcher, state: GridState, results_dir: Path, token: str,
-                 retries: int, compare: bool, trial: bool):
-        self.cells = {c.run_id: c for c in cells}
+                 retries: int, compare: bool, trial: bool, estimator: Estimator | None = None):
+        self.cells = {c.run_id: c for c in cells}  # the runs
         self.launcher, self.state, self.results_dir, self.token = launcher, state, results_dir, token
         self.retries, self.compare, self.trial = retries, compare, trial
         self.grid_dir = results_dir / "grid"
-        self.pending: deque[str] = deque()
+        self.parts: dict[str, Part] = {}  # cell id (<run_id>/<part>) -> its part, in grid order
+        self.pending: list[str] = []
         self.inflight: dict[str, tuple[Any, CellSpec]] = {}
         self.waiting: set[str] = set()
         self.tries: Counter[str] = Counter()
-        self.final: dict[str, str] = {}
+        self.final: dict[str, str] = {}  # per cell
+        self.run_final: dict[str, str] = {}  # per run: complete | failed
         self.comparisons: dict[str, Comparison] = {}
         self.stopping = False
         gpus = getattr(getattr(launcher, "resources", None), "gpus_per_run", 0) or 0
         self.gpus = gpus
         self.env = {} if launcher.name == "local" else run_env(launcher.resources)
+        self.estimator = estimator or Estimator(self.cells, results_dir, past=state.past_durations())
 
     # --- cells ------------------------------------------------------------------------------
 
-    def lock_path(self, run_id: str) -> Path:
-        return self.grid_dir / "locks" / f"{run_id}.lock"
+    def lock_path(self, cid: str) -> Path:
+        return self.grid_dir / "locks" / f"{cid}.lock"
 
-    def owner_path(self, run_id: str) -> Path:
-        return self.grid_dir / "locks" / f"{run_id}.owner.json"
+    def owner_path(self, cid: str) -> Path:
+        return self.grid_dir / "locks" / f"{cid}.owner.json"
 
     def scan(self) -> None:
-        """Mark complete cells, queue the others."""
+        """Cut every run into its cells; mark the done ones complete, queue the others."""
         for rid, cell in self.cells.items():
-            self.state.set(rid, task=cell.task, role=cell.role, command=cell.shell_command(self.gpus),
-                           tries=0, error=None, exit_code=None, note=None)
-            if folder_state(self.results_dir / rid, cell.config, cell.mode) == "complete":
-                self._finish(rid, "complete", note="already complete")
-            else:
-                self.state.set(rid, status="queued")
-                self.pending.append(rid)
+            run_dir = self.results_dir / rid
+            state = folder_state(run_dir, cell.config, cell.mode)
+            if state == "other" and not cell.user_resume:
+                self.clear_run_folder(rid)  # another configuration's run: start over
+            trials = 0
+            if cell.n_trials > 0 and state != "complete":
+                trials = max(0, cell.n_trials - study_state(run_dir)["finished"])
+            for part in parts_of(cell, trials):
+                self.add_part(part, done=state == "complete")
+            if state == "complete":
+                self.run_final[rid] = "complete"
 
-    def _finish(self, rid: str, status: str, **fields: Any) -> None:
-        self.final[rid] = status
-        self.state.set(rid, status=status, **fields)
+    def clear_run_folder(self, rid: str) -> None:
+        """Empty a run folder that holds another configuration's run (what ``resume=false``
+        does), unless another grid holds one of the run's cells."""
+        locks = self.grid_dir / "locks" / rid
+        if locks.is_dir() and any(lock_held(p) for p in locks.glob("*.lock")):
+            return
+        run_dir = self.results_dir / rid
+        for entry in run_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
-    def spec(self, rid: str) -> CellSpec:
-        cell, n = self.cells[rid], self.tries[rid]
-        return CellSpec(rid, cell.command(gpus=self.gpus), str(self.results_dir / rid), str(self.lock_path(rid)),
-                        str(self.owner_path(rid)), str(self.grid_dir / "logs" / rid / f"{self.token}-try{n}"),
-                        cell.config, cell.mode, self.token, n, cell.user_resume, dict(self.env))
+    def add_part(self, part: Part, done: bool = False) -> None:
+        cid, cell = part.id, self.cells[part.run_id]
+        self.parts[cid] = part
+        self.state.set(cid, run_id=part.run_id, part=part.name, kind=part.kind, task=cell.task, role=cell.role,
+                       command=cell.shell_command(self.gpus, part.args), tries=0, error=None,
+                       exit_code=None, note=None)
+        if done or part_state(self.spec(cid)) == "complete":
+            self._finish(cid, "complete", note="already complete")
+        else:
+            self.state.set(cid, status="queued")
+            self.pending.append(cid)
+
+    def _finish(self, cid: str, status: str, **fields: Any) -> None:
+        self.final[cid] = status
+        self.state.set(cid, status=status, **fields)
+
+    def spec(self, cid: str) -> CellSpec:
+        part = self.parts[cid]
+        cell, n = self.cells[part.run_id], self.tries[cid]
+        return CellSpec(part.run_id, cell.command(gpus=self.gpus, part=part.args),
+                        str(self.results_dir / part.run_id), str(self.lock_path(cid)), str(self.owner_path(cid)),
+                        str(self.grid_dir / "logs" / part.run_id / f"{part.name}-{self.token}-try{n}"),
+                        cell.config, cell.mode, self.token, n, cell.user_resume, dict(self.env),
+                        kind=part.kind, index=part.index, n_trials=cell.n_trials)
+
+    def run_parts(self, rid: str) -> list[Part]:
+        return [p for p in self.parts.values() if p.run_id == rid]
+
+    def ready(self) -> list[str]:
+        """Pending cells whose dependencies are met, in the order free workers take them."""
+        done = {cid for cid, status in self.final.items() if status == "complete"}
+        parts = list(self.parts.values())
+        ready = [cid for cid in self.pending if is_ready(self.parts[cid], parts, done)]
+        return sorted(ready, key=lambda cid: priority(self.parts[cid], self.estimator.seconds(self.parts[cid])))
 
     def submit(self) -> None:
         batch: list[str] = []
-        while self.pending and not self.stopping and len(self.inflight) + len(batch) < self.launcher.capacity:
-            rid = self.pending.popleft()
-            if lock_held(self.lock_path(rid)):
-                self._wait_for_other(rid)
+        for cid in self.ready():
+            if self.stopping or len(self.inflight) + len(batch) >= self.launcher.capacity:
+                break
+            self.pending.remove(cid)
+            if lock_held(self.lock_path(cid)):
+                self._wait_for_other(cid)
                 continue
-            cell = self.cells[rid]
-            if folder_state(self.results_dir / rid, cell.config, cell.mode) == "complete":
-                self._finish(rid, "complete", note="completed by another grid")
+            if part_state(self.spec(cid)) == "complete":
+                self._finish(cid, "complete", note="completed by another grid")
                 continue
-            self.tries[rid] += 1
-            batch.append(rid)
+            self.tries[cid] += 1
+            batch.append(cid)
         if not batch:
             return
-        specs = [self.spec(rid) for rid in batch]
-        for rid, spec, handle in zip(batch, specs, self.launcher.submit(specs)):
-            self.inflight[rid] = (handle, spec)
-            self.state.set(rid, status="queued", tries=self.tries[rid], job_id=self.launcher.job_id(handle))
+        specs = [self.spec(cid) for cid in batch]
+        for cid, spec, handle in zip(batch, specs, self.launcher.submit(specs)):
+            self.inflight[cid] = (handle, spec)
+            self.state.set(cid, status="queued", tries=self.tries[cid], job_id=self.launcher.job_id(handle))
 
-    def _wait_for_other(self, rid: str) -> None:
-        owner = read_owner(self.owner_path(rid))
-        self.waiting.add(rid)
+    def _wait_for_other(self, cid: str) -> None:
+        owner = read_owner(self.owner_path(cid))
+        self.waiting.add(cid)
         where = f" (pid {owner.get('pid')} on {owner.get('host')})" if owner else ""
-        self.state.set(rid, status="waiting", note=f"another grid runs it{where}")
+        self.state.set(cid, status="waiting", note=f"another grid runs it{where}")
 
     def recheck_waiting(self) -> None:
-        for rid in sorted(self.waiting):
-            if lock_held(self.lock_path(rid)):
+        for cid in sorted(self.waiting):
+            if lock_held(self.lock_path(cid)):
                 continue
-            self.waiting.discard(rid)
-            cell = self.cells[rid]
-            if folder_state(self.results_dir / rid, cell.config, cell.mode) == "complete":
-                self._finish(rid, "complete", note="completed by another grid")
+            self.waiting.discard(cid)
+            if part_state(self.spec(cid)) == "complete":
+                self._finish(cid, "complete", note="completed by another grid")
             else:  # the other grid failed or stopped: this one takes it
-                self.state.set(rid, status="queued", note=None)
-                self.pending.appendleft(rid)
+                self.state.set(cid, status="queued", note=None)
+                self.pending.insert(0, cid)
 
     def mark_running(self) -> None:
         """Cells whose worker has taken them: status running, and a running attempt written to
         grid.json at once, so a grid killed outright (SIGKILL) still leaves its attempt on record
         (the next grid marks it lost; ``GridState.save``)."""
         started = False
-        for rid, (_, spec) in self.inflight.items():
-            owner = read_owner(self.owner_path(rid))
+        for cid, (_, spec) in self.inflight.items():
+            owner = read_owner(self.owner_path(cid))
             if owner.get("token") == self.token and owner.get("attempt") == spec.attempt \
-                    and self.state.cells[rid].get("status") != "running":
-                self.state.set(rid, status="running", started_at=owner.get("started_at"), host=owner.get("host"))
-                self.state.add_attempt(rid, {"grid": self.token, "try": spec.attempt, "host": owner.get("host"),
+                    and self.state.cells[cid].get("status") != "running":
+                self.state.set(cid, status="running", started_at=owner.get("started_at"), host=owner.get("host"))
+                self.state.add_attempt(cid, {"grid": self.token, "try": spec.attempt, "host": owner.get("host"),
                                              "pid": owner.get("pid"), "started_at": owner.get("started_at"),
                                              "ended_at": None, "status": "running"})
                 started = True
@@ -148,44 +197,81 @@ class Grid:
             self.state.save()
 
     def harvest(self) -> None:
-        for rid, (handle, spec) in list(self.inflight.items()):
+        for cid, (handle, spec) in list(self.inflight.items()):
             if not handle.done():
                 continue
-            del self.inflight[rid]
+            del self.inflight[cid]
             try:
                 result = handle.result()
             except Exception as exc:  # noqa: BLE001  the launcher lost the job (worker killed, job failed)
                 text = (str(exc).strip().splitlines() or [""])[-1]
-                result = CellResult(rid, "failed", None, f"{type(exc).__name__}: {text}"[:500])
-            self.collect(rid, spec, result)
+                result = CellResult(spec.run_id, "failed", None, f"{type(exc).__name__}: {text}"[:500])
+            self.collect(cid, spec, result)
+        self.follow_up()
 
-    def collect(self, rid: str, spec: CellSpec, result: CellResult) -> None:
+    def collect(self, cid: str, spec: CellSpec, result: CellResult) -> None:
         if result.status == "busy":  # lost the race for the lock to another grid
-            self.tries[rid] -= 1
-            self._wait_for_other(rid)
+            self.tries[cid] -= 1
+            self._wait_for_other(cid)
             return
         if result.status == "skipped":
-            self._finish(rid, "complete", note="completed by another grid")
+            self._finish(cid, "complete", note="completed by another grid")
             return
         duration = (result.ended_at - result.started_at) if result.started_at and result.ended_at else None
-        self.state.add_attempt(rid, {"grid": self.token, "try": spec.attempt, "host": result.host,
+        self.state.add_attempt(cid, {"grid": self.token, "try": spec.attempt, "host": result.host,
                                      "pid": result.pid, "started_at": result.started_at,
                                      "ended_at": result.ended_at, "status": result.status,
                                      "exit_code": result.exit_code, "error": result.error, "log": result.log})
         fields = {"exit_code": result.exit_code, "error": result.error, "log": result.log, "duration_s": duration}
         if result.status == "complete":
-            self._finish(rid, "complete", note=None, **fields)
+            self._finish(cid, "complete", note=None, **fields)
         elif self.stopping:
-            self._finish(rid, "interrupted", **fields, note="the grid was interrupted; re-run to resume")
-        elif self.retryable(rid, result):
-            self.state.set(rid, status="queued", **{**fields, "error": None},
+            self._finish(cid, "interrupted", **fields, note="the grid was interrupted; re-run to resume")
+        elif self.retryable(cid, result):
+            self.state.set(cid, status="queued", **{**fields, "error": None},
                            note=f"retrying after: {result.error}")
-            self.pending.append(rid)
+            self.pending.append(cid)
         else:
-            self._finish(rid, "failed", **fields)
+            self._finish(cid, "failed", **fields)
 
-    def retryable(self, rid: str, result: CellResult) -> bool:
-        return (not self.stopping and self.tries[rid] <= self.retries
+    def follow_up(self) -> None:
+        """After cells end: a search whose trial cells all ended short of ``n_trials`` finished
+        trials (a trial failed or drew an invalid configuration) gets another trial cell, up to
+        ``TRIAL_CELLS_PER_TRIAL × n_trials`` in all; a failed cell fails the cells that wait
+        for it; a run is complete when its merge is."""
+        for rid, cell in self.cells.items():
+            if rid in self.run_final:
+                continue
+            parts = self.run_parts(rid)
+            trials = [p for p in parts if p.kind == "trial"]
+            failed = [p for p in parts if self.final.get(p.id) == "failed"]
+            if failed:
+                for p in parts:
+                    if p.id in self.pending:
+                        self.pending.remove(p.id)
+                        self._finish(p.id, "failed", note=f"not run: {failed[0].name} failed")
+                if not any(p.id in self.inflight for p in parts):
+                    self.run_final[rid] = "failed"
+                continue
+            if trials and all(self.final.get(p.id) == "complete" for p in trials):
+                finished = study_state(self.results_dir / rid)["finished"]
+                if finished < cell.n_trials and any(p.kind != "trial" and p.id in self.pending for p in parts):
+                    if len(trials) < TRIAL_CELLS_PER_TRIAL * cell.n_trials:
+                        self.add_part(Part(rid, "trial", len(trials) + 1))
+                    else:
+                        for p in parts:
+                            if p.id in self.pending:
+                                self.pending.remove(p.id)
+                                self._finish(p.id, "failed", note=f"the search has {finished}/{cell.n_trials} "
+                                                                  f"finished trials after {len(trials)} trial cells")
+                        self.run_final[rid] = "failed"
+                        continue
+            merge = self.parts.get(f"{rid}/merge")
+            if merge is not None and self.final.get(merge.id) == "complete":
+                self.run_final[rid] = "complete"
+
+    def retryable(self, cid: str, result: CellResult) -> bool:
+        return (not self.stopping and self.tries[cid] <= self.retries
                 and result.exit_code not in NO_RETRY_EXIT_CODES)
 
     # --- comparisons ------------------------------------------------------------------------
@@ -195,9 +281,9 @@ class Grid:
             return
         for task in dict.fromkeys(c.task for c in self.cells.values()):
             ids = [rid for rid, c in self.cells.items() if c.task == task]
-            if task in self.comparisons or any(rid not in self.final for rid in ids):
+            if task in self.comparisons or any(rid not in self.run_final for rid in ids):
                 continue
-            done = [rid for rid in ids if self.final[rid] == "complete"]
+            done = [rid for rid in ids if self.run_final[rid] == "complete"]
             if done:
                 self.comparisons[task] = Comparison(task, self.results_dir, done,
                                                     self.results_dir / "comparison" / task, self.trial, self.grid_dir)
@@ -206,7 +292,7 @@ class Grid:
             self.state.comparisons[task] = comp.record()
 
     def compare_all(self) -> Comparison | None:
-        done = [rid for rid in self.cells if self.final.get(rid) == "complete"]
+        done = [rid for rid in self.cells if self.run_final.get(rid) == "complete"]
         if not self.compare or self.stopping or not done:
             return None
         for comp in self.comparisons.values():
@@ -254,7 +340,7 @@ class Grid:
         """Stop submitting; running cells are asked to stop (they checkpoint and exit 130)."""
         self.stopping = True
         self.launcher.stop()
-        for rid in list(self.pending) + sorted(self.waiting):
-            self.state.set(rid, status="queued", note="not started: the grid was interrupted")
+        for cid in list(self.pending) + sorted(self.waiting):
+            self.state.set(cid, status="queued", note="not started: the grid was interrupted")
         self.pending.clear()
         self.waiting.clear()

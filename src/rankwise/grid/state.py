@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,14 +38,14 @@ class GridState:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def cell(self, run_id: str) -> dict[str, Any]:
-        return self.cells.setdefault(run_id, {"run_id": run_id, "attempts": []})
+    def cell(self, cid: str) -> dict[str, Any]:
+        return self.cells.setdefault(cid, {"cell": cid, "attempts": []})
 
-    def set(self, run_id: str, **fields: Any) -> None:
-        self.cell(run_id).update(fields, updated_at=time.time(), grid=self.token)
+    def set(self, cid: str, /, **fields: Any) -> None:
+        self.cell(cid).update(fields, updated_at=time.time(), grid=self.token)
 
-    def add_attempt(self, run_id: str, record: dict[str, Any]) -> None:
-        attempts = self.cell(run_id)["attempts"]
+    def add_attempt(self, cid: str, record: dict[str, Any]) -> None:
+        attempts = self.cell(cid)["attempts"]
         key = (record.get("grid"), record.get("try"))
         attempts[:] = [a for a in attempts if (a.get("grid"), a.get("try")) != key] + [record]
 
@@ -72,13 +71,13 @@ class GridState:
                                           "cells": cells, "comparisons": comparisons})
 
     def past_durations(self) -> dict[str, list[float]]:
-        """Wall times of complete attempts per run id, from grid.json and this grid."""
+        """Wall times of complete attempts per cell, from grid.json and this grid."""
         out: dict[str, list[float]] = {}
-        sources = [*(self.previous.get("cells") or {}).values(), *self.cells.values()]
-        for cell in sources:
+        sources = [*(self.previous.get("cells") or {}).items(), *self.cells.items()]
+        for cid, cell in sources:
             for a in cell.get("attempts") or []:
                 if a.get("status") == "complete" and a.get("started_at") and a.get("ended_at"):
-                    out.setdefault(cell["run_id"], []).append(a["ended_at"] - a["started_at"])
+                    out.setdefault(cid, []).append(a["ended_at"] - a["started_at"])
         return out
 
 
@@ -111,13 +110,3 @@ def mark_lost(grids: list[dict[str, Any]], cells: dict[str, dict[str, Any]]) -> 
 
 def a_key(attempt: dict[str, Any]) -> tuple:
     return attempt.get("grid"), attempt.get("try")
-
-
-def estimate(run_id: str, task: str, tasks: dict[str, str], durations: dict[str, list[float]]) -> float | None:
-    """Expected wall time of a cell: its own last complete attempt, else the median of its
-    task's cells, else of all cells; None before any cell has finished."""
-    if durations.get(run_id):
-        return durations[run_id][-1]
-    same = [d[-1] for rid, d in durations.items() if d and tasks.get(rid) == task]
-    pool = same or [d[-1] for d in durations.values() if d]
-    return statistics.median(pool) if pool else None

@@ -42,6 +42,9 @@ class CellSpec:
     attempt: int
     user_resume: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    kind: str = "run"  # run (the whole run) | trial | seed | merge (rankwise.grid.cells.Part)
+    index: int = 0  # the seed of a seed cell
+    n_trials: int = 0  # the run's search
 
 
 @dataclass
@@ -79,6 +82,48 @@ def same_config(metrics: dict[str, Any], config: dict[str, Any], mode: str) -> b
     if isinstance(best, dict):
         expected = with_dotted_values(config, best)  # as the final run of a search has it
     return metrics.get("mode") == mode and metrics.get("config") == expected
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def study_state(run_dir: Path) -> dict[str, Any]:
+    """How far the run's search is, from the study files every search worker rewrites after
+    each trial (``optuna/best_params.json``): finished trials (complete or pruned), the target,
+    the best trial; zeros before the first trial."""
+    data = read_json_file(Path(run_dir) / "optuna" / "best_params.json") or {}
+    finished = int(data.get("n_complete") or 0) + int(data.get("n_pruned") or 0)
+    return {"finished": finished, "n_trials": data.get("n_trials"), "best_trial_number": data.get("best_trial_number")}
+
+
+def seed_done(run_dir: Path, seed: int, config: dict[str, Any], mode: str, n_trials: int) -> bool:
+    """Whether ``seed<N>/result.json`` is a complete seed of this run config and mode (after a
+    search, of the study's current best trial); what ``rankwise.main seed_only=N`` keeps."""
+    record = read_json_file(Path(run_dir) / f"seed{seed}" / "result.json")
+    if record is None or record.get("mode") != mode or record.get("run_config") != config:
+        return False
+    if n_trials > 0 and mode == "full":
+        search, study = record.get("search") or {}, study_state(run_dir)
+        return (search.get("n_trials") == n_trials and study["finished"] >= n_trials
+                and search.get("best_trial_number") == study["best_trial_number"])
+    return True
+
+
+def part_state(spec: CellSpec) -> str:
+    """``complete`` when the cell's part of the run is done, else what :func:`folder_state`
+    says of the run folder (``other``: another configuration's run is there)."""
+    run_dir = Path(spec.run_dir)
+    state = folder_state(run_dir, spec.config, spec.mode)
+    if spec.kind in ("run", "merge") or state == "complete":
+        return state
+    if spec.kind == "trial":
+        return "complete" if study_state(run_dir)["finished"] >= spec.n_trials else state
+    return "complete" if seed_done(run_dir, spec.index, spec.config, spec.mode, spec.n_trials) else state
 
 
 def folder_state(run_dir: Path, config: dict[str, Any], mode: str) -> str:
@@ -163,11 +208,11 @@ def run_cell(spec: CellSpec) -> CellResult:
     except Timeout:
         return CellResult(spec.run_id, "busy")
     try:
-        state = folder_state(Path(spec.run_dir), spec.config, spec.mode)
+        state = part_state(spec)
         if state == "complete":  # another grid finished it since this one looked
             return CellResult(spec.run_id, "skipped")
         command = list(spec.command)
-        if state == "other" and not spec.user_resume:
+        if state == "other" and not spec.user_resume and spec.kind == "run":
             command.append("resume=false")  # never resume a checkpoint of another configuration
         started = time.time()
         owner = {"token": spec.token, "attempt": spec.attempt, "pid": os.getpid(),
@@ -175,9 +220,12 @@ def run_cell(spec: CellSpec) -> CellResult:
         Path(spec.owner_path).write_text(json.dumps(owner) + "\n")
         rc, err_path = _run_child(spec, command)
         result = CellResult(spec.run_id, "failed", rc, None, started, time.time(), log=str(err_path))
-        done = folder_state(Path(spec.run_dir), spec.config, spec.mode) == "complete"
+        # a trial cell is done when its trial finished (the study may still need others)
+        done = rc == 0 if spec.kind == "trial" else part_state(spec) == "complete"
         if rc == 0 and done:
             result.status = "complete"
+        elif rc == 0 and spec.kind == "seed":
+            result.error = f"exited 0 but seed{spec.index}/result.json is not a complete seed of this run"
         elif rc == 0:
             metrics = read_metrics(Path(spec.run_dir)) or {}
             result.error = f"exited 0 but metrics.json status is {metrics.get('status')!r}"

@@ -185,6 +185,7 @@ def run_search(
     *,
     catch: tuple[type[Exception], ...] = (NonFiniteLossError,),
     max_failed_trials: int | None = None,
+    max_trials: int | None = None,
 ) -> SearchResult:
     """Run (or resume, or join) the study until ``n_trials`` trials are COMPLETE or PRUNED.
 
@@ -199,6 +200,8 @@ def run_search(
     only while no trial has finished (so a space where every trial fails still stops), and
     more than ``INVALID_TRIALS_PER_TRIAL × n_trials`` of them stop it too. ``seed`` is every
     trial's ``training.seed`` and, unless ``optuna.sampler_seed`` is set, the sampler's seed.
+    ``max_trials``: this process runs at most that many trials and never waits for other
+    workers' running trials (the grid's search cells; 0 reads the study as it is).
     """
     t_start = time.perf_counter()
     n_trials = optuna_cfg.n_trials
@@ -222,6 +225,7 @@ def run_search(
             optuna_cfg,
             _StudyOutputs(study, optuna_cfg, url, study_dir),
             t_start,
+            max_trials=max_trials,
         )
         timed_out = worker.run(trial_objective, catch, max_failed, study_dir)
         trials = study.get_trials(deepcopy=False)
@@ -329,7 +333,9 @@ class _Worker:
     cfg: OptunaConfig
     outputs: _StudyOutputs
     t_start: float
+    max_trials: int | None = None  # this process's share (None: until the study is done)
     waiting_logged: bool = False
+    ran: int = 0
 
     def run(
         self,
@@ -352,13 +358,18 @@ class _Worker:
                 _check_failures(self.run_id, trials, finished, max_failed, n_trials, study_dir)
                 if self._timeout_reached(time.perf_counter() - t_loop, finished):
                     return True
+                if self.max_trials is not None and self.ran >= self.max_trials:
+                    return False
                 if finished + _count(trials, (TrialState.RUNNING,)) >= n_trials:
+                    if self.max_trials is not None:  # the other cells hold the slots left
+                        return False
                     # The remaining slots are held by running trials (other workers', or a dead
                     # one not yet past its grace period): wait; a failure frees its slot.
                     self._log_waiting_once()
                     time.sleep(poll_s)
                     continue
                 self.waiting_logged = False
+                self.ran += 1
                 self._run_one_trial(trial_objective, catch)
         finally:
             self.outputs.write()

@@ -34,7 +34,7 @@ from rankwise.data.loading import (
 from rankwise.errors import NonFiniteLossError, RankwiseError
 from rankwise.measure.after_training import TrainedRun, measure_trained_model
 from rankwise.metrics import compute_metrics
-from rankwise.results import append_jsonl
+from rankwise.results import append_jsonl, atomic_write_json
 from rankwise.runtime import (
     autocast_context,
     count_params,
@@ -296,6 +296,7 @@ class Trainer:
         if not resumed and self.history_file.exists() and self.dist.is_main:
             self.history_file.unlink()
         self._calibrate()
+        self._progress_base = (self.global_step, time.time())  # this process's share of the steps
         self.method.prepare_training(self.model, self.total_steps)
         self.train_model = self.dist.wrap(self.model)  # after hooks that set requires_grad
         self.model.train()
@@ -362,6 +363,7 @@ class Trainer:
                 self.step_times.append(time.perf_counter() - t_step)
                 t_step = time.perf_counter()
                 progress.update(1)
+                self._write_progress()
                 if self._log_due():
                     self._log_running(running, n_running, progress)
                     running, n_running = {}, 0
@@ -369,6 +371,18 @@ class Trainer:
             if self.global_step >= self.total_steps or end_of_epoch:
                 break
         return last
+
+    def _write_progress(self) -> None:
+        """``<seed_dir>/progress.json`` (step, total steps, seconds per step since this process
+        started training): what a grid's ETA reads. Written at steps 1, 2, 4, 8, 16 and at
+        every logged step, so an estimate exists from the first steps."""
+        done = self.global_step - self._progress_base[0]
+        if not self.dist.is_main or not (self._log_due() or self.global_step in (1, 2, 4, 8, 16)) or done < 1:
+            return
+        elapsed = time.time() - self._progress_base[1]
+        atomic_write_json(self.seed_dir / "progress.json",
+                          {"step": self.global_step, "total_steps": self.total_steps,
+                           "s_per_step": elapsed / done, "updated_at": time.time()})
 
     def _log_due(self) -> bool:
         return (self.global_step % self.training.log_every_n_steps == 0
