@@ -463,3 +463,75 @@ def test_grid_eta_schedules_queued_cells_on_free_slots():
     assert grid_eta([70.0], [100.0, 100.0], float("inf")) == 100.0  # Slurm: everything at once
     assert grid_eta([30.0], [None], 1) == 60.0  # no estimate yet: the mean of the known ones
     assert grid_eta([None], [], 1) is None and grid_eta([], [], 1) == 0.0
+
+
+def test_a_search_runs_its_trials_as_cells_two_at_a_time(tmp_path, fake_glue, fake_evaluate):
+    """4 trials on 2 workers: each trial its own cell (max_trials=1) on the run's one study, two
+    at a time; the seeds start when the study is done and train its best configuration."""
+    import optuna
+
+    results = tmp_path / "r"
+    search = ["optuna.n_trials=4", "optuna.search_space.batch_size.choices=[8,16]",
+              "optuna.selection_split=0.25", "optuna.heartbeat_interval=1", "optuna.grace_period=5"]
+    assert main(grid_args(results, fake_glue, "workers=2", "compare=false", *search, runs=(LORA,))) == 0
+    cells = grid_json(results)["cells"]
+    trials = sorted(cid for cid in cells if cid.startswith(f"{LORA}/trial"))
+    assert trials == [f"{LORA}/trial{i}" for i in range(1, 5)]
+    spans = sorted((cells[c]["attempts"][0]["started_at"], cells[c]["attempts"][0]["ended_at"]) for c in trials)
+    overlaps = [a[1] > b[0] for a, b in zip(spans, spans[1:])]
+    assert sum(overlaps) >= 2  # side by side, two at a time
+    assert all(max(e for _, e in spans) <= cells[f"{LORA}/seed{s}"]["attempts"][0]["started_at"] for s in (1, 2))
+    study = optuna.load_study(study_name=LORA, storage=f"sqlite:///{results / LORA / 'optuna' / 'study.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 4 and {t.state for t in finished} <= {optuna.trial.TrialState.COMPLETE,
+                                                                   optuna.trial.TrialState.PRUNED}
+    m = metrics(results, LORA)
+    assert m["status"] == "complete" and m["seeds"] == [1, 2] and m["search"]["n_finished"] == 4
+    assert m["config"]["training"]["batch_size"] == study.best_params["batch_size"]
+    assert m["config"]["training"]["learning_rate"] == study.best_params["learning_rate"]
+
+
+def test_experiment_1_cells_skip_the_measurement_its_comparison_does_not_report(tmp_path):
+    from rankwise.grid.cells import build_cells
+
+    exp1 = "cpu-proposed-MiniLM-L6--GLUE-RTE"
+    exp2 = next(s for s in SHIPPED if s.startswith("cpu-tabs-proposed-"))
+    def measures(cell) -> bool:  # the config as written: no key means the default, measured
+        return cell.config["training"].get("inference_measurement", {}).get("enabled", True)
+
+    cells = {c.run_id: c for c in build_cells([exp1, exp2], tmp_path, "full", None, [])}
+    assert not measures(cells[exp1]) and "training.inference_measurement.enabled=false" in cells[exp1].args
+    assert measures(cells[exp2]) and cells[exp2].estimate["measure"]
+    assert measures(build_cells([exp1], tmp_path, "full", None, [], measure="all")[0])
+    # a single run keeps its defaults: the flag is the grid's alone
+    from rankwise.config.loader import load_job
+
+    assert load_job([f"run={exp1}"]).run.training.inference_measurement.enabled is True
+
+
+def test_plan_prints_every_cell_with_its_estimate_and_runs_nothing(tmp_path, fake_glue, capsys):
+    results = tmp_path / "r"
+    assert main(grid_args(results, fake_glue, "plan=true", "workers=2")) == 0
+    out = capsys.readouterr().out
+    for rid in (LORA, FULL):
+        for part in ("seed1", "seed2", "merge"):
+            line = next(x for x in out.splitlines() if x.strip().startswith(f"{rid}/{part}"))
+            assert line.split()[-1] != "?"  # every cell has an estimate (the probe's step times)
+        assert not (results / rid).exists()
+    assert "plan: 6 cell(s)" in out and "on 2 worker(s)" in out and "nothing was run" in out
+    probe = json.loads((results / "grid" / "probe.json").read_text())["result"]
+    assert set(probe["runs"]) == {LORA, FULL} and all(r["s_per_step"] > 0 for r in probe["runs"].values())
+
+
+def test_simulated_schedule_waits_for_the_search_and_takes_the_longest_seed_first():
+    from rankwise.grid.cells import Part
+    from rankwise.grid.plan import simulate
+
+    a = [Part("a", "trial", 1), Part("a", "trial", 2), Part("a", "seed", 1), Part("a", "merge", 0)]
+    b = [Part("b", "seed", 1), Part("b", "seed", 2), Part("b", "merge", 0)]
+    seconds = {"a/trial1": 10, "a/trial2": 10, "a/seed1": 30, "a/merge": 1,
+               "b/seed1": 20, "b/seed2": 20, "b/merge": 1}
+    # 2 workers: trials 0-10 on both, then a/seed1 (longest) and b/seed1 from 10, b/seed2 30-50,
+    # a's merge at 40, b's merge at 50-51
+    assert simulate(a + b, seconds, 2) == 51
+    assert simulate(a + b, seconds, 1) == sum(seconds.values())
