@@ -52,6 +52,7 @@ print(json.dumps({"tokens": ids.hexdigest(), "svd": s.hexdigest(), "svd_hit": hi
 """
 
 
+@pytest.mark.long  # several processes; CI's second step (pytest -m long)
 def test_workers_on_a_cold_cache_build_each_entry_once(tmp_path, fake_glue):
     import os
 

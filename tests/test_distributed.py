@@ -94,6 +94,7 @@ def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "seed42" / "history.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.long  # several processes; CI's second step (pytest -m long)
 def test_two_gloo_processes_train_like_one(tmp_path, fake_glue):
     from rankwise.main import main
 

@@ -1,5 +1,6 @@
-"""``scripts/gpu_check.sh --device cpu --quick``: the GPU check's CPU fallback, in the default
-suite so the script, the gpu-marked tests and both benchmarks keep running without a GPU."""
+"""``scripts/gpu_check.sh --device cpu --quick``: the GPU check's CPU fallback, in CI's long
+checks (``pytest -m long``) so the script, the gpu-marked tests and both benchmarks keep running
+without a GPU."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.long  # several processes; CI's second step (pytest -m long)
 def test_gpu_check_cpu_fallback_writes_one_json(tmp_path, fake_glue):
     env = {**os.environ, "PYTHON": sys.executable, "RANKWISE_DATA_DIR": str(fake_glue),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}

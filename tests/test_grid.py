@@ -390,6 +390,7 @@ def test_sigkill_mid_grid_then_rerun_finishes_without_retraining(tmp_path, fake_
             assert (results / rid / path).read_bytes() == (ref_results / rid / path).read_bytes()
 
 
+@pytest.mark.long  # several processes; CI's second step (pytest -m long)
 def test_two_grids_started_together_train_each_cell_once(tmp_path, fake_glue):
     results = tmp_path / "r"
     args = grid_args(results, fake_glue, "workers=1", "compare=false", "mode=trial")
@@ -465,6 +466,7 @@ def test_grid_eta_schedules_queued_cells_on_free_slots():
     assert grid_eta([None], [], 1) is None and grid_eta([], [], 1) == 0.0
 
 
+@pytest.mark.long  # 4 trial processes, 2 seeds, a merge; CI's second step (pytest -m long)
 def test_a_search_runs_its_trials_as_cells_two_at_a_time(tmp_path, fake_glue, fake_evaluate):
     """4 trials on 2 workers: each trial its own cell (max_trials=1) on the run's one study, two
     at a time; the seeds start when the study is done and train its best configuration."""

@@ -145,6 +145,7 @@ def test_determinism_twice_in_a_row(tmp_path, fake_glue, uninterrupted):
     assert without_timings(a) == without_timings(b)
 
 
+@pytest.mark.long  # several processes; CI's second step (pytest -m long)
 def test_sigterm_stops_at_step_boundary_and_marks_interrupted(tmp_path, fake_glue, uninterrupted):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *args(out, fake_glue)],

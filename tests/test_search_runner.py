@@ -220,6 +220,7 @@ def test_default_pruner_is_median_and_unknown_names_are_refused():
     assert exc.value.key == "optuna.pruner"
 
 
+@pytest.mark.long  # several processes; CI's second step (pytest -m long)
 def test_sigkilled_search_resumes_to_exactly_n_trials(tmp_path, fake_glue):
     args = search_args(tmp_path, fake_glue, 3)
     run_dir = tmp_path / RUN

@@ -277,11 +277,14 @@ class Grid:
     # --- comparisons ------------------------------------------------------------------------
 
     def compare_finished_tasks(self) -> None:
+        """A first look at each task as soon as its runs are done, while other runs still train
+        (the last task's first look would be redone at once in the experiment's family)."""
         if not self.compare or self.stopping:
             return
+        training = len(self.run_final) < len(self.cells)
         for task in dict.fromkeys(c.task for c in self.cells.values()):
             ids = [rid for rid, c in self.cells.items() if c.task == task]
-            if task in self.comparisons or any(rid not in self.run_final for rid in ids):
+            if not training or task in self.comparisons or any(rid not in self.run_final for rid in ids):
                 continue
             done = [rid for rid in ids if self.run_final[rid] == "complete"]
             if done:
@@ -304,12 +307,20 @@ class Grid:
         return comp
 
     def compare_tasks_in_family(self, family: Path) -> None:
-        """Each task's comparison again, with the experiment-wide Holm family of ``family``."""
-        for task, first in list(self.comparisons.items()):
-            comp = Comparison(task, self.results_dir, first.run_ids, first.out_dir, self.trial,
+        """Each task's comparison (again, after a first look), with the experiment-wide Holm
+        family of ``family``; the tasks side by side."""
+        started = []
+        for task in dict.fromkeys(c.task for c in self.cells.values()):
+            done = [rid for rid, c in self.cells.items() if c.task == task and self.run_final.get(rid) == "complete"]
+            if not done:
+                continue
+            comp = Comparison(task, self.results_dir, done, self.results_dir / "comparison" / task, self.trial,
                               self.grid_dir, family=family)
+            comp.poll()
             self.comparisons[task] = comp
-            self.state.comparisons[task] = comp.wait()
+            started.append(comp)
+        for comp in started:
+            self.state.comparisons[comp.name] = comp.wait()
 
     # --- the loop ---------------------------------------------------------------------------
 
