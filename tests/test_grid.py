@@ -537,3 +537,22 @@ def test_simulated_schedule_waits_for_the_search_and_takes_the_longest_seed_firs
     # a's merge at 40, b's merge at 50-51
     assert simulate(a + b, seconds, 2) == 51
     assert simulate(a + b, seconds, 1) == sum(seconds.values())
+
+
+def test_a_running_seed_s_eta_is_its_own_steps_left_times_its_step_time(tmp_path):
+    from rankwise.grid.cells import Cell, Part
+    from rankwise.grid.plan import Estimator
+
+    est = {"epochs": 1, "max_steps": None, "batch_size": 10, "eval_batch_size": 10, "max_train_samples": 1000,
+           "max_eval_samples": 0, "max_seq_length": 64, "dataset": "glue", "subset": "sst2", "data_dir": None,
+           "max_batches": None, "measure": False, "timed_batches": 0, "n_lengths": 0, "repeats": 0, "method": "lora"}
+    cell = Cell("r", "T", "proposed", [], {"run_id": "r"}, "full", seeds=[1, 2], estimate=est)
+    probe = {"s_per_step": 1.0, "s_per_eval_batch": 0.5, "load_s": 5.0}
+    estimator = Estimator({"r": cell}, tmp_path, probe)
+    seed1 = Part("r", "seed", 1)
+    assert estimator.seconds(seed1) == 5.0 + 100 * 1.0  # before it runs: the probe's step time
+    (tmp_path / "r" / "seed1").mkdir(parents=True)
+    (tmp_path / "r" / "seed1" / "progress.json").write_text(json.dumps(
+        {"step": 40, "total_steps": 100, "s_per_step": 2.0, "updated_at": time.time()}))
+    assert estimator.remaining(seed1, elapsed=90.0) == 60 * 2.0  # its own rate from its first steps
+    assert estimator.seconds(Part("r", "seed", 2)) == 5.0 + 100 * 2.0  # the queued seed learns from it

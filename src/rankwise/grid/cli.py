@@ -67,12 +67,14 @@ def grid_help():
         command="rankwise grid",
         usage=("experiment=1|2 scale=cpu|full [tasks=[...]] [roles=[...]] [seeds=[...]] [key=VALUE ...]",
                "runs=[<id|path.yaml>,...] results_dir=DIR [key=VALUE ...]"),
-        summary="Train an experiment's grid of run configs (one cell per run id, all its seeds) on "
-                "a local pool, Slurm or Ray, resumably, then compare each task's runs and all of "
-                "them. python -m rankwise.grid takes the same arguments.",
+        summary="Train an experiment's grid of run configs on a local pool, Slurm or Ray, "
+                "resumably, one cell per seed and per search trial of each run (then a merge into "
+                "the run's folder), then compare each task's runs and all of them. "
+                "python -m rankwise.grid takes the same arguments.",
         arguments=(*keys, ("key.path=VALUE", ("a run-config key (model.*, dataset.*, training.*, "
                                              "...) or device, resume, wandb.*: passed to every cell"))),
-        examples=("rankwise grid experiment=1 scale=cpu tasks=[RTE] workers=2",
+        examples=("rankwise grid experiment=1 scale=cpu tasks=[RTE]",
+                  "rankwise grid experiment=1 scale=cpu tasks=[RTE] plan=true",
                   "rankwise grid experiment=2 scale=cpu mode=trial",
                   ("rankwise grid experiment=1 scale=full launcher=slurm slurm.partition=gpu "
                   "'seeds=[1,2,3]'")),
@@ -113,7 +115,7 @@ def layout_probe(cfg, cells, results_dir: Path) -> dict | None:
     """On a CPU machine with workers and cpus_per_run unset (local pool, full mode): the
     workers × threads layout of the fastest probe (:mod:`rankwise.grid.probe`), set on ``cfg``;
     kept in ``grid/probe.json`` and reused while the probed run and the cores are the same.
-    With ``plan=true`` every run is probed at that layout too. None when nothing was probed."""
+    With ``plan=true`` every run is probed at the grid's layout too. None when nothing was probed."""
     import json
 
     from rankwise.grid.launchers import thread_env, usable_cores, visible_gpus
@@ -129,41 +131,42 @@ def layout_probe(cfg, cells, results_dir: Path) -> dict | None:
     cores = usable_cores()
     choose = (cfg.launcher == "local" and cfg.workers is None and cfg.cpus_per_run is None and cfg.probe
               and cfg.mode == "full" and len(cores) > 1 and not visible_gpus())
-    if not choose and not cfg.plan:
-        return cached.get("result") if cached.get("cores") == cores else None
     # the run with the most work per seed (steps × length) stands for the grid's model
     longest = max(cells, key=lambda c: (seed_steps(c.estimate) or 0) * c.estimate["max_seq_length"])
     key = {"args": longest.args, "cores": cores}
-    parallel = sum(len(c.seeds) for c in cells)
-    if cached.get("key") == key and cached.get("result", {}).get("chosen"):
-        result = cached["result"]
-        print(f"grid: layout from the earlier probe in {path}", flush=True)
-    else:
-        print(f"grid: probing workers × threads on {longest.run_id} ...", flush=True)
-        result = choose_layout(longest.args, cores, max_workers=min(len(cores), parallel))
-    chosen = result.get("chosen")
-    if chosen is None:
-        print("grid: the probe failed (" + "; ".join(t.get("error", "") for t in result["layouts"])
-              + "); 1 worker with every core", flush=True)
-    else:
+    result = cached.get("result") if cached.get("key") == key else None
+    if choose:
+        if result and result.get("chosen"):
+            print(f"grid: layout from the earlier probe in {path}", flush=True)
+        else:
+            print(f"grid: probing workers × threads on {longest.run_id} ...", flush=True)
+            result = choose_layout(longest.args, cores, max_workers=min(len(cores), sum(len(c.seeds) for c in cells)))
+        chosen = result.get("chosen")
         lines = [f"{t['workers']}×{t['threads']}: {t['s_per_step']:.3f} s/step, {t['steps_per_s']:.2f} steps/s"
                  for t in result["layouts"] if "steps_per_s" in t]
-        print(f"grid: probe {'; '.join(lines)} -> {chosen['workers']} worker(s) × {chosen['threads']} thread(s)",
-              flush=True)
-        if choose:
+        if chosen is None:
+            print("grid: the probe failed (" + "; ".join(t.get("error", "") for t in result["layouts"])
+                  + "); 1 worker with every core", flush=True)
+        else:
+            print(f"grid: probe {'; '.join(lines)} -> {chosen['workers']} worker(s) × {chosen['threads']} "
+                  f"thread(s)", flush=True)
             cfg.workers, cfg.cpus_per_run = chosen["workers"], chosen["threads"]
-    if cfg.plan and chosen is not None and set(result.get("runs", {})) != {c.run_id for c in cells}:
-        workers, threads = cfg.workers or chosen["workers"], cfg.cpus_per_run or chosen["threads"]
+    result = dict(result or {})
+    if cfg.plan and set(result.get("runs") or {}) != {c.run_id for c in cells}:
+        workers = cfg.workers or 1
+        threads = cfg.cpus_per_run or max(1, len(cores) // workers)
+        print(f"grid: probing every run at {workers} worker(s) × {threads} thread(s) ...", flush=True)
         runs = {}
-        for i in range(0, len(cells), workers):  # every run at the layout, ``workers`` at a time
+        for i in range(0, len(cells), workers):  # ``workers`` runs side by side, as the grid runs them
             batch = cells[i:i + workers]
             slots = [{"cores": cores[w * threads:(w + 1) * threads], "env": thread_env(threads)}
                      for w in range(len(batch))]
             for cell, r in zip(batch, run_probes([(c.args, slot) for c, slot in zip(batch, slots)])):
                 runs[cell.run_id] = r
         result["runs"] = runs
-    atomic_write_json(path, {"key": key, "cores": cores, "result": result})
-    return result
+    if result:
+        atomic_write_json(path, {"key": key, "cores": cores, "result": result})
+    return result or None
 
 
 def print_plan(cfg, cells, launcher, results_dir: Path, probe: dict | None) -> int:

@@ -134,14 +134,19 @@ class Estimator:
         if step is None:
             return past[-1] if past else None
         cell = self.cells[part.run_id]
-        probe_step = self.probe.get("s_per_step")
-        eval_batch = self.probe.get("s_per_eval_batch")
+        probed = (self.probe.get("runs") or {}).get(part.run_id) or {}
+        own = probed if probed.get("s_per_step") else self.probe
+        probe_step, eval_batch = own.get("s_per_step"), own.get("s_per_eval_batch")
         if eval_batch is None:
             eval_batch = step / 3  # a forward at the evaluation batch size: about a third of a step
         elif probe_step:
-            eval_batch *= step / probe_step  # the run's own speed relative to the probed run
-        load = self.probe.get("load_s", FALLBACK_LOAD_S)
+            eval_batch *= step / probe_step  # the run's own speed relative to its probe
+        load = self.load_s(part.run_id)
         return seed_seconds(cell, step, eval_batch, load, measure=part.kind == "seed")
+
+    def load_s(self, run_id: str) -> float:
+        probed = (self.probe.get("runs") or {}).get(run_id) or {}
+        return probed.get("load_s") or self.probe.get("load_s") or FALLBACK_LOAD_S
 
     def remaining(self, part: Part, elapsed: float | None) -> float | None:
         """Seconds left of a running cell: from its own progress (steps left × its seconds per
@@ -154,7 +159,7 @@ class Estimator:
                 tail = 0.0
                 if total is not None:
                     steps = seed_steps(cell.estimate) or p["total_steps"]
-                    tail = max(0.0, total - steps * self.step_time(part.run_id) - self.probe.get("load_s", FALLBACK_LOAD_S))
+                    tail = max(0.0, total - steps * self.step_time(part.run_id) - self.load_s(part.run_id))
                 return max(0.0, (p["total_steps"] - p["step"]) * p["s_per_step"]) + tail
         if total is None:
             return None
