@@ -5,7 +5,8 @@ run's per-seed predictions are byte-identical.
 
 ``WALL_S`` is the grid command's measured end-to-end time; ``THREADS`` the threads each cell ran
 with (cpus_per_run). A cell's core-time is its attempts' wall time × its threads (read from
-``grid.json``). The first grid is the reference for the prediction check.
+``grid.json``); ``ideal_wall_s`` is the cells' core-time over the cores. The first grid is the
+reference for the prediction check; ``--baseline`` names the grid the speed-ups are against.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("grids", nargs="+", help="NAME=RESULTS_DIR:WALL_S:THREADS")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--baseline", help="the grid the speed-ups are against (default: the first)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows, reference = [], None
@@ -49,8 +51,9 @@ def main() -> None:
                      "wall_over_ideal": round(wall_s / (core_s / args.cores), 3),
                      "prediction_files": len(digests),
                      "identical_to_first": f"{len(same)}/{len(reference)}"})
-    for row in rows[1:]:
-        row["first_speedup"] = round(row["wall_s"] and rows[0]["wall_s"] / row["wall_s"], 3)
+    base = next((r for r in rows if r["grid"] == args.baseline), rows[0])
+    for row in rows:
+        row[f"speedup_vs_{base['grid']}"] = round(base["wall_s"] / row["wall_s"], 3)
     text = json.dumps(rows, indent=2)
     print(text)
     if args.out:

@@ -292,10 +292,9 @@ def test_local_grid_with_two_workers_completes_and_compares(reference):
     for out in (results / "comparison" / "RTE", results / "comparison"):
         report = json.loads((out / "aggregated_metrics.json").read_text())
         assert report["run_ids"] == [LORA, FULL] and "allow_trial=true" not in report["argv"]
-    # the task's comparison is written again inside the experiment's one Holm family
-    family = results / "comparison" / "aggregated_metrics.json"
+    # one task: its comparison is the experiment's Holm family itself (no second pass)
     assert json.loads((results / "comparison" / "RTE" / "aggregated_metrics.json").read_text())[
-        "holm_family"] == str(family)
+        "holm_family"] is None
     assert {k: v["status"] for k, v in grid_json(results)["comparisons"].items()} == {"RTE": "complete",
                                                                                       "all": "complete"}
 
@@ -341,7 +340,7 @@ def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys, monkeypat
     # one Holm family for the experiment: the task's output carries the overall adjusted p
     task_pairs, all_pairs = ({tuple(t["runs"]): (t["p_adjusted"], t.get("n_tests_corrected"))
                               for t in r["pairwise"]} for r in reports)
-    assert task_pairs == all_pairs and reports[0]["holm_family"].endswith("aggregated_metrics.json")
+    assert task_pairs == all_pairs
 
 
 def test_sigkill_mid_grid_then_rerun_finishes_without_retraining(tmp_path, fake_glue, reference):
@@ -556,3 +555,28 @@ def test_a_running_seed_s_eta_is_its_own_steps_left_times_its_step_time(tmp_path
         {"step": 40, "total_steps": 100, "s_per_step": 2.0, "updated_at": time.time()}))
     assert estimator.remaining(seed1, elapsed=90.0) == 60 * 2.0  # its own rate from its first steps
     assert estimator.seconds(Part("r", "seed", 2)) == 5.0 + 100 * 2.0  # the queued seed learns from it
+
+
+def test_several_tasks_are_compared_again_in_the_experiment_s_family(tmp_path, fake_evaluate):
+    """Two tasks: each task's comparison runs in the family of the comparison of all runs; one
+    task: its comparison and the overall one run side by side, the task's being the family."""
+    def finished_grid(tasks):
+        cells = [Cell(f"r-{t}-{i}", t, "proposed", [], {"run_id": f"r-{t}-{i}"}, "full") for t in tasks for i in (1, 2)]
+        for c in cells:
+            (tmp_path / c.run_id).mkdir(parents=True, exist_ok=True)
+            (tmp_path / c.run_id / "metrics.json").write_text(json.dumps({"status": "complete", "mode": "full"}))
+        grid = Grid(cells, ScriptedLauncher({}), GridState(tmp_path / "grid.json", "tok", []), tmp_path, "tok",
+                    1, compare=True, trial=False)
+        grid.run_final = {c.run_id: "complete" for c in cells}
+        return grid
+
+    def family_of(task):
+        return json.loads((tmp_path / "comparison" / task / "aggregated_metrics.json").read_text())["holm_family"]
+
+    assert finished_grid(["A", "B"]).compare_all().result["status"] == "complete"
+    overall = str(tmp_path / "comparison" / "aggregated_metrics.json")
+    assert family_of("A") == overall and family_of("B") == overall
+    shutil.rmtree(tmp_path / "comparison")
+    grid = finished_grid(["A"])
+    assert grid.compare_all().result["status"] == "complete" and family_of("A") is None
+    assert grid.state.comparisons["A"]["status"] == "complete"

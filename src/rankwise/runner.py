@@ -113,7 +113,7 @@ def execute(job: Job, prepare_run_dir: Callable[..., bool]) -> str:
         job.seed_identity = seed_identity(job, search, run_config)
         if c.merge_seeds:
             return merge_seed_results(job, t_start, search)
-        return train_seed_only(job, c.seed_only, search)
+        return train_seed_only(job, c.seed_only)
     if job.run.optuna.n_trials > 0:  # 0 in trial mode (config.loader.resolve_mode)
         return search_then_final_run(job, prepare_run_dir, t_start)
     return train_and_write(job, prepare_run_dir, t_start)
@@ -359,7 +359,7 @@ def read_seed_result(job: Job, seed: int) -> dict[str, Any] | None:
     return record if {k: record.get(k) for k in same} == same else None
 
 
-def train_seed_only(job: Job, seed: int, search: dict[str, Any] | None) -> str:
+def train_seed_only(job: Job, seed: int) -> str:
     """``seed_only=N``: train seed N as the whole run would (same Trainer, data, checkpoints,
     predictions file) into ``seed<N>/`` and write ``seed<N>/result.json``; the run folder is
     shared with the other seeds' processes and never cleared. A complete result of this

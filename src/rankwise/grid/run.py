@@ -295,12 +295,24 @@ class Grid:
             self.state.comparisons[task] = comp.record()
 
     def compare_all(self) -> Comparison | None:
+        """Every complete run in one comparison (the experiment's one Holm family), then each
+        task's comparison in that family. With one task the two compare the same runs, so the
+        task's is the family itself: both run side by side, no second pass."""
         done = [rid for rid in self.cells if self.run_final.get(rid) == "complete"]
         if not self.compare or self.stopping or not done:
             return None
         for comp in self.comparisons.values():
             self.state.comparisons[comp.name] = comp.wait()
         comp = Comparison("all", self.results_dir, done, self.results_dir / "comparison", self.trial, self.grid_dir)
+        tasks = list(dict.fromkeys(self.cells[rid].task for rid in done))
+        if len(tasks) == 1:
+            task = Comparison(tasks[0], self.results_dir, done, self.results_dir / "comparison" / tasks[0],
+                              self.trial, self.grid_dir)
+            task.poll()
+            self.comparisons[tasks[0]] = task
+            self.state.comparisons["all"] = comp.wait()
+            self.state.comparisons[tasks[0]] = task.wait()
+            return comp
         self.state.comparisons["all"] = comp.wait()
         if comp.result.get("status") == "complete":
             self.compare_tasks_in_family(comp.out_dir / "aggregated_metrics.json")

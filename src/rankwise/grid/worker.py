@@ -66,12 +66,16 @@ class CellResult:
 # --- the run folder -----------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+def read_json_file(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((Path(run_dir) / "metrics.json").read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    return read_json_file(Path(run_dir) / "metrics.json")
 
 
 def same_config(metrics: dict[str, Any], config: dict[str, Any], mode: str) -> bool:
@@ -82,14 +86,6 @@ def same_config(metrics: dict[str, Any], config: dict[str, Any], mode: str) -> b
     if isinstance(best, dict):
         expected = with_dotted_values(config, best)  # as the final run of a search has it
     return metrics.get("mode") == mode and metrics.get("config") == expected
-
-
-def read_json_file(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def study_state(run_dir: Path) -> dict[str, Any]:
@@ -145,6 +141,11 @@ _stopping = False
 _pool_parent: int | None = None  # a local pool worker's parent (the grid), set by init_local_worker
 _preloaded = False  # this worker imported rankwise.main and its libraries once (init_local_worker)
 MAIN_MODULE = ["-m", "rankwise.main"]
+# What a preloaded worker imports once (the libraries every run imports, lazily or not, and the
+# model code of both backbones); nothing here starts a thread or touches a GPU.
+PRELOAD = ("rankwise.main", "rankwise.runner", "rankwise.training.loop", "rankwise.measure.after_training",
+           "rankwise.verdicts", "peft", "peft.tuners.lora", "datasets", "optuna",
+           "transformers.models.bert.modeling_bert", "transformers.models.deberta_v2.modeling_deberta_v2")
 
 
 def _prepare_child() -> None:  # runs in the child between fork and exec (or the forked run)
@@ -309,10 +310,13 @@ def init_local_worker(slots, preload: bool = True) -> None:
     os.environ.update(slot.get("env", {}))
     if preload:  # once per worker, with its threads set: every cell forks from here (_fork_main)
         global _preloaded
-        import rankwise.main  # noqa: F401
-        import rankwise.runner  # noqa: F401
-        import rankwise.training.loop  # noqa: F401
+        import importlib
 
+        for module in PRELOAD:
+            try:
+                importlib.import_module(module)
+            except ImportError:  # an optional library: the run imports (or misses) it itself
+                pass
         _preloaded = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runs; the worker waits for them
     signal.signal(signal.SIGTERM, _forward_and_stop)
