@@ -5,6 +5,7 @@ Cells are two shipped CPU-twin run ids (LoRA r=8 and Full FT on RTE) on the tiny
 the fake GLUE mirror, 16 training examples, so every cell is one short ``rankwise.main`` process.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -18,12 +19,12 @@ import pytest
 
 from rankwise.config.loader import packaged_configs
 from rankwise.grid import compare, main
-from rankwise.main import main as run_main
 from rankwise.grid.cells import Cell, parse_run_name, select_experiment
 from rankwise.grid.launchers import Resources, local_resources, usable_cores
 from rankwise.grid.run import Grid
 from rankwise.grid.state import GridState
 from rankwise.grid.worker import CellResult, same_config
+from rankwise.main import main as run_main
 
 LORA, FULL = "cpu-comparative-1-MiniLM-L6--GLUE-RTE", "cpu-baseline-MiniLM-L6--GLUE-RTE"
 FAKE_EVALUATE = [sys.executable, str(Path(__file__).with_name("grid_fake_evaluate.py"))]
@@ -479,7 +480,7 @@ def test_a_search_runs_its_trials_as_cells_two_at_a_time(tmp_path, fake_glue, fa
     trials = sorted(cid for cid in cells if cid.startswith(f"{LORA}/trial"))
     assert trials == [f"{LORA}/trial{i}" for i in range(1, 5)]
     spans = sorted((cells[c]["attempts"][0]["started_at"], cells[c]["attempts"][0]["ended_at"]) for c in trials)
-    overlaps = [a[1] > b[0] for a, b in zip(spans, spans[1:])]
+    overlaps = [a[1] > b[0] for a, b in itertools.pairwise(spans)]
     assert sum(overlaps) >= 2  # side by side, two at a time
     assert all(max(e for _, e in spans) <= cells[f"{LORA}/seed{s}"]["attempts"][0]["started_at"] for s in (1, 2))
     study = optuna.load_study(study_name=LORA, storage=f"sqlite:///{results / LORA / 'optuna' / 'study.db'}")
@@ -580,3 +581,17 @@ def test_several_tasks_are_compared_again_in_the_experiment_s_family(tmp_path, f
     grid = finished_grid(["A"])
     assert grid.compare_all().result["status"] == "complete" and family_of("A") is None
     assert grid.state.comparisons["A"]["status"] == "complete"
+
+
+def test_a_layout_probe_is_kept_per_machine_and_run_config(tmp_path):
+    from rankwise.grid.cli import probe_key, read_probe, remember_probe
+
+    path = tmp_path / "grid-probes.json"
+    key = probe_key(["run=x", "results_dir=/a", "training.epochs=1"], [0, 1])
+    assert key == probe_key(["run=x", "results_dir=/elsewhere", "training.epochs=1"], [0, 1])
+    assert read_probe(path, key) is None
+    remember_probe(path, key, {"chosen": {"workers": 2, "threads": 1}})
+    remember_probe(path, probe_key(["run=y"], [0, 1]), {"chosen": {"workers": 1, "threads": 2}})
+    assert read_probe(path, key) == {"chosen": {"workers": 2, "threads": 1}}
+    assert read_probe(path, probe_key(["run=x", "training.epochs=2"], [0, 1])) is None  # another run
+    assert read_probe(path, probe_key(["run=x", "training.epochs=1"], [0])) is None  # other cores

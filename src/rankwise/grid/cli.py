@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 def layout_probe(cfg, cells, results_dir: Path) -> dict | None:
     """On a CPU machine with workers and cpus_per_run unset (local pool, full mode): the
     workers × threads layout of the fastest probe (:mod:`rankwise.grid.probe`), set on ``cfg``;
-    kept in ``grid/probe.json`` and reused while the probed run and the cores are the same.
+    kept in ``grid/probe.json`` and in this machine's ``<cache>/grid-probes.json``, and reused
+    while the probed run, the cores, the host and the torch build are the same.
     With ``plan=true`` every run is probed at the grid's layout too. None when nothing was probed."""
-    import json
 
     from rankwise.grid.launchers import thread_env, usable_cores, visible_gpus
     from rankwise.grid.plan import seed_steps
@@ -124,20 +125,22 @@ def layout_probe(cfg, cells, results_dir: Path) -> dict | None:
     from rankwise.results import atomic_write_json
 
     path = results_dir / "grid" / "probe.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    machine = machine_probes_path()
     cores = usable_cores()
     choose = (cfg.launcher == "local" and cfg.workers is None and cfg.cpus_per_run is None and cfg.probe
               and cfg.mode == "full" and len(cores) > 1 and not visible_gpus())
     # the run with the most work per seed (steps × length) stands for the grid's model
     longest = max(cells, key=lambda c: (seed_steps(c.estimate) or 0) * c.estimate["max_seq_length"])
-    key = {"args": longest.args, "cores": cores}
-    result = cached.get("result") if cached.get("key") == key else None
+    key = probe_key(longest.args, cores)
+    result, where = None, None
+    for source in (path, machine):  # this folder's probe, else this machine's for the same run
+        cached = read_probe(source, key)
+        if cached is not None:
+            result, where = cached, source
+            break
     if choose:
         if result and result.get("chosen"):
-            print(f"grid: layout from the earlier probe in {path}", flush=True)
+            print(f"grid: layout from the earlier probe in {where}", flush=True)
         else:
             print(f"grid: probing workers × threads on {longest.run_id} ...", flush=True)
             result = choose_layout(longest.args, cores, max_workers=min(len(cores), sum(len(c.seeds) for c in cells)))
@@ -165,8 +168,55 @@ def layout_probe(cfg, cells, results_dir: Path) -> dict | None:
                 runs[cell.run_id] = r
         result["runs"] = runs
     if result:
-        atomic_write_json(path, {"key": key, "cores": cores, "result": result})
+        atomic_write_json(path, {"key": key, "result": result})
+        if result.get("chosen"):
+            remember_probe(machine, key, {k: v for k, v in result.items() if k != "runs"})
     return result or None
+
+
+def machine_probes_path() -> Path:
+    """This machine's layout probes, one per probed run config (the rankwise cache folder)."""
+    from rankwise.models import default_cache_dir
+
+    return default_cache_dir() / "grid-probes.json"
+
+
+def probe_key(args: list[str], cores: list[int]) -> dict:
+    """What a layout probe depends on: the probed run as configured (not where it writes), the
+    cores, the host and the torch build."""
+    import platform
+    from importlib.metadata import version
+
+    return {"args": [a for a in args if not a.startswith("results_dir=")], "cores": cores,
+            "host": platform.node(), "torch": version("torch")}
+
+
+def read_probe(path: Path, key: dict) -> dict | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    entries = data.get("probes", [data]) if isinstance(data, dict) else []
+    return next((e["result"] for e in entries if isinstance(e, dict) and e.get("key") == key), None)
+
+
+def remember_probe(path: Path, key: dict, result: dict, keep: int = 50) -> None:
+    import json
+
+    from filelock import FileLock
+
+    from rankwise.results import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=30):
+        try:
+            probes = json.loads(path.read_text()).get("probes", [])
+        except (OSError, ValueError, AttributeError):
+            probes = []
+        probes = [p for p in probes if p.get("key") != key] + [{"key": key, "result": result}]
+        atomic_write_json(path, {"probes": probes[-keep:]})
 
 
 def print_plan(cfg, cells, launcher, results_dir: Path, probe: dict | None) -> int:
@@ -194,7 +244,7 @@ def print_plan(cfg, cells, launcher, results_dir: Path, probe: dict | None) -> i
     for cid, est in rows:
         print(f"  {cid.ljust(width)}  {est}")
     total = simulate(parts, seconds, launcher.capacity if launcher.capacity != float("inf") else len(parts))
-    core_s = sum(v for v in seconds.values() if v == v)
+    core_s = sum(v for v in seconds.values() if not math.isnan(v))
     print(f"plan: {len(parts)} cell(s), {fmt_s(core_s)} of cell time on {launcher.capacity} worker(s) "
           f"-> about {fmt_s(total)} end to end (comparisons not included); nothing was run", flush=True)
     return 0

@@ -32,18 +32,11 @@ FALLBACK_LOAD_S = 10.0  # process start and model load when no probe measured it
 SWEEP_FORWARDS_PER_LENGTH_BATCH = 1.0
 
 
-def train_rows(est: dict[str, Any]) -> int | None:
-    """Rows a seed trains on: ``max_train_samples``, else the local training split's row count."""
-    n = est.get("max_train_samples")
-    rows = parquet_rows(est, "train")
-    if n is not None:
-        return min(n, rows) if rows is not None else n
-    return rows
-
-
-def eval_rows(est: dict[str, Any]) -> int | None:
-    n = est.get("max_eval_samples")
-    rows = parquet_rows(est, "validation")
+def split_rows(est: dict[str, Any], split: str) -> int | None:
+    """Rows a seed reads of ``split`` (``train`` | ``validation``): its ``max_*_samples`` cap,
+    else (or below it) the local split's row count."""
+    n = est.get("max_train_samples" if split == "train" else "max_eval_samples")
+    rows = parquet_rows(est, split)
     if n is not None:
         return min(n, rows) if rows is not None else n
     return rows
@@ -68,7 +61,7 @@ def parquet_rows(est: dict[str, Any], split: str) -> int | None:
 
 
 def seed_steps(est: dict[str, Any]) -> int | None:
-    rows = train_rows(est)
+    rows = split_rows(est, "train")
     if rows is None:
         return None
     per_epoch = math.ceil(rows / est["batch_size"])
@@ -84,7 +77,7 @@ def seed_seconds(cell: Cell, s_per_step: float, s_per_eval_batch: float, load_s:
     steps = seed_steps(est)
     if steps is None:
         return None
-    n_eval = eval_rows(est)
+    n_eval = split_rows(est, "validation")
     eval_batches = math.ceil(n_eval / est["eval_batch_size"]) if n_eval else 0
     if est.get("max_batches") is not None:
         eval_batches = min(eval_batches, est["max_batches"])

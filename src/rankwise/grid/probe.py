@@ -76,7 +76,7 @@ def run_probes(jobs: list[tuple[list[str], dict[str, Any]]], python: str = sys.e
         env = {**os.environ, **slot.get("env", {})}
         cores = slot.get("cores")
 
-        def pin(cores=cores):  # noqa: ANN202  (runs in the child before exec)
+        def pin(cores=cores):  # runs in the child before exec
             if cores and hasattr(os, "sched_setaffinity"):
                 os.sched_setaffinity(0, cores)
 

@@ -13,7 +13,6 @@ import time
 from typing import Any, Self
 
 
-
 def fmt_s(seconds: float | None) -> str:
     if seconds is None or math.isnan(seconds):
         return "?"

@@ -189,11 +189,11 @@ def last_line(path: Path) -> str | None:
     return lines[-1][:500] if lines else None
 
 
-def _fork_main(args: list[str], out, err) -> int:
-    """``rankwise.main``'s ``main(args)`` in a forked child of this preloaded worker (its
-    imports already done: a cell starts in milliseconds instead of seconds); the child's
-    stdout/stderr go to the log files. Returns the exit code (negative: killed by a signal),
-    as ``subprocess`` reports it."""
+def _fork_module(module: str, args: list[str], out, err) -> int:
+    """``python -m <module> <args>`` in a forked child of this preloaded worker, as the
+    interpreter would run it (``runpy``), with the imports already done: a cell starts in
+    milliseconds instead of seconds. The child's stdout/stderr go to the log files. Returns the
+    exit code (negative: killed by a signal), as ``subprocess`` reports it."""
     global _forked
     sys.stdout.flush()
     sys.stderr.flush()
@@ -204,12 +204,13 @@ def _fork_main(args: list[str], out, err) -> int:
             _prepare_child()
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
-            sys.argv = ["rankwise.main", *args]
-            from rankwise.main import main
+            import runpy
 
-            code = main(args)
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:  # noqa: BLE001  as an uncaught exception ends `python -m`
             import traceback
 
@@ -242,7 +243,7 @@ def _run_child(spec: CellSpec, command: list[str]) -> tuple[int, Path]:
         err.write(f"$ {' '.join(command)}\n")
         err.flush()
         if _preloaded and command[1:3] == MAIN_MODULE and not spec.env:
-            return _fork_main(command[3:], out, err), err_path
+            return _fork_module(command[2], command[3:], out, err), err_path
         # preexec_fn: the parent-death signal must be set in the child itself (workers run one thread)
         _child = subprocess.Popen(command, stdout=out, stderr=err, env=env, preexec_fn=_prepare_child)  # noqa: PLW1509
         try:
@@ -308,7 +309,7 @@ def init_local_worker(slots, preload: bool = True) -> None:
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
     os.environ.update(slot.get("env", {}))
-    if preload:  # once per worker, with its threads set: every cell forks from here (_fork_main)
+    if preload:  # once per worker, with its threads set: every cell forks from here (_fork_module)
         global _preloaded
         import importlib
 
