@@ -268,3 +268,21 @@ def test_optimistic_selection_and_missing_split_are_shown(results):
     evaluate(root, ["iw", "lora"])
     summary = (root / "comparison" / "summary.md").read_text()
     assert "**optimistic**" in summary and "validation_mismatched" in summary
+
+
+def test_each_searched_run_s_chosen_values_are_in_the_summary(results):
+    root, *_ = results
+
+    def edit(m):
+        m["search"] = {"selection_split": "train[0.1]", "selection_optimistic": False, "n_trials": 4,
+                       "n_finished": 4, "metric_name": "validation_accuracy", "best_value": 0.8125,
+                       "best_overrides": {"training.learning_rate": 0.00031, "training.batch_size": 16}}
+
+    edit_metrics(root, "iw", edit)
+    evaluate(root, ["iw", "lora"])
+    summary = (root / "comparison" / "summary.md").read_text()
+    section = summary[summary.index("## Search"):]
+    row = next(line for line in section.splitlines() if line.startswith("| iw"))
+    assert "4/4" in row and "train[0.1]" in row and "validation_accuracy = 0.8125" in row
+    assert "`training.batch_size=16`" in row and "`training.learning_rate=0.00031`" in row
+    assert "| lora" not in section.split("\n\n## ")[0]  # no search, no row

@@ -201,6 +201,26 @@ def checks_section(report: dict) -> list[str]:
                                           rows) + ["", note, ""]
 
 
+def search_section(report: dict, runs: list[dict]) -> list[str]:
+    """Each searched run's chosen values (the study's best trial, applied to the final run), how
+    many trials finished and where they were scored, so arms tuned alike can be checked."""
+    rows = []
+    for r in runs:
+        sel = report["selection"].get(r["run_id"])
+        if not sel:
+            continue
+        chosen = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{k}={v}`"
+                           for k, v in sorted(sel.get("chosen", {}).items())) or "—"
+        best = sel.get("best_value")
+        rows.append([run_name(r), f"{sel.get('n_finished', '?')}/{sel.get('n_trials', '?')}",
+                     str(sel.get("split")), f"{sel.get('metric')} = {best:.4f}" if isinstance(best, float) else "—",
+                     chosen])
+    if not rows:
+        return []
+    return ["## Search", ""] + table(["run", "trials finished", "scored on", "best trial", "chosen values"],
+                                     rows) + [""]
+
+
 def notes_section(report: dict, runs: list[dict]) -> list[str]:
     notes = []
     for r in runs:
@@ -231,7 +251,7 @@ def summary_markdown(report: dict, runs: list[dict]) -> str:
         lines += [(f"**Trial-mode runs included** ({', '.join(report['trial_runs'])}): "
                   "their numbers are smoke tests, not results."), ""]
     for section in (metrics_section(report, runs), methods_by_tasks_section(report),
-                    costs_section(report, runs), checks_section(report), verdicts_section(report),
-                    notes_section(report, runs)):
+                    costs_section(report, runs), search_section(report, runs), checks_section(report),
+                    verdicts_section(report), notes_section(report, runs)):
         lines += section
     return "\n".join(lines).rstrip() + "\n"
