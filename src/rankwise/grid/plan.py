@@ -159,7 +159,6 @@ class Estimator:
         return max(0.0, total - (elapsed or 0.0))
 
 
-
 def priority(part: Part, seconds: float | None) -> tuple:
     """Which ready cell a free worker takes first: merges (they finish runs), then search
     trials (a run's seeds wait for its study), then the longest seed."""
