@@ -17,7 +17,7 @@ from typing import Any
 from rankwise.cli_help import CommandHelp, answer_flags, flag_name, key_argument
 from rankwise.config.loader import Job, load_job
 from rankwise.errors import ConfigError, RankwiseError
-from rankwise.results import atomic_write_json, read_json
+from rankwise.results import atomic_write_json, empty_folder, read_json
 
 log = logging.getLogger("rankwise")
 
@@ -62,13 +62,7 @@ def prepare_run_dir(job: Job, keep: tuple[str, ...] = ()) -> bool:
         log.info("resuming incomplete run in %s (status %s)", run_dir, status)
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
-    for entry in run_dir.iterdir():
-        if entry.name in keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    empty_folder(run_dir, keep)
     return False
 
 

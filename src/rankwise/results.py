@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,18 @@ def per_seed_values(run: dict, metric: str) -> list[float]:
         return [float(v) for v in values]
     value = run.get("final", {}).get(metric)
     return [float(value)] if isinstance(value, (int, float)) else []
+
+
+def empty_folder(folder: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything in ``folder`` except the entries named in ``keep`` (links are removed,
+    not followed)."""
+    for entry in Path(folder).iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

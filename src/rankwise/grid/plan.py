@@ -19,6 +19,7 @@ without the measurement. A merge is a few seconds.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -49,7 +50,13 @@ def parquet_rows(est: dict[str, Any], split: str) -> int | None:
     root = est.get("data_dir") or os.environ.get("RANKWISE_DATA_DIR")
     if est.get("dataset") != "glue" or not root:
         return None
-    files = sorted((Path(root) / str(est.get("subset"))).glob(f"{split}*-of-*.parquet"))
+    return _footer_rows(str(root), str(est.get("subset")), split)
+
+
+@functools.cache
+def _footer_rows(root: str, subset: str, split: str) -> int | None:
+    """Read once per split: estimates are asked for at every scheduling pass."""
+    files = sorted((Path(root) / subset).glob(f"{split}*-of-*.parquet"))
     if not files:
         return None
     try:

@@ -39,14 +39,14 @@ def grid_eta(running: list[float | None], queued: list[float | None], capacity: 
     return max(slots)
 
 
-def cell_rows(grid, order: list[str] | None = None) -> tuple[list[list[str]], str]:
+def cell_rows(grid) -> tuple[list[list[str]], str]:
     """Rows (cell, task, status, try, elapsed, ETA, note) and a footer with the grid's ETA:
     each cell's time from :class:`rankwise.grid.plan.Estimator` (a running seed's own step rate
     once it has logged steps), the queued cells placed on the first free worker."""
     now = time.time()
     state, capacity = grid.state, grid.launcher.capacity
     rows, running, queued = [], [], []
-    for cid in order or list(grid.parts):
+    for cid in grid.parts:
         c, part = state.cells[cid], grid.parts[cid]
         status, started = c.get("status", "queued"), c.get("started_at")
         elapsed = now - started if status == "running" and started else c.get("duration_s")

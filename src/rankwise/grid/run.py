@@ -14,7 +14,6 @@ non-finite loss); the cells that wait for it then fail with it.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,7 @@ from rankwise.grid.launchers import run_env
 from rankwise.grid.plan import Estimator, is_ready, priority
 from rankwise.grid.state import GridState
 from rankwise.grid.worker import CellResult, CellSpec, folder_state, part_state, study_state
+from rankwise.results import empty_folder
 
 NO_RETRY_EXIT_CODES = (2, 3, 4, 5)
 TRIAL_CELLS_PER_TRIAL = 3  # trial cells a search may take in all, per trial it needs
@@ -102,9 +102,7 @@ class Grid:
         locks = self.grid_dir / "locks" / rid
         if locks.is_dir() and any(lock_held(p) for p in locks.glob("*.lock")):
             return
-        run_dir = self.results_dir / rid
-        for entry in run_dir.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        empty_folder(self.results_dir / rid)
 
     def add_part(self, part: Part, done: bool = False) -> None:
         cid, cell = part.id, self.cells[part.run_id]
@@ -142,6 +140,8 @@ class Grid:
         return sorted(ready, key=lambda cid: priority(self.parts[cid], self.estimator.seconds(self.parts[cid])))
 
     def submit(self) -> None:
+        if self.stopping or len(self.inflight) >= self.launcher.capacity:
+            return  # no free worker: nothing to order (ready() reads the cells' progress files)
         batch: list[str] = []
         for cid in self.ready():
             if self.stopping or len(self.inflight) + len(batch) >= self.launcher.capacity:
