@@ -560,7 +560,8 @@ def test_a_running_seed_s_eta_is_its_own_steps_left_times_its_step_time(tmp_path
 
 def test_several_tasks_are_compared_again_in_the_experiment_s_family(tmp_path, fake_evaluate):
     """Two tasks: each task's comparison runs in the family of the comparison of all runs; one
-    task: its comparison and the overall one run side by side, the task's being the family."""
+    task: the overall comparison is the task's (the same runs, the same family), written once and
+    copied into the task's folder."""
     def finished_grid(tasks):
         cells = [Cell(f"r-{t}-{i}", t, "proposed", [], {"run_id": f"r-{t}-{i}"}, "full") for t in tasks for i in (1, 2)]
         for c in cells:
@@ -578,9 +579,30 @@ def test_several_tasks_are_compared_again_in_the_experiment_s_family(tmp_path, f
     overall = str(tmp_path / "comparison" / "aggregated_metrics.json")
     assert family_of("A") == overall and family_of("B") == overall
     shutil.rmtree(tmp_path / "comparison")
+    shutil.rmtree(tmp_path / "grid" / "logs")
     grid = finished_grid(["A"])
     assert grid.compare_all().result["status"] == "complete" and family_of("A") is None
     assert grid.state.comparisons["A"]["status"] == "complete"
+    for name in ("aggregated_metrics.json", "summary.md"):
+        assert (tmp_path / "comparison" / "A" / name).read_bytes() == (tmp_path / "comparison" / name).read_bytes()
+    logs = sorted(p.name for p in (grid.grid_dir / "logs").glob("comparison-*.log"))
+    assert logs == ["comparison-all.log"]  # one evaluate call
+
+
+def test_probes_run_side_by_side_with_their_slot_s_threads_and_name_a_broken_key(tmp_path, fake_glue):
+    """Probe processes fork from the grid's preloaded server, then take their slot: its cores
+    and its thread count (torch was imported before the slot was known)."""
+    from rankwise.grid.launchers import thread_env, usable_cores
+    from rankwise.grid.probe import run_probes
+
+    cores = usable_cores()
+    args = [f"run={LORA}", f"results_dir={tmp_path}", "mode=full", *tiny(fake_glue)]
+    slots = [{"cores": cores[:1], "env": thread_env(1)}, {"cores": cores[-2:], "env": thread_env(len(cores[-2:]))}]
+    ok, other, broken = run_probes([(args, slots[0]), (args, slots[1]), ([*args, "training.epochz=1"], slots[0])])
+    assert ok["threads"] == 1 and ok["cores"] == cores[:1] and ok["s_per_step"] > 0 and ok["s_per_eval_batch"] > 0
+    assert other["threads"] == len(cores[-2:]) and other["s_per_step"] > 0
+    assert "training.epochz" in broken["error"] and "s_per_step" not in broken
+    assert not list(tmp_path.iterdir())  # a probe writes nothing into the results folder
 
 
 def test_a_layout_probe_is_kept_per_machine_and_run_config(tmp_path):

@@ -316,3 +316,16 @@ def test_committed_comparison_is_recomputed_from_its_predictions(name, tmp_path,
     fresh = [{k: t.get(k) for k in keys} for t in json.loads(json.dumps(report["pairwise"]))]
     assert fresh == [{k: t.get(k) for k in keys} for t in committed["pairwise"]]
     assert json.loads(json.dumps(report["run_checks"])) == committed["run_checks"]
+
+
+def test_aso_of_several_pairs_at_once_equals_each_computed_alone(monkeypatch):
+    """The pairs of one comparison get their ε_min in forked workers, each the value of a lone
+    deepsig call (deepsig seeds every bootstrap iteration)."""
+    from rankwise import stats
+
+    monkeypatch.setattr(stats, "ASO_BOOTSTRAP_ITERATIONS", 40)
+    rng = np.random.default_rng(3)
+    jobs = [(list(rng.normal(0.8, 0.02, 5)), list(rng.normal(m, 0.02, 5)), 3) for m in (0.75, 0.8, 0.85)]
+    alone = [stats.aso_epsilon(a, b, n) for a, b, n in jobs]
+    assert stats.aso_epsilons(jobs) == alone
+    assert alone[0] < 0.5 < alone[2]  # the order shows in ε: A over a worse B, then over a better one

@@ -39,7 +39,7 @@ from rankwise.data.tasks import TASKS, TaskSpec
 from rankwise.errors import RankwiseError
 from rankwise.metrics import glue_score, is_lower_better
 from rankwise.results import atomic_write_bytes, atomic_write_json, per_seed_values, read_json
-from rankwise.stats import aso_epsilon, hierarchical_bootstrap, holm, mcnemar_test, mean_std_ci95
+from rankwise.stats import aso_epsilons, hierarchical_bootstrap, holm, mcnemar_test, mean_std_ci95
 from rankwise.verdicts import (
     ALPHA,
     RunHealth,
@@ -342,31 +342,37 @@ def load_family(path: str | None) -> dict | None:
     return {"path": path, "pairs": pairs}
 
 
-def finish(t: dict, seed_test: dict, health: dict[str, RunHealth | None]) -> None:
-    """ASO (where it means something), MDE and the verdict word of one adjusted entry."""
-    ha, hb = (health.get(r) for r in t["runs"])
-    if t["p_value"] is not None:
+def finish(done: list[tuple[dict, dict]], health: dict[str, RunHealth | None]) -> None:
+    """ASO (where it means something; all pairs' at once), MDE and the verdict word of each
+    adjusted entry."""
+    asked = []
+    for t, seed_test in done:
+        if t["p_value"] is None:
+            continue
         t["mde"] = mde(t, seed_test, t["n_tests_corrected"])
-        skip = aso_applies(t, ha, hb)
-        if skip is None:
-            sign = -1.0 if is_lower_better(t["metric"]) else 1.0  # ASO reads higher = better
-            a, b = ([sign * v for v in s] for s in t["seed_scores"])
-            t["aso_epsilon"] = aso_epsilon(a, b, num_comparisons=t["n_tests_corrected"])
-            if t["aso_epsilon"] is None:
-                skip = "deepsig's violation ratio is 0/0 (the seed scores' quantiles coincide)"
-        t["aso_skipped"] = skip
-    decide(t, ha, hb)
+        t["aso_skipped"] = aso_applies(t, *(health.get(r) for r in t["runs"]))
+        if t["aso_skipped"] is None:
+            asked.append(t)
+    jobs = []
+    for t in asked:
+        sign = -1.0 if is_lower_better(t["metric"]) else 1.0  # ASO reads higher = better
+        a, b = ([sign * v for v in s] for s in t["seed_scores"])
+        jobs.append((a, b, t["n_tests_corrected"]))
+    for t, eps in zip(asked, aso_epsilons(jobs)):
+        t["aso_epsilon"] = eps
+        if eps is None:
+            t["aso_skipped"] = "deepsig's violation ratio is 0/0 (the seed scores' quantiles coincide)"
+    for t, _ in done:
+        decide(t, *(health.get(r) for r in t["runs"]))
 
 
 def verdicts(predictions: Predictions, runs: list[dict], health: dict[str, RunHealth | None],
              family: dict | None = None) -> list[dict]:
     """All comparisons of one call: tested, adjusted in their family, then given a word."""
     done = [compare(predictions, a, b) for a, b in comparison_pairs(runs)]
-    tests = [t for t, _ in done]
-    adjust_in_families(tests, family)
-    for t, seed_test in done:
-        finish(t, seed_test, health)
-    return tests
+    adjust_in_families([t for t, _ in done], family)
+    finish(done, health)
+    return [t for t, _ in done]
 
 
 # --- per task and across tasks ------------------------------------------------------------------

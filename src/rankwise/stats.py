@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import special
@@ -252,6 +253,21 @@ def aso_epsilon(scores_a, scores_b, num_comparisons: int = 1, seed: int = 0) -> 
     if any("Division by zero" in str(w.message) for w in caught):
         return None
     return float(eps)
+
+
+def aso_epsilons(jobs: list[tuple[Any, Any, int]], seed: int = 0) -> list[float | None]:
+    """:func:`aso_epsilon` of each (scores A, scores B, num_comparisons), several at once on this
+    process's cores. deepsig seeds every bootstrap iteration, so each value is the one a lone
+    call gives; forked workers share the imports already done (no fork: one after another)."""
+    import multiprocessing
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = min(len(jobs), cores)
+    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [aso_epsilon(a, b, n, seed) for a, b, n in jobs]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        return pool.starmap(aso_epsilon, [(a, b, n, seed) for a, b, n in jobs])
 
 
 def holm(p_values: list[float], alpha: float = 0.05) -> tuple[list[float], list[bool]]:

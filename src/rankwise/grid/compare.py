@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 # The comparison command; a list so that a different evaluator can stand in (tests use a stub).
-EVALUATE_COMMAND = [sys.executable, "-m", "rankwise.evaluate"]
+# The default one runs forked from the grid's preloaded server (no imports to pay).
+EVALUATE_MODULE = "rankwise.evaluate"
+EVALUATE_COMMAND = [sys.executable, "-m", EVALUATE_MODULE]
 
 
 def evaluate_command(results_dir: Path, run_ids: list[str], out_dir: Path, trial: bool,
@@ -39,6 +41,21 @@ def up_to_date(out_dir: Path, results_dir: Path, run_ids: list[str], family: Pat
         return False
 
 
+def copy_comparison(source: Path, target: Path) -> None:
+    """``target`` holds what ``source`` holds (its files, not its folders): a comparison of the
+    same runs in the same family, written once."""
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    names = {p.name for p in source.iterdir() if p.is_file()}
+    for old in target.iterdir():
+        if old.is_file() and old.name not in names:
+            old.unlink()
+    for name in sorted(names - {"aggregated_metrics.json"}) + ["aggregated_metrics.json"]:  # the report last
+        shutil.copyfile(source / name, target / f".{name}.tmp")
+        (target / f".{name}.tmp").replace(target / name)
+
+
 class Comparison:
     """One evaluate call, run in the background under ``grid/locks/comparison-<name>.lock`` (two
     grids on one folder never write one comparison at once)."""
@@ -50,7 +67,7 @@ class Comparison:
         self.command = evaluate_command(results_dir, run_ids, out_dir, trial, family)
         self.log = grid_dir / "logs" / f"comparison-{name}.log"
         self.lock_path = grid_dir / "locks" / f"comparison-{name}.lock"
-        self.proc: subprocess.Popen | None = None
+        self.proc = None  # the started call: subprocess.Popen or PreloadedModule (both poll())
         self.lock = None
         self.result: dict[str, Any] | None = None
 
@@ -85,8 +102,13 @@ class Comparison:
             return True
         self.lock = lock
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        if self.command[:3] == [sys.executable, "-m", EVALUATE_MODULE]:
+            from rankwise.grid.worker import PreloadedModule
+
+            self.proc = PreloadedModule(EVALUATE_MODULE, self.command[3:], self.log)
+        else:
+            with open(self.log, "w") as log:
+                self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         return False
 
     def _finish(self, rc: int) -> None:

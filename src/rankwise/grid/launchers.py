@@ -99,13 +99,12 @@ class LocalLauncher:
 
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            import multiprocessing
+            from rankwise.grid.worker import init_local_worker, preloaded_context
 
-            ctx = multiprocessing.get_context("spawn")
+            ctx = preloaded_context()
             slots = ctx.Queue()
             for slot in self.resources.slots:
                 slots.put(slot)
-            from rankwise.grid.worker import init_local_worker
 
             self._pool = ProcessPoolExecutor(self.resources.workers, mp_context=ctx,
                                              initializer=init_local_worker, initargs=(slots,))

@@ -4,8 +4,9 @@ batch of one run config, in this process, at the threads it was given.
 ``python -m rankwise.grid.probe <rankwise.main arguments>`` builds the run's Trainer on the
 first ``(WARMUP + STEPS) × batch_size`` training rows (the method calibrated, as the run does),
 times ``STEPS`` optimizer steps after ``WARMUP`` untimed ones and ``EVAL_BATCHES`` evaluation
-forwards, and prints one JSON line. The grid runs it under each layout it considers (e.g. one
-process with 2 threads, two with 1 thread each, side by side) and keeps the layout with the
+forwards, and prints one JSON line. The grid runs :func:`probe` under each layout it considers
+(e.g. one process with 2 threads, two with 1 thread each, side by side), in processes forked
+from the server its pool workers fork from, and keeps the layout with the
 most steps per second over all workers (:func:`choose_layout`); the step times feed the cells'
 time estimates (:mod:`rankwise.grid.plan`).
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,36 +66,56 @@ def probe(argv: list[str]) -> dict[str, Any]:
             "load_s": load_s, "threads": torch.get_num_threads()}
 
 
-def run_probes(jobs: list[tuple[list[str], dict[str, Any]]], python: str = sys.executable,
-               timeout_s: float = 600) -> list[dict[str, Any]]:
+def _probe_in_slot(args: list[str], slot: dict[str, Any], conn) -> None:
+    """A probe process (forked from the grid's preloaded server): the slot's cores and threads,
+    then :func:`probe`; the result, or the error, goes back through ``conn``."""
+    from rankwise.grid.worker import take_slot
+
+    take_slot(slot)
+    _quiet()
+    devnull = os.open(os.devnull, os.O_WRONLY)  # the run's bars and messages: the result says what failed
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        result = probe(args)
+    except BaseException as exc:  # noqa: BLE001  reported, as a failed layout
+        result = {"error": (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]}
+    conn.send(result)
+    conn.close()
+
+
+def run_probes(jobs: list[tuple[list[str], dict[str, Any]]], timeout_s: float = 600) -> list[dict[str, Any]]:
     """Each (run arguments, slot) probed in its own process on the slot's cores with its thread
-    environment, all side by side; each result carries its slot's cores, or ``error``."""
-    procs = []
-    slots = [slot for _, slot in jobs]
+    counts, all side by side; each result carries its slot's cores, or ``error``. The processes
+    fork from the server the grid's pool workers fork from (:func:`~rankwise.grid.worker.preloaded_context`),
+    so a probe pays no imports."""
+    from rankwise.grid.worker import preloaded_context
+
+    ctx = preloaded_context()
+    started = []
     for args, slot in jobs:
-        env = {**os.environ, **slot.get("env", {})}
-        cores = slot.get("cores")
-
-        def pin(cores=cores):  # runs in the child before exec
-            if cores and hasattr(os, "sched_setaffinity"):
-                os.sched_setaffinity(0, cores)
-
-        procs.append(subprocess.Popen([python, "-m", "rankwise.grid.probe", *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      preexec_fn=pin))  # noqa: PLW1509
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_probe_in_slot, args=(args, slot, send), daemon=True)
+        proc.start()
+        send.close()
+        started.append((slot, proc, receive))
+    deadline = time.monotonic() + timeout_s
     out = []
-    for slot, proc in zip(slots, procs):
+    for slot, proc, receive in started:
+        result = None
         try:
-            stdout, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+            if receive.poll(max(0.0, deadline - time.monotonic())):
+                result = receive.recv()
+        except EOFError:  # the process died before it answered
+            pass
+        proc.join(timeout=10)
+        if proc.is_alive():
             proc.kill()
-            stdout, stderr = proc.communicate()
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
-        if proc.returncode == 0 and lines:
-            out.append({**json.loads(lines[-1]), "cores": slot.get("cores")})
-        else:
-            tail = (stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-            out.append({"error": tail[:300], "cores": slot.get("cores")})
+            proc.join()
+        if result is None:
+            result = {"error": f"the probe timed out after {timeout_s:.0f} s" if proc.exitcode in (None, -9)
+                      else f"the probe exited with code {proc.exitcode}"}
+        out.append({**result, "cores": slot.get("cores")})
     return out
 
 
@@ -105,8 +125,7 @@ def layouts(n_cores: int, max_workers: int) -> list[tuple[int, int]]:
             if n_cores % w == 0 and w <= max(1, max_workers)]
 
 
-def choose_layout(args: list[str], cores: list[int], max_workers: int,
-                  python: str = sys.executable) -> dict[str, Any]:
+def choose_layout(args: list[str], cores: list[int], max_workers: int) -> dict[str, Any]:
     """Probe every layout of ``cores`` (workers × threads) on the run ``args``; the chosen one
     has the most training steps per second over all its workers."""
     from rankwise.grid.launchers import thread_env
@@ -115,7 +134,7 @@ def choose_layout(args: list[str], cores: list[int], max_workers: int,
     for workers, threads in layouts(len(cores), max_workers):
         slots = [{"cores": cores[w * threads:(w + 1) * threads], "env": thread_env(threads)}
                  for w in range(workers)]
-        results = run_probes([(args, slot) for slot in slots], python)
+        results = run_probes([(args, slot) for slot in slots])
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             tried.append({"workers": workers, "threads": threads, "error": errors[0]})
@@ -133,13 +152,17 @@ def choose_layout(args: list[str], cores: list[int], max_workers: int,
             "load_s": best["load_s"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _quiet() -> None:
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
     print(json.dumps(probe(sys.argv[1:] if argv is None else argv)), flush=True)
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.grid.cells import Cell, Part, parts_of
-from rankwise.grid.compare import Comparison
+from rankwise.grid.compare import Comparison, copy_comparison
 from rankwise.grid.launchers import run_env
 from rankwise.grid.plan import Estimator, is_ready, priority
 from rankwise.grid.state import GridState
@@ -296,8 +296,8 @@ class Grid:
 
     def compare_all(self) -> Comparison | None:
         """Every complete run in one comparison (the experiment's one Holm family), then each
-        task's comparison in that family. With one task the two compare the same runs, so the
-        task's is the family itself: both run side by side, no second pass."""
+        task's comparison in that family. With one task the two compare the same runs in the
+        same family: the task's folder gets a copy of the one comparison."""
         done = [rid for rid in self.cells if self.run_final.get(rid) == "complete"]
         if not self.compare or self.stopping or not done:
             return None
@@ -305,15 +305,15 @@ class Grid:
             self.state.comparisons[comp.name] = comp.wait()
         comp = Comparison("all", self.results_dir, done, self.results_dir / "comparison", self.trial, self.grid_dir)
         tasks = list(dict.fromkeys(self.cells[rid].task for rid in done))
-        if len(tasks) == 1:
-            task = Comparison(tasks[0], self.results_dir, done, self.results_dir / "comparison" / tasks[0],
-                              self.trial, self.grid_dir)
-            task.poll()
-            self.comparisons[tasks[0]] = task
-            self.state.comparisons["all"] = comp.wait()
-            self.state.comparisons[tasks[0]] = task.wait()
-            return comp
         self.state.comparisons["all"] = comp.wait()
+        if len(tasks) == 1:
+            out_dir = self.results_dir / "comparison" / tasks[0]
+            record = {**comp.record(), "out_dir": str(out_dir)}
+            if comp.result.get("status") == "complete":
+                copy_comparison(comp.out_dir, out_dir)
+                record["note"] = "the same runs and family as 'all': a copy of its files"
+            self.state.comparisons[tasks[0]] = record
+            return comp
         if comp.result.get("status") == "complete":
             self.compare_tasks_in_family(comp.out_dir / "aggregated_metrics.json")
         return comp

@@ -148,6 +148,30 @@ PRELOAD = ("rankwise.main", "rankwise.runner", "rankwise.training.loop", "rankwi
            "transformers.models.bert.modeling_bert", "transformers.models.deberta_v2.modeling_deberta_v2")
 
 
+def preloaded_context():
+    """The multiprocessing context of this machine's grid processes (pool workers, layout
+    probes): each forks from one server that imported :data:`PRELOAD` once, so none of them pays
+    the imports again. The server is started on first use and lives as long as the grid."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))  # read when the server starts; later calls change nothing
+    return ctx
+
+
+def take_slot(slot: dict[str, Any]) -> None:
+    """This process runs on the slot's cores with its thread counts. The libraries were imported
+    before the slot was known (in the fork server), so torch's threads are set here as well as
+    in the environment its runs and their children read."""
+    cores = slot.get("cores")
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    os.environ.update(slot.get("env", {}))
+    threads = slot.get("env", {}).get("OMP_NUM_THREADS")
+    if threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
 def _prepare_child() -> None:  # runs in the child between fork and exec (or the forked run)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # pool workers ignore SIGINT; the run must not
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -189,11 +213,34 @@ def last_line(path: Path) -> str | None:
     return lines[-1][:500] if lines else None
 
 
+def run_as_main(module: str, args: list[str]) -> int:
+    """``python -m <module> <args>`` in this process, as the interpreter would run it
+    (``runpy``); returns its exit code, as the interpreter would exit with."""
+    import runpy
+
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001  as an uncaught exception ends `python -m`
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
 def _fork_module(module: str, args: list[str], out, err) -> int:
-    """``python -m <module> <args>`` in a forked child of this preloaded worker, as the
-    interpreter would run it (``runpy``), with the imports already done: a cell starts in
-    milliseconds instead of seconds. The child's stdout/stderr go to the log files. Returns the
-    exit code (negative: killed by a signal), as ``subprocess`` reports it."""
+    """``python -m <module> <args>`` in a forked child of this preloaded worker, with the imports
+    already done: a cell starts in milliseconds instead of seconds. The child's stdout/stderr go
+    to the log files. Returns the exit code (negative: killed by a signal), as ``subprocess``
+    reports it."""
     global _forked
     sys.stdout.flush()
     sys.stderr.flush()
@@ -204,21 +251,8 @@ def _fork_module(module: str, args: list[str], out, err) -> int:
             _prepare_child()
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
-            import runpy
-
-            sys.argv = [module, *args]
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:  # noqa: BLE001  as an uncaught exception ends `python -m`
-            import traceback
-
-            traceback.print_exc()
-            code = 1
+            code = run_as_main(module, args)
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
             os._exit(code)
     _forked = pid
     try:
@@ -231,6 +265,25 @@ def _fork_module(module: str, args: list[str], out, err) -> int:
     finally:
         _forked = None
     return os.waitstatus_to_exitcode(status)
+
+
+def _module_to_log(module: str, args: list[str], log: str) -> None:
+    with open(log, "w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        sys.exit(run_as_main(module, args))
+
+
+class PreloadedModule:
+    """``python -m <module> <args>`` in a process forked from :func:`preloaded_context`'s server
+    (its imports done), stdout and stderr in ``log``; ``poll()`` as ``subprocess.Popen``'s."""
+
+    def __init__(self, module: str, args: list[str], log: Path):
+        self.process = preloaded_context().Process(target=_module_to_log, args=(module, list(args), str(log)))
+        self.process.start()
+
+    def poll(self) -> int | None:
+        return None if self.process.is_alive() else self.process.exitcode
 
 
 def _run_child(spec: CellSpec, command: list[str]) -> tuple[int, Path]:
@@ -299,25 +352,30 @@ def run_cell(spec: CellSpec) -> CellResult:
 
 def init_local_worker(slots, preload: bool = True) -> None:
     """ProcessPoolExecutor initializer: take one slot (cores, GPUs, thread counts) for this worker's
-    life; its runs inherit the affinity and the environment. ``preload``: import rankwise.main
-    and its libraries (torch, transformers, peft, datasets) once, so each cell's run is forked
-    from this worker rather than started as a new interpreter."""
+    life; its runs inherit the affinity and the environment. ``preload``: rankwise.main and its
+    libraries (torch, transformers, peft, datasets) are imported in this worker (already, when it
+    forked from :func:`preloaded_context`'s server), so each cell's run is forked from this worker
+    rather than started as a new interpreter."""
     global _pool_parent
     _pool_parent = os.getppid()
     slot = slots.get(timeout=60)
-    cores = slot.get("cores")
-    if cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cores)
-    os.environ.update(slot.get("env", {}))
-    if preload:  # once per worker, with its threads set: every cell forks from here (_fork_module)
+    take_slot(slot)
+    if preload:  # every cell forks from here (_fork_module)
         global _preloaded
         import importlib
+        import threading
 
         for module in PRELOAD:
             try:
                 importlib.import_module(module)
             except ImportError:  # an optional library: the run imports (or misses) it itself
                 pass
+        take_slot(slot)  # torch's threads, torch being imported now
+        from tqdm import tqdm
+
+        # tqdm's default lock is a multiprocessing semaphore, made by a run's first bar; a forked
+        # run ends with os._exit, which leaves the semaphore to the resource tracker's warning
+        tqdm.set_lock(threading.RLock())
         _preloaded = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runs; the worker waits for them
     signal.signal(signal.SIGTERM, _forward_and_stop)
