@@ -44,7 +44,7 @@ def test_experiment_configs_are_generated_and_cover_both_experiments():
     shared = load_job(["run=tabs-ablation-shared-gates-DeBERTaV3-base-86-M--RTE"]).run.model.adapter
     assert not no_proj.projection and shared.gate_granularity == "sequence"
     twins = [r for r in runs if r.startswith("cpu-")]
-    assert len(twins) == 5 * 2 + 6 * 3
+    assert len(twins) == 5 * 3 + 6 * 3
     assert all(load_job([f"run={r}"]).run.model.name == "minilm" for r in twins)
     for task in ("MNLI", "SST-2", "RTE"):  # the control differs from IW-LoRA in its coefficients only
         control = load_job([f"run=ablation-uniform-l2-DeBERTaV3-base-86-M--GLUE-{task}"]).run
@@ -54,7 +54,7 @@ def test_experiment_configs_are_generated_and_cover_both_experiments():
         assert control.model.importance_weighted_regularisation.reg_alpha == \
             iw.model.importance_weighted_regularisation.reg_alpha
         assert control.training == iw.training and control.optuna == iw.optuna
-    for task in ("RTE", "SST-2"):
+    for task in ("SST-2", "MRPC", "CoLA"):
         assert f"cpu-ablation-uniform-l2-MiniLM-L6--GLUE-{task}" in twins
     stress = {role: load_job([f"run=tabs-{role}-DeBERTaV3-base-86-M--ListOps-length-stress"]).run
               for role in ("proposed", "comparative-3")}
@@ -62,6 +62,37 @@ def test_experiment_configs_are_generated_and_cover_both_experiments():
     assert stress["proposed"].model.adapter.budget_tokens == 8 * 512
     for run in stress.values():
         assert run.dataset.listops.max_length == 2000 and run.dataset.max_seq_length >= 2000
+
+
+OWN_KNOBS = {  # what each arm searches besides the learning rate and the batch size
+    "lora": set(), "full_ft": set(), "adalora": {"model.adapter.orth_reg_weight"},
+    "iw_lora": {"iw_reg_alpha"},  # as the reference config: normalise and penalty_on at the seed's values
+    "tabs": {"model.adapter.penalty_weight", "model.adapter.budget_control", "model.adapter.gate_learning_rate",
+             "model.adapter.controller_init_bias"},
+    "bhsp": {"model.adapter.penalty_weight", "model.adapter.budget_control", "model.adapter.gate_learning_rate",
+             "model.adapter.init_log_alpha"},
+}
+OWN_KNOBS["cbsp"] = OWN_KNOBS["tabs"]
+
+
+def test_every_arm_of_an_experiment_is_searched_alike_over_its_own_knobs():
+    """The same number of trials for every arm of an experiment at each scale, over learning
+    rate, batch size and the arm's own knobs, scored on the held-out selection slice; gated
+    arms choose their evaluation rule there too."""
+    trials = {}
+    for run_id in available_runs():
+        if "DeBERTaV3-base-86-M--" not in run_id and "MiniLM-L6--" not in run_id:
+            continue  # the single-run demo configs
+        run = load_job([f"run={run_id}"]).run
+        experiment = "2" if "tabs-" in run_id else "1"
+        scale = "cpu" if run_id.startswith("cpu-") else "full"
+        trials.setdefault((experiment, scale), set()).add(run.optuna.n_trials)
+        assert run.optuna.selection_split == 0.1, run_id
+        space = set(run.optuna.search_space)
+        assert space == {"learning_rate", "batch_size"} | OWN_KNOBS[run.algorithm], run_id
+        if run.algorithm in ("tabs", "cbsp", "bhsp"):
+            assert run.model.adapter.eval_gates == "select", run_id
+    assert trials == {("1", "cpu"): {4}, ("1", "full"): {30}, ("2", "cpu"): {4}, ("2", "full"): {30}}
 
 
 def _value_at(run, path: str):

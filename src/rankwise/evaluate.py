@@ -567,7 +567,8 @@ def selection_of(run: dict) -> dict | None:
     return {"split": search.get("selection_split"), "optimistic": search.get("selection_optimistic"),
             "metric": search.get("metric_name"), "best_value": search.get("best_value"),
             "n_finished": search.get("n_finished"), "n_trials": search.get("n_trials"),
-            "chosen": search.get("best_overrides") or search.get("best_params") or {}}
+            "chosen": search.get("best_overrides") or search.get("best_params") or {},
+            "eval_rule_scores": search.get("eval_rule_scores") or {}}
 
 
 def main(argv: list[str] | None = None) -> int:

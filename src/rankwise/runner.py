@@ -172,7 +172,7 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
             log.info("final run of this study already complete in %s; kept (resume=false retrains it)",
                      job.run_dir)
             return f"search finished, {best}; final run already complete -> {job.run_dir / 'metrics.json'}"
-        final_job = with_params(job, result.best_params)
+        final_job = with_params(job, final_params(job, result))
         log.info("final run with the best parameters: %s",
                  ", ".join(f"{k}={v}" for k, v in search["best_overrides"].items()))
         return train_and_write(final_job, prepare_run_dir, t_start, search=search)
@@ -211,7 +211,7 @@ def finished_search(job: Job) -> tuple[Job, dict[str, Any]]:
     if result.best_value is None:
         raise SearchAborted(f"search {job.run.run_id}: no trial completed, so there is no best "
                             f"configuration; see {job.run_dir / 'optuna' / 'trials.csv'}")
-    return with_params(job, result.best_params), search_summary(job, result)
+    return with_params(job, final_params(job, result)), search_summary(job, result)
 
 
 def trial_objective(job: Job, seed: int) -> Callable:
@@ -265,9 +265,58 @@ def trial_objective(job: Job, seed: int) -> Callable:
         if result.final.get(metric) is None:
             raise RankwiseError(f"trial #{reporter.trial_number} produced no {metric} "
                                 f"(got {', '.join(result.final)})")
-        return float(result.final[metric])
+        scores = eval_rule_scores(trainer, result.final, metric)
+        if not scores:
+            return float(result.final[metric])
+        reporter.set_user_attr("eval_rule_scores", scores)
+        if getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
+            return float(result.final[metric])
+        sign = 1.0 if job.run.optuna.direction == "maximize" else -1.0
+        chosen = max(scores, key=lambda rule: sign * scores[rule]["value"])  # ties: the first listed
+        reporter.set_user_attr(CHOSEN_RULE, chosen)
+        return float(scores[chosen]["value"])
 
     return objective
+
+
+CHOSEN_RULE = "eval_gates"  # a trial's user attribute under ``eval_gates: select``
+RULE_STATISTICS = ("spectral_open_gates_per_token", "spectral_budget_violations")
+
+
+def eval_rule_scores(trainer, final: dict[str, Any], metric: str) -> dict[str, dict[str, Any]]:
+    """A trained trial model scored under each of its method's evaluation rules on the trial's
+    selection slice (no retraining): the metric, open gates per token, budget violations and
+    the capacity ratio (open at evaluation ÷ expected open in training). Empty for a method
+    with one way to evaluate."""
+    rules = trainer.method.evaluation_rules()
+    if not rules:
+        return {}
+    split = trainer.data.evals[0].name
+    expected = final.get("train_expected_open_gates_per_token")
+    scores = {}
+    for rule in rules:
+        with trainer.method.evaluation_rule(trainer.model, rule):
+            metrics, _ = trainer.evaluate_splits()
+        row = {"value": metrics.get(metric)}
+        row.update({key: metrics.get(f"{split}_{key}") for key in RULE_STATISTICS})
+        opened = row["spectral_open_gates_per_token"]
+        row["capacity_ratio"] = opened / expected if expected and opened is not None else None
+        scores[rule] = row
+    return scores
+
+
+def final_params(job: Job, result) -> dict[str, Any]:
+    """The best trial's parameters, with the evaluation rule it chose under ``eval_gates: select``."""
+    params = dict(result.best_params)
+    if getattr(job.run.model.adapter, "eval_gates", None) == "select":
+        rule = (result.best_user_attrs or {}).get(CHOSEN_RULE)
+        if rule is None:
+            from rankwise.errors import RankwiseError
+
+            raise RankwiseError(f"search {job.run.run_id}: eval_gates is select but the best trial "
+                                f"#{result.best_trial_number} recorded no chosen rule")
+        params["model.adapter.eval_gates"] = rule
+    return params
 
 
 def with_params(job: Job, params: dict[str, Any]) -> Job:
@@ -292,7 +341,10 @@ def search_summary(job: Job, result) -> dict[str, Any]:
         "n_finished": result.n_finished, "timed_out": result.timed_out,
         "best_value": result.best_value, "best_trial_number": result.best_trial_number,
         "best_params": result.best_params,
-        "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in result.best_params.items()},
+        "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in final_params(job, result).items()},
+        # each evaluation rule of the best trial's model on the selection slice (gated methods)
+        **({"eval_rule_scores": result.best_user_attrs["eval_rule_scores"]}
+           if "eval_rule_scores" in (result.best_user_attrs or {}) else {}),
         "states": {"complete": result.n_complete, "pruned": result.n_pruned,
                    "failed": result.n_failed, "cancelled": result.n_cancelled,
                    "invalid_config": result.n_invalid},

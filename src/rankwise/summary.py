@@ -48,6 +48,10 @@ def mean_std_cell(run: dict, metric: str) -> str:
     return f"{value:.4f}"
 
 
+def fmt(value, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
 def run_name(run: dict) -> str:
     return run["run_id"] + (" †" if run.get("mode") != "full" else "")
 
@@ -218,7 +222,26 @@ def search_section(report: dict, runs: list[dict]) -> list[str]:
     if not rows:
         return []
     return ["## Search", ""] + table(["run", "trials finished", "scored on", "best trial", "chosen values"],
-                                     rows) + [""]
+                                     rows) + [""] + rule_scores_section(report, runs)
+
+
+def rule_scores_section(report: dict, runs: list[dict]) -> list[str]:
+    """Gated runs: the best trial's model under every evaluation rule on the selection slice
+    (no retraining; the reported split is never used to choose one)."""
+    rows = []
+    for r in runs:
+        scores = (report["selection"].get(r["run_id"]) or {}).get("eval_rule_scores") or {}
+        for rule, row in scores.items():
+            rows.append([run_name(r), f"`{rule}`", fmt(row.get("value")),
+                         fmt(row.get("spectral_open_gates_per_token"), 2), fmt(row.get("capacity_ratio"), 2),
+                         str(row.get("spectral_budget_violations", "—"))])
+    if not rows:
+        return []
+    lead = ("Evaluation rules of the best trial's model on the selection slice (metric, open gates "
+            "per token, capacity ratio = open at evaluation ÷ expected open in training, budget "
+            "violations):")
+    return [lead, ""] + table(["run", "rule", "metric", "open / token", "capacity ratio", "violations"],
+                              rows) + [""]
 
 
 def notes_section(report: dict, runs: list[dict]) -> list[str]:

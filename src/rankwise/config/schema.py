@@ -522,6 +522,11 @@ class RunConfig:
             key = ("model.importance_weighted_regularisation.enabled" if iw.enabled
                    else "model.adapter.type")
             raise ConfigError(key, f"method {self.algorithm!r} is not available in this build")
+        if getattr(self.model.adapter, "eval_gates", None) == "select" and not (
+                self.optuna.n_trials > 0 and self.optuna.selection_split != "validation"):
+            raise ConfigError("model.adapter.eval_gates",
+                              "select chooses the rule on a search's held-out selection slice: it needs "
+                              "optuna.n_trials > 0 and optuna.selection_split a fraction")
         from rankwise.metrics import metric_names_for
 
         names = metric_names_for(self.dataset.name, self.dataset.subset)

@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return answered
     try:
         cfg, overrides = parse_grid_args(argv)
+        if cfg.launcher == "local":  # the preloaded server imports while the runs are validated
+            from rankwise.grid.worker import start_preloaded_server
+
+            start_preloaded_server()
         results_dir = Path(cfg.results_path).expanduser().resolve()
         cells = build_cells(select_refs(cfg), results_dir, cfg.mode, cfg.seeds, overrides, cfg.measure)
         probe = layout_probe(cfg, cells, results_dir)

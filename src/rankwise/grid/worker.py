@@ -159,6 +159,15 @@ def preloaded_context():
     return ctx
 
 
+def start_preloaded_server() -> None:
+    """Start :func:`preloaded_context`'s server now, so that its imports overlap what the
+    caller does before the first process is asked of it (which then waits for them)."""
+    from multiprocessing import forkserver
+
+    preloaded_context()
+    forkserver.ensure_running()
+
+
 def take_slot(slot: dict[str, Any]) -> None:
     """This process runs on the slot's cores with its thread counts. The libraries were imported
     before the slot was known (in the fork server), so torch's threads are set here as well as

@@ -29,7 +29,8 @@ name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -115,6 +116,19 @@ class FineTuningMethod:
     def end_evaluation(self, model: nn.Module) -> dict[str, Any]:
         """Statistics gathered during the evaluation pass, merged into the eval metrics."""
         return {}
+
+    def evaluation_rules(self) -> tuple[str, ...]:
+        """Ways to evaluate one trained model that need no retraining (a gated method's
+        evaluation gate rules). A search's trials score every one on their held-out selection
+        slice (``eval_rule_scores``); empty: the method evaluates one way."""
+        return ()
+
+    @contextlib.contextmanager
+    def evaluation_rule(self, model: nn.Module, rule: str) -> Iterator[None]:
+        """Evaluate with ``rule`` (one of :meth:`evaluation_rules`) inside the block."""
+        if rule not in self.evaluation_rules():
+            raise ValueError(f"{self.name} has no evaluation rule {rule!r}")
+        yield
 
     # --- cost (every method says what it costs; nothing outside asks which method it is) -----
     def forward_cost(self, model: nn.Module, forward: Callable[[], Any],

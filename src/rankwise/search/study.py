@@ -53,7 +53,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ class SearchResult:
     storage: str = ""  # the study's storage URL, password masked
     timed_out: bool = False  # optuna.timeout_s ended this worker's search before n_trials
     n_invalid: int = 0  # of n_failed: trials whose parameters made an invalid run config
+    best_user_attrs: dict[str, Any] = field(default_factory=dict)  # what the best trial recorded
 
     @property
     def n_finished(self) -> int:
@@ -438,6 +439,7 @@ def _search_result(
         storage=_masked(url),
         timed_out=timed_out,
         n_invalid=sum(_is_invalid(t) for t in trials),
+        best_user_attrs=dict(best.user_attrs) if best else {},
     )
 
 

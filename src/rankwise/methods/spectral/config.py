@@ -14,6 +14,9 @@ grows with T_valid (e.g. 5 directions over budget × 128 tokens = 640, squared �
 target), ``per_token`` (CBSP/TABS: excess / T_valid) and ``per_target`` (BHSP: excess / |K|)
 measure it in directions instead, keeping the penalty on the scale of the task loss.
 
+``controller`` (CBSP/TABS): one controller per target (default, methods.md) or per transformer
+layer (``per_layer``, the seed's, hidden d/4 by default; see ``controllers.py``).
+
 ``controller_input`` (CBSP/TABS): ``detached`` (default) stops gradients at the controller's
 input, so the budget penalty shapes the gates and not the hidden states earlier adapters
 produce; ``attached`` lets them flow (see ``controllers.py`` for why the default).
@@ -46,6 +49,7 @@ GateSourceKind = Literal["none", "static", "sequence", "token"]
 PenaltyKind = Literal["none", "static_total", "per_sequence"]
 InferencePath = Literal["sparse", "dense"]
 ControllerInput = Literal["detached", "attached"]
+ControllerScope = Literal["per_target", "per_layer"]
 BudgetControl = Literal["penalty", "lagrangian"]
 # The evaluation rule consistent with each budget quantity (gates.py): the one whose open count
 # at evaluation tracks what the budget held in training.
@@ -60,6 +64,7 @@ class SpectralRecipe:
     scale: float
     gate_source: GateSourceKind
     controller_hidden: ControllerWidth = "R"
+    controller: ControllerScope = "per_target"
     detach_controller_input: bool = True
     init_log_alpha: float = 0.0
     budget: SequenceBudget | None = None  # per-sequence B_max (CBSP, TABS)
@@ -130,8 +135,10 @@ class _GatedConfig:
     #: `expected_count` for BHSP's static gates; gate_value → `sign`; louizos → `louizos`),
     #: `sign` (1[logit > 0], the seed's code), `prob_open` (1[P(g ≠ 0) > ½]), `louizos` (ĝ,
     #: fractional) or `expected_count` (the round(Σ q) largest logits of each target, sequence
-    #: or token, q what the budget counts).
-    eval_gates: Literal["auto", "sign", "prob_open", "louizos", "expected_count"] = "auto"
+    #: or token, q what the budget counts), or `select`: each trial of the run's search scores
+    #: every rule on its held-out selection slice and the best trial's best rule is the final
+    #: run's (needs a search; `auto` while training).
+    eval_gates: Literal["auto", "select", "sign", "prob_open", "louizos", "expected_count"] = "auto"
     #: `penalty`: λ · squared hinge of the budget excess; `lagrangian`: a multiplier learned by
     #: dual ascent on the budget constraint (meets the budget without guessing λ).
     budget_control: BudgetControl = "penalty"
@@ -162,8 +169,9 @@ class _GatedConfig:
     static_gates = False
 
     def _recipe(self, **kwargs) -> SpectralRecipe:
-        rule = CONSISTENT_RULE[self.budget_on] if self.eval_gates == "auto" else self.eval_gates
-        if self.eval_gates == "auto" and self.static_gates and self.budget_on == "prob_open":
+        automatic = self.eval_gates in ("auto", "select")
+        rule = CONSISTENT_RULE[self.budget_on] if automatic else self.eval_gates
+        if automatic and self.static_gates and self.budget_on == "prob_open":
             rule = "expected_count"
         return SpectralRecipe(
             rank=self.R, scale=self.scale, penalty_weight=self.penalty_weight,
@@ -207,8 +215,13 @@ class _ControlledConfig(_GatedConfig):
     #: Count the penalty's excess in (token, direction) pairs (`pairs`, grows with T²) or in
     #: directions per token (`per_token`).
     penalty_units: Literal["pairs", "per_token"] = "pairs"
-    #: Hidden width of the gate controller: a number, `R` or `d_in/4`.
-    controller_hidden: ControllerWidth = "R"
+    #: One gate controller per target matrix (`per_target`, methods.md) or one per transformer
+    #: layer (`per_layer`, the seed's code): it reads the layer's input hidden state and every
+    #: target of the layer gates with its logits.
+    controller: ControllerScope = "per_target"
+    #: Hidden width of the gate controller: a number, `R` or `d_in/4` (d_in: the hidden size
+    #: for `per_layer`); null: `R` per target, `d_in/4` per layer (the seed's).
+    controller_hidden: ControllerWidth | None = None
     #: The controller reads its input `detached` (no gradient through it) or `attached`.
     controller_input: ControllerInput = "detached"
     #: The controller's output bias at initialisation, i.e. the gates' starting log α (0:
@@ -217,11 +230,14 @@ class _ControlledConfig(_GatedConfig):
 
     def validate(self, path: str) -> None:
         super().validate(path)
-        _check_controller(path, self.controller_hidden)
+        if self.controller_hidden is not None:
+            _check_controller(path, self.controller_hidden)
 
     def _recipe(self, **kwargs) -> SpectralRecipe:
+        default_width = "d_in/4" if self.controller == "per_layer" else "R"
         return super()._recipe(
-            controller_hidden=self.controller_hidden,
+            controller=self.controller,
+            controller_hidden=default_width if self.controller_hidden is None else self.controller_hidden,
             detach_controller_input=self.controller_input == "detached",
             controller_init_bias=self.controller_init_bias,
             penalty="per_sequence", normalised_penalty=self.penalty_units == "per_token",

@@ -93,31 +93,41 @@ def install_forward_context(model: nn.Module, context: ForwardContext) -> list[R
     Returns the hook handles (``handle.remove()`` undoes the hooks; the attention wrappers
     stay, they are inert without spectral layers).
     """
-
-    def store_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = _mask_from_inputs(args, kwargs)
-        if mask is not None and mask.dim() != 2:
-            raise RuntimeError(f"attention_mask must be (batch, tokens), got {tuple(mask.shape)}")
-        context.attention_mask = mask
-        context.begin_forward()
-        if context.statistics is not None:
-            context.statistics.begin_batch(mask)
-
-    def clear_mask(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if context.statistics is not None:
-            context.statistics.end_batch()
-        context.attention_mask = None
-        context.forward_id = None
-
+    hooks = _MaskHooks(context)
     handles = [
-        model.register_forward_pre_hook(store_mask, with_kwargs=True),
-        model.register_forward_hook(clear_mask, with_kwargs=True, always_call=True),
+        model.register_forward_pre_hook(hooks.store_mask, with_kwargs=True),
+        model.register_forward_hook(hooks.clear_mask, with_kwargs=True, always_call=True),
     ]
     for module in model.modules():
         original = getattr(module, "disentangled_attention_bias", None)
         if callable(original) and not isinstance(original, _MarkedNonToken):
             module.disentangled_attention_bias = _MarkedNonToken(module, context)
     return handles
+
+
+class _MaskHooks:
+    """The model-level hooks: store the batch's mask before the forward, clear it after. An
+    object holding the context, not a closure over it, so that ``copy.deepcopy`` of the model
+    gives the copy hooks that write the copy's context (a copied closure is the same function,
+    writing the original's)."""
+
+    def __init__(self, context: ForwardContext):
+        self.context = context
+
+    def store_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = _mask_from_inputs(args, kwargs)
+        if mask is not None and mask.dim() != 2:
+            raise RuntimeError(f"attention_mask must be (batch, tokens), got {tuple(mask.shape)}")
+        self.context.attention_mask = mask
+        self.context.begin_forward()
+        if self.context.statistics is not None:
+            self.context.statistics.begin_batch(mask)
+
+    def clear_mask(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.context.statistics is not None:
+            self.context.statistics.end_batch()
+        self.context.attention_mask = None
+        self.context.forward_id = None
 
 
 class _MarkedNonToken:

@@ -15,6 +15,13 @@ source                 logits                                          used by
 (The ungated Spectral Adapter has no source: g ≡ 1.) The controller follows methods.md#spectral-gates:
 W1 ∈ R^{h×d_in}, W2 ∈ R^{R×h}, no biases, default h = R.
 
+``controller: per_layer`` (CBSP/TABS; the seed's code) has one :class:`LayerController` per
+transformer layer instead of one per target: it reads the layer's input hidden state (d → h →
+R, default h = d/4) and every target of that layer gates with its logits, computed once per
+layer forward. Each target holds a :class:`SharedLayerGates` view of it; the controller itself
+is registered once, on its transformer layer (``<layer>.gate_source``), and its FLOPs are
+counted once per layer (on the layer's first target).
+
 ``detach_input`` (default on; config key ``controller_input: detached | attached``) stops
 gradients at the controller's input: the controller still reads the layer input, but neither
 the task loss nor the budget penalty reaches earlier layers through it. methods.md does not say
@@ -133,7 +140,108 @@ class TokenController(nn.Module):
         return valid_tokens.long() * self.mlp.flops_per_input()
 
 
-GateSource = StaticGateLogits | SequenceController | TokenController
+class LayerController(nn.Module):
+    """One controller per transformer layer (``controller: per_layer``): R logits per token
+    (``token``) or per sequence (``sequence``, the masked mean) from the layer's input hidden
+    state, which a forward pre-hook on the layer hands over (:meth:`remember_input`). The
+    logits of a layer forward are computed by the first target that asks and reused by the
+    others; DeBERTa's relative-position rows (not tokens: ``context.in_non_token_call``) get
+    the controller applied to the rows themselves, as a per-target controller would."""
+
+    def __init__(self, d_model: int, hidden: int, rank: int, granularity: str, context,
+                 detach_input: bool = True, init_offset: float = 0.0):
+        super().__init__()
+        self.mlp = ControllerMLP(d_model, hidden, rank, init_offset)
+        self.granularity = granularity
+        self.detach_input = detach_input
+        self.context = context  # the model's ForwardContext, shared with its spectral layers
+        self._input: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+
+    def remember_input(self, hidden_states: torch.Tensor | None) -> None:
+        self._input, self._logits = hidden_states, None
+
+    def _logits_of(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.detach_input:
+            x = x.detach()
+        if self.granularity == "token":
+            return self.mlp(x)
+        weights = valid.to(x.dtype).unsqueeze(-1)
+        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.mlp(pooled).unsqueeze(1)
+
+    def logits(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.context.in_non_token_call:
+            return self._logits_of(x, valid)
+        if self._input is None:
+            raise RuntimeError("controller: per_layer needs its layer's input: the target was called "
+                               "outside its transformer layer's forward")
+        if self._input.shape[:2] != x.shape[:2]:
+            raise RuntimeError(f"controller: per_layer read a layer input of shape {tuple(self._input.shape)} "
+                               f"for a target input of shape {tuple(x.shape)}")
+        if self._logits is None:
+            self._logits = self._logits_of(self._input, valid)
+        return self._logits
+
+    def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
+        per_input = self.mlp.flops_per_input()
+        if self.granularity == "token":
+            return valid_tokens.long() * per_input
+        return torch.full_like(valid_tokens, per_input, dtype=torch.long)
+
+
+class SharedLayerGates(nn.Module):
+    """A target's gate source under ``controller: per_layer``: its layer's controller's logits.
+    Holds no parameters (the controller is registered on its layer); ``counts_flops``: this is
+    the layer's first target, which carries the controller's FLOPs for the layer's token rows
+    (position rows are projected per target, so each counts its own)."""
+
+    input_independent = False
+
+    def __init__(self, controller: LayerController, counts_flops: bool):
+        super().__init__()
+        object.__setattr__(self, "controller", controller)  # not a submodule: registered once
+        self.counts_flops = counts_flops
+        self.shares_gates_across_tokens = controller.granularity == "sequence"
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.controller.logits(x, valid)
+
+    def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
+        if self.counts_flops or self.controller.context.in_non_token_call:
+            return self.controller.flops(valid_tokens)
+        return torch.zeros_like(valid_tokens, dtype=torch.long)
+
+
+GateSource = StaticGateLogits | SequenceController | TokenController | SharedLayerGates
+
+
+class LayerInputHook:
+    """Forward pre-hook (with kwargs) and forward hook of a transformer layer: hands the layer's
+    input hidden state to its :class:`LayerController`, and drops it after the layer. An object
+    holding the controller, not a closure, so that ``copy.deepcopy`` of the model binds the
+    copy's hook to the copy's controller."""
+
+    def __init__(self, controller: LayerController):
+        self.controller = controller
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.controller.remember_input(hidden if isinstance(hidden, torch.Tensor) else None)
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self.controller.remember_input(None)
+
+
+def transformer_layer_of(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The transformer layer a target module belongs to: its nearest ancestor that is an
+    element of an ``nn.ModuleList`` (``encoder.layer.3`` for ``encoder.layer.3.attention.self.query``)."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:end - 1])
+        if isinstance(modules.get(parent) if parent else None, nn.ModuleList):
+            return ".".join(parts[:end])
+    return None
 
 
 def controller_width(spec: int | str, d_in: int, rank: int) -> int:

@@ -53,12 +53,16 @@ from rankwise.methods.spectral.config import SpectralRecipe
 from rankwise.methods.spectral.context import ForwardContext, install_forward_context
 from rankwise.methods.spectral.controllers import (
     GateSource,
+    LayerController,
+    LayerInputHook,
     SequenceController,
+    SharedLayerGates,
     StaticGateLogits,
     TokenController,
     controller_width,
+    transformer_layer_of,
 )
-from rankwise.methods.spectral.gates import HardConcreteGate
+from rankwise.methods.spectral.gates import EVAL_RULES, HardConcreteGate
 from rankwise.methods.spectral.layer import SpectralLinear
 from rankwise.methods.spectral.statistics import PREFIX, GateStatistics
 from rankwise.methods.spectral.svd_cache import load_or_compute_factors
@@ -106,6 +110,7 @@ class SpectralFamily(FineTuningMethod):
         self.last_evaluation: dict[str, Any] = {}
         self.svd_info: dict[str, Any] = {}
         self._layers: list[SpectralLinear] = []
+        self._gate_params: list[nn.Parameter] = []  # gates' and controllers' (``.gate_source.``)
         self._gate_init: list[torch.Tensor] = []
         # budget_control: lagrangian: the multiplier μ and the constraint values of this step
         self.multiplier = 0.0
@@ -141,13 +146,14 @@ class SpectralFamily(FineTuningMethod):
         self.svd_info = {"cache_hit": hit, "file": path.name, "seconds": seconds}
 
         self.context = ForwardContext()
+        shared = self._layer_controllers(backbone, target_modules) if self.recipe.controller == "per_layer" else {}
         for name in target_modules:
             linear = modules[name]
             parent_name, _, attr = name.rpartition(".")
             parent = modules[parent_name] if parent_name else backbone
             layer = SpectralLinear(
                 linear, factors[name], self.context, scale=self.recipe.scale,
-                gate_source=self._gate_source(linear),
+                gate_source=shared[name] if name in shared else self._gate_source(linear),
                 gate=(HardConcreteGate(eval_rule=self.recipe.eval_gates, budget_on=self.recipe.budget_on)
                       if self.recipe.gate_source != "none" else None),
                 budget=self.recipe.budget,
@@ -163,9 +169,41 @@ class SpectralFamily(FineTuningMethod):
         self._layers = list(spectral_layers(backbone).values())
         # the gates' initial parameters, for ``gate_movement`` (a resumed run rebuilds the same
         # ones: the model is built under the seed before a checkpoint is loaded)
-        self._gate_init = [p.detach().clone() for layer in self._layers if layer.gate_source is not None
-                           for p in layer.gate_source.parameters()]
+        self._gate_params = [p for n, p in backbone.named_parameters() if ".gate_source." in f".{n}."]
+        self._gate_init = [p.detach().clone() for p in self._gate_params]
         return backbone
+
+    def _layer_controllers(self, backbone: nn.Module, target_modules: list[str]) -> dict[str, SharedLayerGates]:
+        """``controller: per_layer``: one :class:`LayerController` per transformer layer holding
+        targets, registered on that layer as ``gate_source`` and fed its input hidden state by
+        hooks; each target gets a view of its layer's controller."""
+        r = self.recipe
+        modules = dict(backbone.named_modules())
+        d_model = getattr(getattr(backbone, "config", None), "hidden_size", None)
+        if not isinstance(d_model, int):
+            raise ConfigError("model.adapter.controller", "per_layer needs the model's hidden size "
+                                                          "(config.hidden_size)")
+        by_layer: dict[str, list[str]] = {}
+        for name in target_modules:
+            layer_name = transformer_layer_of(name, modules)
+            if layer_name is None:
+                raise ConfigError("model.adapter.controller",
+                                  f"per_layer: target {name!r} is not inside a stack of layers (an nn.ModuleList)")
+            by_layer.setdefault(layer_name, []).append(name)
+        device = modules[target_modules[0]].weight.device
+        views = {}
+        for layer_name, names in by_layer.items():
+            layer = modules[layer_name]
+            controller = LayerController(
+                d_model, controller_width(r.controller_hidden, d_model, r.rank), r.rank,
+                "token" if r.gate_source == "token" else "sequence", self.context,
+                r.detach_controller_input, r.controller_init_bias).to(device)
+            layer.gate_source = controller
+            hook = LayerInputHook(controller)
+            layer.register_forward_pre_hook(hook.before, with_kwargs=True)
+            layer.register_forward_hook(hook.after, with_kwargs=True, always_call=True)
+            views.update({name: SharedLayerGates(controller, counts_flops=i == 0) for i, name in enumerate(names)})
+        return views
 
     def _gate_source(self, linear: nn.Linear) -> GateSource | None:
         r = self.recipe
@@ -246,6 +284,26 @@ class SpectralFamily(FineTuningMethod):
             return self.recipe.gate_learning_rate
         return None
 
+    # --- evaluation rules -----------------------------------------------------------------
+    def evaluation_rules(self) -> tuple[str, ...]:
+        return EVAL_RULES if self.gated else ()
+
+    @contextlib.contextmanager
+    def evaluation_rule(self, model: nn.Module, rule: str) -> Iterator[None]:
+        """Every gate of ``model`` evaluates with ``rule`` inside the block (each still followed
+        by its budget projection); the configured rule after it."""
+        if rule not in self.evaluation_rules():
+            raise ValueError(f"{self.name} has no evaluation rule {rule!r}")
+        gates = [layer.gate for layer in spectral_layers(model).values() if layer.gate is not None]
+        before = [gate.eval_rule for gate in gates]
+        for gate in gates:
+            gate.eval_rule = rule
+        try:
+            yield
+        finally:
+            for gate, rule_before in zip(gates, before):
+                gate.eval_rule = rule_before
+
     # --- training-time open rate -----------------------------------------------------------
     @property
     def gated(self) -> bool:
@@ -296,8 +354,7 @@ class SpectralFamily(FineTuningMethod):
         """How far training moved the gates from their initialisation: mean |Δ log α| for
         input-independent gates (BHSP), ‖θ − θ₀‖ / ‖θ₀‖ over the controllers' parameters
         otherwise (CBSP, TABS)."""
-        now = [p.detach() for layer in self._layers if layer.gate_source is not None
-               for p in layer.gate_source.parameters()]
+        now = [p.detach() for p in self._gate_params]
         if not now:
             return 0.0
         if self.recipe.gate_source == "static":
@@ -409,7 +466,8 @@ class SpectralFamily(FineTuningMethod):
             sequence_flops=([e.controller_flops for e in stats.examples]
                             if self.recipe.gate_source == "sequence" else None),
             sources={"per_token": "counted: open (token, direction) pairs of the pass × cost per pair",
-                     **({"per_sequence": "counted: one controller pass per sequence and target"}
+                     **({"per_sequence": "counted: one controller pass per sequence and "
+                                         + ("layer" if self.recipe.controller == "per_layer" else "target")}
                         if self.recipe.gate_source == "sequence" else {})},
         )
 
