@@ -13,7 +13,7 @@ import torch
 from rankwise.config.loader import load_job
 from rankwise.training.loop import Trainer
 
-RUN = "cpu-comparative-2-MiniLM-L6--GLUE-RTE"
+RUN = "cpu-comparative-2-MiniLM-L6--GLUE-SST-2"
 OVERFLOW_BATCH = 6  # the 6th optimizer step (0-based step 5) gets an inf gradient
 
 

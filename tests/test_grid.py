@@ -1,7 +1,7 @@
 """The experiment grid (``python -m rankwise.grid``): cell selection, the local pool, kill and
 resume, two grids on one folder, submitit's local executor, Ray, retries and failures.
 
-Cells are two shipped CPU-twin run ids (LoRA r=8 and Full FT on RTE) on the tiny random BERT and
+Cells are two shipped CPU-twin run ids (LoRA r=8 and Full FT on SST-2) on the tiny random BERT and
 the fake GLUE mirror, 16 training examples, so every cell is one short ``rankwise.main`` process.
 """
 
@@ -26,7 +26,7 @@ from rankwise.grid.state import GridState
 from rankwise.grid.worker import CellResult, same_config
 from rankwise.main import main as run_main
 
-LORA, FULL = "cpu-comparative-1-MiniLM-L6--GLUE-RTE", "cpu-baseline-MiniLM-L6--GLUE-RTE"
+LORA, FULL = "cpu-comparative-1-MiniLM-L6--GLUE-SST-2", "cpu-baseline-MiniLM-L6--GLUE-SST-2"
 FAKE_EVALUATE = [sys.executable, str(Path(__file__).with_name("grid_fake_evaluate.py"))]
 SHIPPED = sorted(p.stem for p in (packaged_configs() / "runs").glob("*.yaml"))
 
@@ -37,8 +37,9 @@ def tiny(fake_glue) -> list[str]:
 
 
 def grid_args(results, fake_glue, *extra, runs=(LORA, FULL)) -> list[str]:
+    """The twins without their searches (one cell per seed), unless ``extra`` sets one."""
     return [f"runs=[{','.join(map(str, runs))}]", f"results_dir={results}", "seeds=[1,2]", "cpus_per_run=1",
-            *tiny(fake_glue), *extra]
+            *tiny(fake_glue), "optuna.n_trials=0", *extra]
 
 
 def metrics(results, run_id) -> dict:
@@ -69,11 +70,11 @@ def fake_evaluate(monkeypatch):
 
 
 def test_experiment_1_cpu_selects_the_shipped_twins_of_the_task():
-    picked = [n.run_id for n in select_experiment(SHIPPED, 1, "cpu", ["rte"], None)]
+    picked = [n.run_id for n in select_experiment(SHIPPED, 1, "cpu", ["sst-2"], None)]
     on_disk = {s for s in SHIPPED if s.startswith("cpu-") and not s.startswith("cpu-tabs-")
-               and s.endswith("-MiniLM-L6--GLUE-RTE")}
+               and s.endswith("-MiniLM-L6--GLUE-SST-2")}
     assert set(picked) == on_disk and len(picked) == len(on_disk) >= 4
-    assert picked[0] == "cpu-proposed-MiniLM-L6--GLUE-RTE"  # proposed first, then comparatives
+    assert picked[0] == "cpu-proposed-MiniLM-L6--GLUE-SST-2"  # proposed first, then comparatives
 
 
 def test_experiment_2_full_is_every_tabs_deberta_config():
@@ -290,13 +291,13 @@ def test_local_grid_with_two_workers_completes_and_compares(reference):
     # one run's two seeds trained side by side, each its own cell
     a, b = (cells[f"{LORA}/seed{s}"]["attempts"][0] for s in (1, 2))
     assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
-    for out in (results / "comparison" / "RTE", results / "comparison"):
+    for out in (results / "comparison" / "SST-2", results / "comparison"):
         report = json.loads((out / "aggregated_metrics.json").read_text())
         assert report["run_ids"] == [LORA, FULL] and "allow_trial=true" not in report["argv"]
     # one task: its comparison is the experiment's Holm family itself (no second pass)
-    assert json.loads((results / "comparison" / "RTE" / "aggregated_metrics.json").read_text())[
+    assert json.loads((results / "comparison" / "SST-2" / "aggregated_metrics.json").read_text())[
         "holm_family"] is None
-    assert {k: v["status"] for k, v in grid_json(results)["comparisons"].items()} == {"RTE": "complete",
+    assert {k: v["status"] for k, v in grid_json(results)["comparisons"].items()} == {"SST-2": "complete",
                                                                                       "all": "complete"}
 
 
@@ -334,7 +335,7 @@ def test_real_evaluate_compares_the_grid(reference, fake_glue, capsys, monkeypat
     monkeypatch.setattr(compare, "EVALUATE_COMMAND", [*compare.EVALUATE_COMMAND, "figures=false"])
     assert main(grid_args(results, fake_glue, "workers=2")) == 0
     reports = []
-    for out in (results / "comparison" / "RTE", results / "comparison"):
+    for out in (results / "comparison" / "SST-2", results / "comparison"):
         report = json.loads((out / "aggregated_metrics.json").read_text())
         assert report["run_ids"] == [LORA, FULL] and (out / "summary.md").is_file()
         reports.append(report)
@@ -430,7 +431,7 @@ def test_submitit_local_executor_runs_cells_and_contains_a_failure(tmp_path, fak
     assert cells[f"{bad['run_id']}/merge"]["status"] == "failed"
     assert all(c["job_id"] and c["job_id"] != "None" for c in cells.values() if c.get("tries"))  # submitit job ids
     assert list((results / "grid" / "submitit").glob("*_result.pkl"))
-    report = json.loads((results / "comparison" / "RTE" / "aggregated_metrics.json").read_text())
+    report = json.loads((results / "comparison" / "SST-2" / "aggregated_metrics.json").read_text())
     assert report["run_ids"] == [LORA] and "allow_trial=true" in report["argv"]
 
 
@@ -496,7 +497,7 @@ def test_a_search_runs_its_trials_as_cells_two_at_a_time(tmp_path, fake_glue, fa
 def test_experiment_1_cells_skip_the_measurement_its_comparison_does_not_report(tmp_path):
     from rankwise.grid.cells import build_cells
 
-    exp1 = "cpu-proposed-MiniLM-L6--GLUE-RTE"
+    exp1 = "cpu-proposed-MiniLM-L6--GLUE-SST-2"
     exp2 = next(s for s in SHIPPED if s.startswith("cpu-tabs-proposed-"))
     def measures(cell) -> bool:  # the config as written: no key means the default, measured
         return cell.config["training"].get("inference_measurement", {}).get("enabled", True)
