@@ -389,15 +389,14 @@ def listops_length_stress() -> dict[str, tuple[str, dict]]:
             "token equals that cap at T = 512 and grows with T beyond it. Compare budget violations "
             "and open pairs per sequence against the cap by length (the inference bench sweeps on "
             "to 4,096 tokens). lr 5e-4, 5 epochs, as the ListOps runs.")
-    adapters = {"proposed": ("TABS", {**exp2_adapter("proposed"), "budget_tokens": STRESS_CAP}),
-                "comparative-3": ("CBSP", exp2_adapter("comparative-3"))}
+    adapters = {"proposed": ("TABS", {**exp2_gated("proposed", 5e-4), "budget_tokens": STRESS_CAP}),
+                "comparative-3": ("CBSP", exp2_gated("comparative-3", 5e-4))}
     out = {}
     for role, (algo, adapter) in adapters.items():
         run_id = f"tabs-{role}-DeBERTaV3-base-86-M--ListOps-length-stress"
         cfg = {"run_id": run_id, "method": role, "model": {"name": DEBERTA, "adapter": adapter},
                "dataset": data, "training": training_block(5e-4, 5),
-               "optuna": optuna_block("validation_accuracy", 30,
-                                      {"learning_rate": loguniform(1e-4, 3e-3), "batch_size": BATCH_CHOICES})}
+               "optuna": optuna_block("validation_accuracy", 30, exp2_space(adapter))}
         out[run_id] = (f"Experiment 2, {algo} on DeBERTaV3-base / {note}", cfg)
     return out
 

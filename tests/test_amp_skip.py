@@ -24,7 +24,7 @@ def adalora_job(results, glue, *extra):
                      "training.warmup_steps=0", "training.warmup_ratio=null",
                      "training.save_strategy=no", "training.log_every_n_steps=1",
                      "training.inference_measurement.enabled=false", "model.adapter.deltaT=1",
-                     *extra])
+                     "optuna.n_trials=0", *extra])
 
 
 def lora_e_params(model):

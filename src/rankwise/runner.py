@@ -265,21 +265,28 @@ def trial_objective(job: Job, seed: int) -> Callable:
         if result.final.get(metric) is None:
             raise RankwiseError(f"trial #{reporter.trial_number} produced no {metric} "
                                 f"(got {', '.join(result.final)})")
-        scores = eval_rule_scores(trainer, result.final, metric)
-        if not scores:
-            return float(result.final[metric])
-        reporter.set_user_attr("eval_rule_scores", scores)
-        if getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
-            return float(result.final[metric])
-        sign = 1.0 if job.run.optuna.direction == "maximize" else -1.0
-        chosen = max(scores, key=lambda rule: sign * scores[rule]["value"])  # ties: the first listed
-        reporter.set_user_attr(CHOSEN_RULE, chosen)
-        return float(scores[chosen]["value"])
+        return trial_value(trial_job, trainer, result.final, reporter)
 
     return objective
 
 
 CHOSEN_RULE = "eval_gates"  # a trial's user attribute under ``eval_gates: select``
+
+
+def trial_value(trial_job: Job, trainer, final: dict[str, Any], reporter) -> float:
+    """A finished trial's value: its metric or, under ``eval_gates: select``, its best
+    evaluation rule's (the rule stored with the trial). A gated method's rules are all scored
+    on the selection slice and stored (``eval_rule_scores``)."""
+    metric = trial_job.run.optuna.metric_name
+    scores = eval_rule_scores(trainer, final, metric)
+    if scores:
+        reporter.set_user_attr("eval_rule_scores", scores)
+    if not scores or getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
+        return float(final[metric])
+    sign = 1.0 if trial_job.run.optuna.direction == "maximize" else -1.0
+    chosen = max(scores, key=lambda rule: sign * scores[rule]["value"])  # ties: the first listed
+    reporter.set_user_attr(CHOSEN_RULE, chosen)
+    return float(scores[chosen]["value"])
 RULE_STATISTICS = ("spectral_open_gates_per_token", "spectral_budget_violations")
 
 

@@ -74,8 +74,8 @@ def grid_help():
                 "python -m rankwise.grid takes the same arguments.",
         arguments=(*keys, ("key.path=VALUE", ("a run-config key (model.*, dataset.*, training.*, "
                                              "...) or device, resume, wandb.*: passed to every cell"))),
-        examples=("rankwise grid experiment=1 scale=cpu tasks=[RTE]",
-                  "rankwise grid experiment=1 scale=cpu tasks=[RTE] plan=true",
+        examples=("rankwise grid experiment=1 scale=cpu tasks=[SST-2]",
+                  "rankwise grid experiment=1 scale=cpu tasks=[SST-2] plan=true",
                   "rankwise grid experiment=2 scale=cpu mode=trial",
                   ("rankwise grid experiment=1 scale=full launcher=slurm slurm.partition=gpu "
                   "'seeds=[1,2,3]'")),
