@@ -331,9 +331,7 @@ def test_four_trial_study_writes_best_params_and_trials_csv(tmp_path, caplog):
         return value
 
     caplog.set_level(logging.INFO, logger="rankwise.search")
-    t0 = time.perf_counter()
     result = run_search("toy", cfg, optuna_block(cfg), 11, tmp_path, objective)
-    assert time.perf_counter() - t0 < 15
     assert (result.n_complete, result.n_pruned, result.n_failed) == (4, 0, 0)
     best = max(seen, key=lambda s: s[4])
     assert result.best_value == best[4] and result.best_trial_number == best[0]

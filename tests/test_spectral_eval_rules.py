@@ -68,6 +68,9 @@ def test_select_scores_every_rule_on_the_selection_slice_and_the_final_run_takes
         assert trial.value == scores[chosen]["value"] == max(s["value"] for s in scores.values())
         for row in scores.values():
             assert row["spectral_budget_violations"] == 0 and row["capacity_ratio"] >= 0
+        # the trial's constraint, as TPE stored it (feasible: the rules met the budget)
+        assert trial.user_attrs["budget_violations"] == 0
+        assert trial.constraints == {"budget_violations": 0.0}
         assert any(row["capacity_ratio"] > 0 for row in scores.values())
         # the training loop's own last evaluation (the configured rule while training: prob_open)
         # is the same pass as the post-hoc scoring under that rule
@@ -81,6 +84,7 @@ def test_select_scores_every_rule_on_the_selection_slice_and_the_final_run_takes
     assert config["model"]["adapter"]["eval_gates"] == best.user_attrs["eval_gates"]
     assert metrics["search"]["best_overrides"]["model.adapter.eval_gates"] == best.user_attrs["eval_gates"]
     assert metrics["search"]["eval_rule_scores"] == best.user_attrs["eval_rule_scores"]
+    assert metrics["search"]["budget_violations"] == 0
 
 
 def test_select_without_a_search_is_refused_naming_the_key(tmp_path, fake_glue, capsys):
@@ -101,3 +105,37 @@ def test_the_summary_lists_every_rule_of_the_best_trial():
     lines = "\n".join(rule_scores_section(report, [run]))
     assert "`sign` | 0.6100 | 0.90 | 0.11 | 0" in lines and "`prob_open` | 0.7900 | 8.10 | 0.95 | 0" in lines
     assert rule_scores_section({"selection": {}}, [run]) == []
+
+
+def test_a_rule_over_budget_never_wins_over_one_that_meets_it():
+    from rankwise.runner import best_rule
+
+    scores = {"sign": {"value": 0.60, "spectral_budget_violations": 0},
+              "prob_open": {"value": 0.85, "spectral_budget_violations": 3},
+              "louizos": {"value": 0.87, "spectral_budget_violations": 1},
+              "expected_count": {"value": 0.70, "spectral_budget_violations": 0}}
+    assert best_rule(scores, "maximize") == "expected_count"
+    assert best_rule(scores, "minimize") == "sign"
+    over = {rule: {**row, "spectral_budget_violations": row["spectral_budget_violations"] + 1}
+            for rule, row in scores.items()}
+    assert best_rule(over, "maximize") == "expected_count"  # none meets it: the fewest violations
+    ungated = {"only": {"value": 0.5, "spectral_budget_violations": None}}
+    assert best_rule(ungated, "maximize") == "only"
+
+
+def test_the_best_trial_is_the_best_one_that_meets_its_budget():
+    from optuna.distributions import FloatDistribution
+
+    from rankwise.search.trials import _best_trial
+
+    def trial(number, value, violations=None):
+        made = optuna.trial.create_trial(
+            value=value, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.01, 1)},
+            constraints=None if violations is None else {"budget_violations": float(violations)})
+        made.number = number
+        return made
+
+    trials = [trial(0, 0.90, violations=1), trial(1, 0.80, violations=0), trial(2, 0.85)]
+    assert _best_trial(trials, "maximize").number == 2  # no budget recorded: feasible
+    assert _best_trial(trials[:2], "maximize").number == 1
+    assert _best_trial([trial(0, 0.9, 2), trial(1, 0.7, 1)], "maximize").number == 1

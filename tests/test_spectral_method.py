@@ -543,3 +543,30 @@ def test_method_state_guards_resume_against_other_factors(tiny_bert):
     method.load_state_dict(state)
     with pytest.raises(ValueError, match="R="):
         method.load_state_dict({**state, "R": 8})
+
+
+def test_cbsp_budget_is_an_average_over_sequences(tiny_bert):
+    """CBSP's budget holds on average (methods.md): a target violates it when its open pairs over
+    the split exceed Σ floor(b·T_valid), whatever single sequences do. Recomputed from the
+    controllers' logits under the sign rule."""
+    model, tokenizer = tiny_bert
+    per_sequence_only = 0
+    for budget in (1.0, 2.0, 3.0):
+        method, wrapped = wrap("cbsp", copy.deepcopy(model), CBSPConfig(R=4, budget=budget, eval_gates="sign"))
+        randomise_gate_sources(wrapped)
+        captured = capture_gate_logits(wrapped)
+        batch = encode(tokenizer)
+        method.begin_evaluation(wrapped)
+        with torch.no_grad():
+            wrapped.eval()(**batch)
+        stats = method.end_evaluation(wrapped)
+        valid = batch["attention_mask"].sum(1)  # (B,)
+        b_max = torch.floor(budget * valid)
+        over_average = over_each = 0
+        for logits in captured.values():
+            open_pairs = (logits[0] > 0).reshape(len(valid), -1).sum(1) * valid  # shared by tokens
+            over_average += int(open_pairs.sum() > b_max.sum())
+            over_each += int((open_pairs > b_max).any())
+        assert stats["spectral_budget_violations"] == over_average
+        per_sequence_only += over_each > over_average
+    assert per_sequence_only  # some target broke single sequences' B_max but not the average

@@ -276,17 +276,42 @@ CHOSEN_RULE = "eval_gates"  # a trial's user attribute under ``eval_gates: selec
 def trial_value(trial_job: Job, trainer, final: dict[str, Any], reporter) -> float:
     """A finished trial's value: its metric or, under ``eval_gates: select``, its best
     evaluation rule's (the rule stored with the trial). A gated method's rules are all scored
-    on the selection slice and stored (``eval_rule_scores``)."""
+    on the selection slice and stored (``eval_rule_scores``).
+
+    Budget first: a rule that exceeds the method's budget on the selection slice cannot win
+    over one that meets it, and the trial records the violations of the evaluation it stands
+    for (``BUDGET_VIOLATIONS``), so the search prefers trials that meet their budget
+    (:func:`rankwise.search.trials._best_trial`, and TPE's constraints)."""
     metric = trial_job.run.optuna.metric_name
     scores = eval_rule_scores(trainer, final, metric)
     if scores:
         reporter.set_user_attr("eval_rule_scores", scores)
+    split = trainer.data.evals[0].name
     if not scores or getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
+        record_violations(reporter, final.get(f"{split}_spectral_budget_violations"))
         return float(final[metric])
-    sign = 1.0 if trial_job.run.optuna.direction == "maximize" else -1.0
-    chosen = max(scores, key=lambda rule: sign * scores[rule]["value"])  # ties: the first listed
+    chosen = best_rule(scores, trial_job.run.optuna.direction)
     reporter.set_user_attr(CHOSEN_RULE, chosen)
+    record_violations(reporter, scores[chosen]["spectral_budget_violations"])
     return float(scores[chosen]["value"])
+
+
+def best_rule(scores: dict[str, dict[str, Any]], direction: str) -> str:
+    """The rule with the fewest budget violations (none, for a rule that meets the budget),
+    then the best metric; ties go to the first listed."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    return min(scores, key=lambda rule: (scores[rule]["spectral_budget_violations"] or 0,
+                                         -sign * scores[rule]["value"]))
+
+
+def record_violations(reporter, violations) -> None:
+    """The trial's budget violations (0 for a method without a budget) as its constraint."""
+    from rankwise.search.trials import BUDGET_VIOLATIONS
+
+    reporter.set_user_attr(BUDGET_VIOLATIONS, int(violations or 0))
+    reporter.set_constraint(BUDGET_VIOLATIONS, float(violations or 0))
+
+
 RULE_STATISTICS = ("spectral_open_gates_per_token", "spectral_budget_violations")
 
 
@@ -350,8 +375,8 @@ def search_summary(job: Job, result) -> dict[str, Any]:
         "best_params": result.best_params,
         "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in final_params(job, result).items()},
         # each evaluation rule of the best trial's model on the selection slice (gated methods)
-        **({"eval_rule_scores": result.best_user_attrs["eval_rule_scores"]}
-           if "eval_rule_scores" in (result.best_user_attrs or {}) else {}),
+        **{key: result.best_user_attrs[key] for key in ("eval_rule_scores", "budget_violations")
+           if key in (result.best_user_attrs or {})},
         "states": {"complete": result.n_complete, "pruned": result.n_pruned,
                    "failed": result.n_failed, "cancelled": result.n_cancelled,
                    "invalid_config": result.n_invalid},

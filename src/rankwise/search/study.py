@@ -5,7 +5,9 @@ parallel workers spread out). Each trial samples from a TPESampler seeded with
 ``SeedSequence([seed, trial.number])`` rather than from one sampler seeded once per process:
 a restarted process, or a second worker, would otherwise replay the first trials' random
 start-up draws and train the same parameters twice. In one worker the sequence of suggestions
-is a function of the seed and the study's history alone.
+is a function of the seed and the study's history alone. A trial that records budget
+violations (the constraint ``budget_violations``, gated spectral methods) is infeasible to
+TPE, and the best trial is the best one that meets its budget.
 
 Pruner. ``median`` = MedianPruner(n_startup_trials, warm-up), ``percentile`` =
 PercentilePruner(pruner_percentile, ...), ``hyperband`` = HyperbandPruner(min_resource =
@@ -144,6 +146,10 @@ class TrialReporter:
     def set_user_attr(self, key: str, value: Any) -> None:
         """Store a fact about the trial (e.g. its training rows) with it in the study."""
         self._trial.set_user_attr(key, value)
+
+    def set_constraint(self, key: str, value: float) -> None:
+        """A constraint of the trial: feasible at ≤ 0 (TPE and the best trial honour it)."""
+        self._trial.set_constraint(key, value)
 
     def report(self, value: float, epoch: int) -> None:
         """Record ``metric_name = value`` after ``epoch`` completed epochs (1, 2, ...)."""

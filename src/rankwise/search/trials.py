@@ -15,6 +15,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 CANCELLED_NOTE = "cancelled: n_trials already taken by other workers' trials"
+# A trial's constraint (and user attribute): budget violations of the evaluation its value
+# stands for (gated spectral methods; 0 otherwise). Optuna's convention: a value > 0 violates.
+BUDGET_VIOLATIONS = "budget_violations"
 
 
 def _count(trials: Sequence[FrozenTrial], states: Sequence[TrialState]) -> int:
@@ -30,11 +33,18 @@ def _is_invalid(trial: FrozenTrial) -> bool:
 
 
 def _best_trial(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The best COMPLETE trial among those that meet their budget; when none does, the one
+    with the fewest violations. Ties go to the earliest trial."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return None
     sign = -1.0 if direction == "maximize" else 1.0
-    return min(complete, key=lambda t: (sign * t.value, t.number))
+    return min(complete, key=lambda t: (_violations(t), sign * t.value, t.number))
+
+
+def _violations(trial: FrozenTrial) -> float:
+    """How far the trial is from feasible: the sum of its violated constraints (0 without any)."""
+    return sum(v for v in trial.constraints.values() if v > 0)
 
 
 def _duration_s(trial: FrozenTrial) -> float | None:

@@ -68,6 +68,7 @@ class SpectralRecipe:
     detach_controller_input: bool = True
     init_log_alpha: float = 0.0
     budget: SequenceBudget | None = None  # per-sequence B_max (CBSP, TABS)
+    average_budget: bool = False  # B_max holds on average over sequences (CBSP), not each one
     projection: bool = False
     penalty: PenaltyKind = "none"
     penalty_weight: float = 0.0
@@ -258,7 +259,7 @@ class CBSPConfig(_ControlledConfig):
 
     def recipe(self) -> SpectralRecipe:
         return self._recipe(gate_source="sequence", budget=SequenceBudget(per_token=self.budget),
-                            projection=False)
+                            average_budget=True, projection=False)
 
 
 @dataclass

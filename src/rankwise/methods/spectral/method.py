@@ -413,9 +413,11 @@ class SpectralFamily(FineTuningMethod):
     def budget_violations(self, model: nn.Module, stats: GateStatistics) -> int | None:
         """Budget violations of the passes recorded in ``stats``; ``None`` without a budget.
 
-        CBSP/TABS: (target, sequence) pairs with more than B_max open pairs. BHSP: its budget
-        is global and input-independent, Σ_k (open directions of k) ≤ b·|K|, so 1 if the
-        current static gates exceed it, else 0.
+        TABS: (target, sequence) pairs with more than B_max open pairs. CBSP: its budget is an
+        average (b directions per target and sequence on average, methods.md), so the targets
+        whose open pairs over all sequences exceed Σ B_max. BHSP: its budget is global and
+        input-independent, Σ_k (open directions of k) ≤ b·|K|, so 1 if the current static
+        gates exceed it, else 0.
         """
         if self.recipe.penalty == "static_total":
             open_gates = self._static_open_gates(model)
@@ -423,6 +425,8 @@ class SpectralFamily(FineTuningMethod):
             return int(total_open > self.recipe.static_budget_per_target * len(open_gates))
         if self.recipe.budget is None:
             return None
+        if self.recipe.average_budget:
+            return stats.average_budget_violations()
         return stats.budget_violations()
 
     # --- cost: realised from the gates of the pass ---------------------------------------------

@@ -37,13 +37,19 @@ class TargetGateCounts:
     open_pairs: int = 0
     tokens: int = 0
     sequences: int = 0
-    budget_violations: int = 0
+    budget_violations: int = 0  # sequences with more than B_max open pairs
+    budget_pairs: int = 0  # Σ B_max over the recorded sequences
     adapter_flops: int = 0
     controller_flops: int = 0
 
     @property
     def mean_open_per_token(self) -> float:
         return self.open_pairs / self.tokens if self.tokens else 0.0
+
+    @property
+    def over_average_budget(self) -> bool:
+        """More open pairs than Σ B_max over the recorded sequences (an average budget)."""
+        return self.open_pairs > self.budget_pairs
 
 
 @dataclass
@@ -154,6 +160,7 @@ class GateStatistics:
         counts.sequences += int(valid.shape[0])
         if max_open_pairs is not None:
             counts.budget_violations += int((open_pairs > max_open_pairs.cpu()).sum())
+            counts.budget_pairs += int(max_open_pairs.sum())
         adapter = (open_pairs * cost_per_pair).tolist()
         controller = controller_flops.cpu().tolist()
         dense = (valid_tokens * rank * cost_per_pair).tolist()
@@ -201,7 +208,12 @@ class GateStatistics:
         return total
 
     def budget_violations(self) -> int:
+        """(target, sequence) pairs over B_max: a per-sequence budget (TABS)."""
         return sum(c.budget_violations for c in self.targets.values())
+
+    def average_budget_violations(self) -> int:
+        """Targets whose open pairs exceed Σ B_max over all sequences: an average budget (CBSP)."""
+        return sum(c.over_average_budget for c in self.targets.values())
 
     def summary(self) -> dict[str, float]:
         """Flat numbers merged into the evaluation metrics (keys prefixed ``spectral_``)."""
@@ -254,6 +266,7 @@ class GateStatistics:
                     "tokens": c.tokens,
                     "sequences": c.sequences,
                     "budget_violations": c.budget_violations,
+                    "budget_pairs": c.budget_pairs,
                     "adapter_flops": c.adapter_flops,
                     "controller_flops": c.controller_flops,
                 }
