@@ -5,7 +5,11 @@ parallel workers spread out). Each trial samples from a TPESampler seeded with
 ``SeedSequence([seed, trial.number])`` rather than from one sampler seeded once per process:
 a restarted process, or a second worker, would otherwise replay the first trials' random
 start-up draws and train the same parameters twice. In one worker the sequence of suggestions
-is a function of the seed and the study's history alone. A trial that records budget
+is a function of the seed and the study's history alone. TPE's start-up trials (the first
+``STARTUP_TRIALS``) take the points of one scrambled Sobol sequence seeded by the search seed
+instead of independent uniform draws (:mod:`rankwise.search.start`): a search of 4 trials
+covers each parameter's range in quarters, and every arm of an experiment searched with the
+same seed gets the same points. A trial that records budget
 violations (the constraint ``budget_violations``, gated spectral methods) is infeasible to
 TPE, and the best trial is the best one that meets its budget.
 
@@ -67,6 +71,7 @@ from rankwise.config.schema import OptunaConfig
 from rankwise.errors import ConfigError, NonFiniteLossError, RankwiseError
 from rankwise.search.report import _format_params, _log_progress, _log_top_trials, _StudyOutputs
 from rankwise.search.space import apply_params, suggest_params, validate_search_space
+from rankwise.search.start import StratifiedStart
 from rankwise.search.storage import _check_study_matches, _masked, _open_storage, _optuna_quiet
 from rankwise.search.trials import (
     CANCELLED_NOTE,
@@ -486,7 +491,8 @@ def _holds_a_slot(study: optuna.Study, number: int, n_trials: int) -> bool:
     return finished + ahead < n_trials
 
 
-def _sampler_for_trial(seed: int, trial_number: int) -> optuna.samplers.TPESampler:
+def _sampler_for_trial(seed: int, trial_number: int) -> optuna.samplers.BaseSampler:
     trial_seed = int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
-    return optuna.samplers.TPESampler(seed=trial_seed, constant_liar=True)
+    tpe = optuna.samplers.TPESampler(seed=trial_seed, constant_liar=True)
+    return StratifiedStart(tpe, seed, trial_number)
 
