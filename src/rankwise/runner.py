@@ -278,38 +278,64 @@ def trial_value(trial_job: Job, trainer, final: dict[str, Any], reporter) -> flo
     evaluation rule's (the rule stored with the trial). A gated method's rules are all scored
     on the selection slice and stored (``eval_rule_scores``).
 
-    Budget first: a rule that exceeds the method's budget on the selection slice cannot win
-    over one that meets it, and the trial records the violations of the evaluation it stands
-    for (``BUDGET_VIOLATIONS``), so the search prefers trials that meet their budget
+    Mechanism first: a rule that breaks the method's budget, or opens at evaluation a share of
+    what training kept open outside the ``capacity_ratio`` bounds, cannot win over one that does
+    neither, and the trial records how far the evaluation it stands for is from that as Optuna
+    constraints (:func:`record_constraints`), so the search prefers trials that hold
     (:func:`rankwise.search.trials._best_trial`, and TPE's constraints)."""
+    from rankwise.methods.engagement import resolve_thresholds
+
     metric = trial_job.run.optuna.metric_name
+    thresholds = resolve_thresholds(trial_job.run.training.engagement_thresholds)
     scores = eval_rule_scores(trainer, final, metric)
     if scores:
         reporter.set_user_attr("eval_rule_scores", scores)
-    split = trainer.data.evals[0].name
     if not scores or getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
-        record_violations(reporter, final.get(f"{split}_spectral_budget_violations"))
+        split = trainer.data.evals[0].name
+        configured = {"spectral_budget_violations": final.get(f"{split}_spectral_budget_violations"),
+                      "capacity_ratio": capacity_ratio(final.get(f"{split}_spectral_open_gates_per_token"),
+                                                       final.get("train_expected_open_gates_per_token"))}
+        record_constraints(reporter, rule_constraints(configured, thresholds))
         return float(final[metric])
-    chosen = best_rule(scores, trial_job.run.optuna.direction)
+    chosen = best_rule(scores, trial_job.run.optuna.direction, thresholds)
     reporter.set_user_attr(CHOSEN_RULE, chosen)
-    record_violations(reporter, scores[chosen]["spectral_budget_violations"])
+    record_constraints(reporter, rule_constraints(scores[chosen], thresholds))
     return float(scores[chosen]["value"])
 
 
-def best_rule(scores: dict[str, dict[str, Any]], direction: str) -> str:
-    """The rule with the fewest budget violations (none, for a rule that meets the budget),
-    then the best metric; ties go to the first listed."""
+def rule_constraints(row: dict[str, Any], thresholds: dict[str, float]) -> dict[str, float]:
+    """How far one evaluation is from holding its mechanism (0 where it holds, or where the
+    method has no budget or gates): its budget violations, and the distance of its capacity
+    ratio from the ``capacity_ratio`` bounds."""
+    ratio = row.get("capacity_ratio")
+    lo, hi = thresholds["capacity_ratio_min"], thresholds["capacity_ratio_max"]
+    return {"budget_violations": float(row.get("spectral_budget_violations") or 0),
+            "capacity_gap": 0.0 if ratio is None else max(0.0, lo - ratio, ratio - hi)}
+
+
+def best_rule(scores: dict[str, dict[str, Any]], direction: str, thresholds: dict[str, float]) -> str:
+    """The best-scoring rule among those that hold (no budget violation, capacity ratio within
+    its bounds); when none does, the fewest violations, then the smallest capacity gap. Ties go
+    to the first listed."""
     sign = 1.0 if direction == "maximize" else -1.0
-    return min(scores, key=lambda rule: (scores[rule]["spectral_budget_violations"] or 0,
-                                         -sign * scores[rule]["value"]))
+
+    def key(rule: str) -> tuple[float, float, float]:
+        gaps = rule_constraints(scores[rule], thresholds)
+        return gaps["budget_violations"], gaps["capacity_gap"], -sign * scores[rule]["value"]
+
+    return min(scores, key=key)
 
 
-def record_violations(reporter, violations) -> None:
-    """The trial's budget violations (0 for a method without a budget) as its constraint."""
-    from rankwise.search.trials import BUDGET_VIOLATIONS
+def capacity_ratio(opened: float | None, expected: float | None) -> float | None:
+    """Open gates per token at evaluation ÷ expected open in training (None without gates)."""
+    return opened / expected if expected and opened is not None else None
 
-    reporter.set_user_attr(BUDGET_VIOLATIONS, int(violations or 0))
-    reporter.set_constraint(BUDGET_VIOLATIONS, float(violations or 0))
+
+def record_constraints(reporter, constraints: dict[str, float]) -> None:
+    """The trial's constraints (feasible at 0), also as user attributes for the reports."""
+    for name, value in constraints.items():
+        reporter.set_user_attr(name, value)
+        reporter.set_constraint(name, value)
 
 
 RULE_STATISTICS = ("spectral_open_gates_per_token", "spectral_budget_violations")
@@ -331,8 +357,7 @@ def eval_rule_scores(trainer, final: dict[str, Any], metric: str) -> dict[str, d
             metrics, _ = trainer.evaluate_splits()
         row = {"value": metrics.get(metric)}
         row.update({key: metrics.get(f"{split}_{key}") for key in RULE_STATISTICS})
-        opened = row["spectral_open_gates_per_token"]
-        row["capacity_ratio"] = opened / expected if expected and opened is not None else None
+        row["capacity_ratio"] = capacity_ratio(row["spectral_open_gates_per_token"], expected)
         scores[rule] = row
     return scores
 
@@ -375,7 +400,7 @@ def search_summary(job: Job, result) -> dict[str, Any]:
         "best_params": result.best_params,
         "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in final_params(job, result).items()},
         # each evaluation rule of the best trial's model on the selection slice (gated methods)
-        **{key: result.best_user_attrs[key] for key in ("eval_rule_scores", "budget_violations")
+        **{key: result.best_user_attrs[key] for key in ("eval_rule_scores", "budget_violations", "capacity_gap")
            if key in (result.best_user_attrs or {})},
         "states": {"complete": result.n_complete, "pruned": result.n_pruned,
                    "failed": result.n_failed, "cancelled": result.n_cancelled,

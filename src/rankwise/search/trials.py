@@ -15,9 +15,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 CANCELLED_NOTE = "cancelled: n_trials already taken by other workers' trials"
-# A trial's constraint (and user attribute): budget violations of the evaluation its value
-# stands for (gated spectral methods; 0 otherwise). Optuna's convention: a value > 0 violates.
-BUDGET_VIOLATIONS = "budget_violations"
+# A trial's constraints (Optuna's convention: a value > 0 violates) are set by the objective:
+# for gated spectral methods the budget violations of the evaluation the trial's value stands
+# for and its capacity ratio's distance from the capacity_ratio bounds (rankwise.runner).
 
 
 def _count(trials: Sequence[FrozenTrial], states: Sequence[TrialState]) -> int:
@@ -33,8 +33,8 @@ def _is_invalid(trial: FrozenTrial) -> bool:
 
 
 def _best_trial(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best COMPLETE trial among those that meet their budget; when none does, the one
-    with the fewest violations. Ties go to the earliest trial."""
+    """The best COMPLETE trial among the feasible ones (every constraint ≤ 0); when none is, the
+    one with the smallest sum of its violated constraints. Ties go to the earliest trial."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return None
