@@ -144,10 +144,12 @@ def test_the_best_trial_is_the_best_feasible_one():
 
     from rankwise.search.trials import _best_trial
 
-    def trial(number, value, violations=None):
+    def trial(number, value, violations=None, **constraints):
+        if violations is not None:
+            constraints["budget_violations"] = float(violations)
         made = optuna.trial.create_trial(
             value=value, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.01, 1)},
-            constraints=None if violations is None else {"budget_violations": float(violations)})
+            constraints=constraints or None)
         made.number = number
         return made
 
@@ -155,9 +157,6 @@ def test_the_best_trial_is_the_best_feasible_one():
     assert _best_trial(trials, "maximize").number == 2  # no budget recorded: feasible
     assert _best_trial(trials[:2], "maximize").number == 1
     assert _best_trial([trial(0, 0.9, 2), trial(1, 0.7, 1)], "maximize").number == 1
-    mixed = optuna.trial.create_trial(value=0.95, params={"lr": 0.1},
-                                      distributions={"lr": FloatDistribution(0.01, 1)},
-                                      constraints={"budget_violations": 0.0, "capacity_gap": 0.3})
-    mixed.number = 3
+    mixed = trial(3, 0.95, violations=0, capacity_gap=0.3)
     assert _best_trial([*trials[:2], mixed], "maximize").number == 1  # a capacity gap is infeasible too
     assert _best_trial([trials[0], mixed], "maximize").number == 3  # the smaller sum of violations

@@ -425,16 +425,23 @@ def test_evaluation_statistics_count_real_tokens_only(tiny_bert):
     assert any(k.startswith("spectral_adapter_flops_len_1_16") for k in stats)
 
 
-def test_projection_off_can_violate_and_is_counted(tiny_bert):
-    model, tokenizer = tiny_bert
-    method, wrapped = wrap("tabs", model, TABSConfig(R=4, budget=0.25, projection=False, eval_gates="sign"))
+def evaluate_randomised(kind, model, config, tokenizer):
+    """One evaluation pass of ``kind`` with random gate sources: its statistics, the gate
+    sources' logits it produced and the batch."""
+    method, wrapped = wrap(kind, model, config)
     randomise_gate_sources(wrapped)
     captured = capture_gate_logits(wrapped)
     batch = encode(tokenizer)
     method.begin_evaluation(wrapped)
     with torch.no_grad():
         wrapped.eval()(**batch)
-    stats = method.end_evaluation(wrapped)
+    return method.end_evaluation(wrapped), captured, batch
+
+
+def test_projection_off_can_violate_and_is_counted(tiny_bert):
+    model, tokenizer = tiny_bert
+    stats, captured, batch = evaluate_randomised(
+        "tabs", model, TABSConfig(R=4, budget=0.25, projection=False, eval_gates="sign"), tokenizer)
     mask = batch["attention_mask"].bool()
     b_max = torch.floor(0.25 * mask.sum(1))
     expected = sum(int((((logits[0] > 0) & mask[:, :, None]).sum(dim=(1, 2)) > b_max).sum())
@@ -552,14 +559,8 @@ def test_cbsp_budget_is_an_average_over_sequences(tiny_bert):
     model, tokenizer = tiny_bert
     per_sequence_only = 0
     for budget in (1.0, 2.0, 3.0):
-        method, wrapped = wrap("cbsp", copy.deepcopy(model), CBSPConfig(R=4, budget=budget, eval_gates="sign"))
-        randomise_gate_sources(wrapped)
-        captured = capture_gate_logits(wrapped)
-        batch = encode(tokenizer)
-        method.begin_evaluation(wrapped)
-        with torch.no_grad():
-            wrapped.eval()(**batch)
-        stats = method.end_evaluation(wrapped)
+        stats, captured, batch = evaluate_randomised(
+            "cbsp", copy.deepcopy(model), CBSPConfig(R=4, budget=budget, eval_gates="sign"), tokenizer)
         valid = batch["attention_mask"].sum(1)  # (B,)
         b_max = torch.floor(budget * valid)
         over_average = over_each = 0

@@ -291,10 +291,7 @@ def trial_value(trial_job: Job, trainer, final: dict[str, Any], reporter) -> flo
     if scores:
         reporter.set_user_attr("eval_rule_scores", scores)
     if not scores or getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
-        split = trainer.data.evals[0].name
-        configured = {"spectral_budget_violations": final.get(f"{split}_spectral_budget_violations"),
-                      "capacity_ratio": capacity_ratio(final.get(f"{split}_spectral_open_gates_per_token"),
-                                                       final.get("train_expected_open_gates_per_token"))}
+        configured = evaluation_row(final, metric, trainer.data.evals[0].name, final)
         record_constraints(reporter, rule_constraints(configured, thresholds))
         return float(final[metric])
     chosen = best_rule(scores, trial_job.run.optuna.direction, thresholds)
@@ -350,16 +347,22 @@ def eval_rule_scores(trainer, final: dict[str, Any], metric: str) -> dict[str, d
     if not rules:
         return {}
     split = trainer.data.evals[0].name
-    expected = final.get("train_expected_open_gates_per_token")
     scores = {}
     for rule in rules:
         with trainer.method.evaluation_rule(trainer.model, rule):
             metrics, _ = trainer.evaluate_splits()
-        row = {"value": metrics.get(metric)}
-        row.update({key: metrics.get(f"{split}_{key}") for key in RULE_STATISTICS})
-        row["capacity_ratio"] = capacity_ratio(row["spectral_open_gates_per_token"], expected)
-        scores[rule] = row
+        scores[rule] = evaluation_row(metrics, metric, split, final)
     return scores
+
+
+def evaluation_row(metrics: dict[str, Any], metric: str, split: str, final: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation on ``split`` as a rule-score row: the metric, open gates per token, budget
+    violations and the capacity ratio against training's expected open gates (from ``final``)."""
+    row = {"value": metrics.get(metric)}
+    row.update({key: metrics.get(f"{split}_{key}") for key in RULE_STATISTICS})
+    row["capacity_ratio"] = capacity_ratio(row["spectral_open_gates_per_token"],
+                                           final.get("train_expected_open_gates_per_token"))
+    return row
 
 
 def final_params(job: Job, result) -> dict[str, Any]:

@@ -75,7 +75,6 @@ class StratifiedStart(BaseSampler):
 
     def __init__(self, tpe: TPESampler, seed: int, trial_number: int) -> None:
         self.tpe = tpe
-        self.seed = seed
         self.from_sequence = trial_number < STARTUP_TRIALS
         self.point = sobol_point(seed, trial_number) if self.from_sequence else None
 

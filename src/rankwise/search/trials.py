@@ -15,9 +15,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 CANCELLED_NOTE = "cancelled: n_trials already taken by other workers' trials"
-# A trial's constraints (Optuna's convention: a value > 0 violates) are set by the objective:
-# for gated spectral methods the budget violations of the evaluation the trial's value stands
-# for and its capacity ratio's distance from the capacity_ratio bounds (rankwise.runner).
 
 
 def _count(trials: Sequence[FrozenTrial], states: Sequence[TrialState]) -> int:
@@ -43,7 +40,11 @@ def _best_trial(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | 
 
 
 def _violations(trial: FrozenTrial) -> float:
-    """How far the trial is from feasible: the sum of its violated constraints (0 without any)."""
+    """How far the trial is from feasible: the sum of its violated constraints (0 without any).
+
+    The objective sets them (Optuna's convention: a value > 0 violates); for gated spectral
+    methods the budget violations and the capacity gap of the evaluation the trial's value
+    stands for (:func:`rankwise.runner.trial_value`)."""
     return sum(v for v in trial.constraints.values() if v > 0)
 
 
