@@ -60,6 +60,17 @@ def draw_gate_parameters(model, seed: int, std: float) -> None:
             for p in (layer.gate_source.parameters() if layer.gate_source is not None else []):
                 p.normal_(0, std)
 
+
+def history_share(history_file, name: str) -> float:
+    """A regulariser's share of the training loss from a step log, mean over its logged steps."""
+    import json
+
+    rows = [json.loads(line) for line in history_file.read_text().splitlines()]
+    rows = [r for r in rows if f"reg/{name}" in r and "task_loss" in r]
+    return sum(r[f"reg/{name}"] / (r["task_loss"] + sum(v for k, v in r.items() if k.startswith("reg/")))
+               for r in rows) / len(rows)
+
+
 @pytest.fixture(scope="session")
 def glue_dir():
     if not (GLUE_DIR / "rte" / "train-00000-of-00001.parquet").exists():

@@ -172,3 +172,36 @@ def test_iw_lora_with_a_negligible_alpha_is_not_engaged(tmp_path, fake_glue, cap
     share = next(c for c in block["checks"] if c["name"] == "regulariser_share")
     assert block["engaged"] is False and share["passed"] is False and share["value"] < 1e-6
     assert {c["name"] for c in block["checks"]} == {"above_chance", "regulariser_share"}
+
+
+def test_a_search_records_how_far_each_trials_regulariser_is_from_engaged(tmp_path, fake_glue):
+    import optuna
+    from conftest import history_share
+
+    from rankwise.main import main
+
+    run = "proposed-DeBERTaV3-base-86-M--GLUE-MNLI"
+    out = tmp_path / "r"
+    # one trial whose term is a rounding error of the loss, one where it swamps it
+    space = ("{iw_reg_alpha: {type: categorical, choices: [1.0e-12, 1.0e+10]}, "
+             "learning_rate: {type: categorical, choices: [0.01]}, batch_size: {type: categorical, choices: [8]}}")
+    assert main([f"run={run}", f"results_dir={out}", "mode=full", "model.name=tiny-bert",
+                 f"dataset.data_dir={fake_glue}", "dataset.max_seq_length=32", "training.epochs=1",
+                 "dataset.max_train_samples=64", "training.seeds=[1]", "training.log_every_n_steps=1",
+                 "training.inference_measurement.enabled=false", "optuna.n_trials=4",
+                 "model.importance_weighted_regularisation.sensitivity_warmup_steps=1",
+                 f"optuna.search_space={space}"]) == 0
+    run_dir = out / run
+    study = optuna.load_study(study_name=run, storage=f"sqlite:///{run_dir / 'optuna' / 'study.db'}")
+    trials = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    gaps = {}
+    for trial in trials:
+        share = history_share(run_dir / "optuna" / "trials" / str(trial.number) / "history.jsonl", "iw_reg")
+        expected = max(0.0, 0.01 - share, share - 0.5)
+        assert trial.constraints["regulariser_gap"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        gaps[trial.params["iw_reg_alpha"]] = trial.constraints["regulariser_gap"]
+    assert gaps[1.0e-12] > 0.0099 and gaps[1.0e10] > 0.2  # both ends are off, for the check's reasons
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = min(trials, key=lambda t: (sum(max(v, 0) for v in t.constraints.values()), -t.value, t.number))
+    assert metrics["search"]["best_trial_number"] == best.number
+    assert metrics["search"]["regulariser_gap"] == best.constraints["regulariser_gap"]

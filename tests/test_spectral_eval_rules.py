@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import history_share
 
 from rankwise.main import main
 from rankwise.methods import get_method
@@ -77,7 +78,14 @@ def test_select_scores_every_rule_on_the_selection_slice_and_the_final_run_takes
         else:
             assert gap[chosen] == min(gap.values())
         # the trial's constraints, as TPE reads them
-        assert trial.constraints == {"budget_violations": 0.0, "capacity_gap": pytest.approx(gap[chosen])}
+        # and the budget penalty's distance from its share bounds (a learned multiplier has none)
+        reg_gap = 0.0
+        if trial.params.get("model.adapter.budget_control", "penalty") == "penalty":
+            share = history_share(run_dir / "optuna" / "trials" / str(trial.number) / "history.jsonl",
+                                  "budget_penalty")
+            reg_gap = max(0.0, 0.01 - share, share - 0.5)
+        assert trial.constraints == {"budget_violations": 0.0, "capacity_gap": pytest.approx(gap[chosen]),
+                                     "regulariser_gap": pytest.approx(reg_gap)}
         assert any(row["capacity_ratio"] > 0 for row in scores.values())
         # the training loop's own last evaluation (the configured rule while training: prob_open)
         # is the same pass as the post-hoc scoring under that rule

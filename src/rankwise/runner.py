@@ -282,22 +282,39 @@ def trial_value(trial_job: Job, trainer, final: dict[str, Any], reporter) -> flo
     what training kept open outside the ``capacity_ratio`` bounds, cannot win over one that does
     neither, and the trial records how far the evaluation it stands for is from that as Optuna
     constraints (:func:`record_constraints`), so the search prefers trials that hold
-    (:func:`rankwise.search.trials._best_trial`, and TPE's constraints)."""
+    (:func:`rankwise.search.trials._best_trial`, and TPE's constraints). So does a trial whose
+    regulariser was too weak to change training, or swamped the task loss
+    (:func:`regulariser_gap`)."""
     from rankwise.methods.engagement import resolve_thresholds
 
     metric = trial_job.run.optuna.metric_name
     thresholds = resolve_thresholds(trial_job.run.training.engagement_thresholds)
+    trained = {"regulariser_gap": regulariser_gap(trainer, final, thresholds)}
     scores = eval_rule_scores(trainer, final, metric)
     if scores:
         reporter.set_user_attr("eval_rule_scores", scores)
     if not scores or getattr(trial_job.run.model.adapter, "eval_gates", None) != "select":
         configured = evaluation_row(final, metric, trainer.data.evals[0].name, final)
-        record_constraints(reporter, rule_constraints(configured, thresholds))
+        record_constraints(reporter, {**rule_constraints(configured, thresholds), **trained})
         return float(final[metric])
     chosen = best_rule(scores, trial_job.run.optuna.direction, thresholds)
     reporter.set_user_attr(CHOSEN_RULE, chosen)
-    record_constraints(reporter, rule_constraints(scores[chosen], thresholds))
+    record_constraints(reporter, {**rule_constraints(scores[chosen], thresholds), **trained})
     return float(scores[chosen]["value"])
+
+
+def regulariser_gap(trainer, final: dict[str, Any], thresholds: dict[str, float]) -> float:
+    """How far the trial's regularisers were from engaged: the distance of each share of the
+    training loss that the method's ``regulariser_share`` check tests (IW-LoRA's term, a
+    spectral budget penalty) from the check's bounds, summed; 0 for a method without one.
+    A trial whose term is a rounding error of the loss tests the plain adapter, not the method."""
+    from rankwise.methods.engagement import SeedEvidence
+
+    evidence = [SeedEvidence(trainer.seed, final, trainer.history)]
+    lo, hi = thresholds["regulariser_share_min"], thresholds["regulariser_share_max"]
+    shares = [c.value for c in trainer.method.engagement_checks(evidence, thresholds)
+              if c.name == "regulariser_share"]
+    return float(sum(1.0 if v is None else max(0.0, lo - v, v - hi) for v in shares))
 
 
 def rule_constraints(row: dict[str, Any], thresholds: dict[str, float]) -> dict[str, float]:
@@ -403,7 +420,8 @@ def search_summary(job: Job, result) -> dict[str, Any]:
         "best_params": result.best_params,
         "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in final_params(job, result).items()},
         # each evaluation rule of the best trial's model on the selection slice (gated methods)
-        **{key: result.best_user_attrs[key] for key in ("eval_rule_scores", "budget_violations", "capacity_gap")
+        **{key: result.best_user_attrs[key] for key in ("eval_rule_scores", "budget_violations", "capacity_gap",
+                                                         "regulariser_gap")
            if key in (result.best_user_attrs or {})},
         "states": {"complete": result.n_complete, "pruned": result.n_pruned,
                    "failed": result.n_failed, "cancelled": result.n_cancelled,
