@@ -188,7 +188,7 @@ def test_a_search_records_how_far_each_trials_regulariser_is_from_engaged(tmp_pa
     assert main([f"run={run}", f"results_dir={out}", "mode=full", "model.name=tiny-bert",
                  f"dataset.data_dir={fake_glue}", "dataset.max_seq_length=32", "training.epochs=1",
                  "dataset.max_train_samples=64", "training.seeds=[1]", "training.log_every_n_steps=1",
-                 "training.inference_measurement.enabled=false", "optuna.n_trials=4",
+                 "training.inference_measurement.enabled=false", "optuna.n_trials=2",
                  "model.importance_weighted_regularisation.sensitivity_warmup_steps=1",
                  f"optuna.search_space={space}"]) == 0
     run_dir = out / run

@@ -9,9 +9,10 @@ is a function of the seed and the study's history alone. TPE's start-up trials (
 ``STARTUP_TRIALS``) take the points of one scrambled Sobol sequence seeded by the search seed
 instead of independent uniform draws (:mod:`rankwise.search.start`): a search of 4 trials
 covers each parameter's range in quarters, and every arm of an experiment searched with the
-same seed gets the same points. A trial with a positive constraint (gated spectral methods:
-``budget_violations``, ``capacity_gap``; see :func:`rankwise.runner.trial_value`) is infeasible
-to TPE, and the best trial is the best feasible one.
+same seed gets the same points. A trial with a positive constraint (``budget_violations``,
+``capacity_gap`` for gated spectral methods, ``regulariser_gap`` for methods with a regulariser;
+see :func:`rankwise.runner.trial_value`) is infeasible to TPE, and the best trial is the best
+feasible one.
 
 Pruner. ``median`` = MedianPruner(n_startup_trials, warm-up), ``percentile`` =
 PercentilePruner(pruner_percentile, ...), ``hyperband`` = HyperbandPruner(min_resource =

@@ -42,9 +42,9 @@ def _best_trial(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | 
 def _violations(trial: FrozenTrial) -> float:
     """How far the trial is from feasible: the sum of its violated constraints (0 without any).
 
-    The objective sets them (Optuna's convention: a value > 0 violates); for gated spectral
-    methods the budget violations and the capacity gap of the evaluation the trial's value
-    stands for (:func:`rankwise.runner.trial_value`)."""
+    The objective sets them (Optuna's convention: a value > 0 violates): the budget violations
+    and the capacity gap of the evaluation the trial's value stands for, and the regulariser
+    gap of its training (:func:`rankwise.runner.trial_value`)."""
     return sum(v for v in trial.constraints.values() if v > 0)
 
 
