@@ -200,6 +200,7 @@ def test_a_search_records_how_far_each_trials_regulariser_is_from_engaged(tmp_pa
         expected = max(0.0, 0.01 - share, share - 0.5)
         assert trial.constraints["regulariser_gap"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
         gaps[trial.params["iw_reg_alpha"]] = trial.constraints["regulariser_gap"]
+    assert set(gaps) == {1.0e-12, 1.0e10}  # the two start-up points draw both strengths
     assert gaps[1.0e-12] > 0.0099 and gaps[1.0e10] > 0.2  # both ends are off, for the check's reasons
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = min(trials, key=lambda t: (sum(max(v, 0) for v in t.constraints.values()), -t.value, t.number))
