@@ -311,10 +311,14 @@ def regulariser_gap(trainer, final: dict[str, Any], thresholds: dict[str, float]
     from rankwise.methods.engagement import SeedEvidence
 
     evidence = [SeedEvidence(trainer.seed, final, trainer.history)]
-    lo, hi = thresholds["regulariser_share_min"], thresholds["regulariser_share_max"]
     shares = [c.value for c in trainer.method.engagement_checks(evidence, thresholds)
               if c.name == "regulariser_share"]
-    return float(sum(1.0 if v is None else max(0.0, lo - v, v - hi) for v in shares))
+    return float(sum(1.0 if v is None else bound_gap(v, thresholds, "regulariser_share") for v in shares))
+
+
+def bound_gap(value: float, thresholds: dict[str, float], check: str) -> float:
+    """How far ``value`` lies outside the check's [``<check>_min``, ``<check>_max``] (0 inside)."""
+    return max(0.0, thresholds[f"{check}_min"] - value, value - thresholds[f"{check}_max"])
 
 
 def rule_constraints(row: dict[str, Any], thresholds: dict[str, float]) -> dict[str, float]:
@@ -322,9 +326,8 @@ def rule_constraints(row: dict[str, Any], thresholds: dict[str, float]) -> dict[
     method has no budget or gates): its budget violations, and the distance of its capacity
     ratio from the ``capacity_ratio`` bounds."""
     ratio = row.get("capacity_ratio")
-    lo, hi = thresholds["capacity_ratio_min"], thresholds["capacity_ratio_max"]
     return {"budget_violations": float(row.get("spectral_budget_violations") or 0),
-            "capacity_gap": 0.0 if ratio is None else max(0.0, lo - ratio, ratio - hi)}
+            "capacity_gap": 0.0 if ratio is None else bound_gap(ratio, thresholds, "capacity_ratio")}
 
 
 def best_rule(scores: dict[str, dict[str, Any]], direction: str, thresholds: dict[str, float]) -> str:
