@@ -109,8 +109,11 @@ ADALORA_KNOBS = {"model.adapter.orth_reg_weight": categorical(0.1, 0.3, 0.5)}  #
 GATED_KNOBS = {
     # around the seed's λ = 0.05, up to where the penalty alone would dominate the task loss
     "model.adapter.penalty_weight": loguniform(0.01, 1.0),
-    # a fixed λ, or a multiplier learned by dual ascent that meets the budget without guessing λ
-    "model.adapter.budget_control": categorical("penalty", "lagrangian"),
+    # a fixed λ, or the budget as a target held by learned multipliers (no λ to guess). Not the
+    # inequality `lagrangian`: measured on the SST-2 twin (CBSP, seed 1), its μ ≥ 0 was back at 0
+    # by step 20 while the gates kept shutting, and nothing reopened them: 0.5 of 8 open
+    # directions per token for the rest of training, against 7.9 under `target`.
+    "model.adapter.budget_control": categorical("penalty", "target"),
     # the gates' own rate: a controller's, around the adapter's rates and above
     "model.adapter.gate_learning_rate": loguniform(1e-4, 1e-1),
 }

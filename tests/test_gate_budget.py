@@ -87,17 +87,18 @@ def expected_open_per_target(model) -> float:
                          for layer in layers)) / len(layers)
 
 
-def train_gates(method, model, steps: int) -> tuple[list[float], list[float]]:
-    """The gates alone under Adam: a stand-in task term that wants every gate open (−½ × the
-    expected open gates per target) plus the method's budget term, then the method's hook.
-    Returns the expected open gates per target and the multiplier after each step."""
+def train_gates(method, model, steps: int, pull: float = 0.5) -> tuple[list[float], list[float]]:
+    """The gates alone under Adam: a stand-in task term that wants every gate open (−pull ×
+    the expected open gates per target; a negative pull wants them shut) plus the method's
+    budget term, then the method's hook. Returns the expected open gates per target and the
+    multiplier after each step."""
     layers = list(spectral_layers(model).values())
     opt = torch.optim.Adam([layer.gate_source.log_alpha for layer in layers], lr=0.05)
     used, multipliers = [], []
     for step in range(steps):
         opt.zero_grad()
-        want_open = -0.5 * sum(layer.gate.prob_open(layer.gate_source.log_alpha).sum()
-                               for layer in layers) / len(layers)
+        want_open = -pull * sum(layer.gate.prob_open(layer.gate_source.log_alpha).sum()
+                                for layer in layers) / len(layers)
         (want_open + sum(method.regularization_losses(model).values())).backward()
         opt.step()
         method.on_optimizer_step(model, step)
@@ -127,6 +128,34 @@ def test_lagrangian_multiplier_meets_the_budget_where_a_small_penalty_does_not(t
     fresh, _ = wrapped_bhsp(tiny_bert, budget_control="lagrangian")
     fresh.load_state_dict(state)
     assert fresh.multiplier == method.multiplier  # a resumed run keeps its multiplier
+
+
+def test_a_target_budget_holds_the_use_at_the_budget_from_both_sides(tiny_bert):
+    """BHSP, b = 1 of R = 4 per target. A task term that wants every gate shut takes the
+    inequality lagrangian far below its budget (μ ≥ 0 has nothing to push back with), while
+    ``budget_control: target`` with ``target_use: 0.9`` brings the use back to 0.9·b; with a
+    task term that wants every gate open it meets 0.9·b from above. The multipliers follow the
+    ascent computed by hand from the use before each step: μ₁ = η·Σ c, μ₂ = η·Σ c²,
+    c = use − 0.9·b, and the term is μ₁·c + μ₂·c²."""
+    method, model = wrapped_bhsp(tiny_bert, budget_control="lagrangian", multiplier_lr=0.05)
+    used, _ = train_gates(method, model, 300, pull=-0.5)
+    assert used[-1] < 0.2  # collapsed far below the budget of 1
+    for pull in (-0.5, 0.5):
+        method, model = wrapped_bhsp(tiny_bert, budget_control="target", multiplier_lr=0.05,
+                                     target_use=0.9)
+        start = expected_open_per_target(model)
+        used, multipliers = train_gates(method, model, 400, pull=pull)
+        assert abs(np.mean(used[-50:]) - 0.9) < 0.15, pull
+        gaps = np.array([start] + used[:-1]) - 0.9
+        np.testing.assert_allclose(multipliers, 0.05 * np.cumsum(gaps), rtol=1e-4, atol=1e-6)
+        assert method.quadratic_multiplier == pytest.approx(0.05 * np.sum(gaps ** 2), rel=1e-4)
+    c = expected_open_per_target(model) - 0.9
+    term = method.regularization_losses(model)["budget_target"].item()
+    assert term == pytest.approx(method.multiplier * c + method.quadratic_multiplier * c * c, rel=1e-4)
+    assert method.step_log_metrics(model)["budget_quadratic_multiplier"] == method.quadratic_multiplier
+    fresh, _ = wrapped_bhsp(tiny_bert, budget_control="target")
+    fresh.load_state_dict(method.state_dict())
+    assert (fresh.multiplier, fresh.quadratic_multiplier) == (method.multiplier, method.quadratic_multiplier)
 
 
 def test_gates_take_their_own_learning_rate_and_initialisation(tiny_bert):

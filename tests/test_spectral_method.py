@@ -325,6 +325,48 @@ def test_sequence_budget_penalty_matches_independent_computation(kind, units, ti
 
 
 @pytest.mark.parametrize("kind", ["tabs", "cbsp"])
+def test_learned_multipliers_hold_each_targets_budget_against_an_independent_computation(kind, tiny_bert):
+    """``budget_control: target``: one multiplier pair per target. The term is the mean over
+    targets of μ_k·c_k + ν_k·c_k², c_k = mean over sequences of (expected open pairs −
+    target_use·B_max) / T_valid, recomputed from the controllers' logits; one ascent step moves
+    each target's pair by its own c_k (η·c_k, η·c_k²), and the inequality ``lagrangian`` clips
+    each μ_k at 0 on its own."""
+    model, tokenizer = tiny_bert
+    config_cls = TABSConfig if kind == "tabs" else CBSPConfig
+    batch = encode(tokenizer)
+    mask = batch["attention_mask"].numpy().astype(bool)
+    t_valid = mask.sum(1)
+    b_max = np.floor(0.5 * t_valid)
+    for control in ("target", "lagrangian"):
+        config = config_cls(R=4, budget=0.5, budget_control=control, multiplier_lr=0.1, target_use=0.8)
+        method, wrapped = wrap(kind, copy.deepcopy(model), config)
+        randomise_gate_sources(wrapped, std=1.0)
+        captured = capture_gate_logits(wrapped)
+        share = 0.8 if control == "target" else 1.0
+        names = list(spectral_layers(wrapped))
+        mu = {k: 0.5 * k - 1.0 for k in range(len(names))}  # of both signs, one per target
+        nu = {k: 0.1 * k for k in range(len(names))}
+        method.multipliers.linear, method.multipliers.quadratic = dict(mu), dict(nu)
+        wrapped.train()(**batch)
+        term = method.regularization_losses(wrapped)[f"budget_{control}"]
+        gaps = {}
+        for k, name in enumerate(names):
+            p = reference_prob_open(captured[name][0].double().numpy())
+            expected_open = (p * mask[:, :, None]).sum(axis=(1, 2)) if kind == "tabs" else p[:, 0].sum(-1) * t_valid
+            gaps[k] = float(np.mean((expected_open - share * b_max) / t_valid))
+        quadratic = control == "target"
+        reference = np.mean([mu[k] * c + (nu[k] * c * c if quadratic else 0.0) for k, c in gaps.items()])
+        np.testing.assert_allclose(term.item(), reference, rtol=1e-5)
+        method.on_optimizer_step(wrapped, 0)
+        for k, c in gaps.items():
+            moved = mu[k] + 0.1 * c
+            assert method.multipliers.linear[k] == pytest.approx(moved if quadratic else max(0.0, moved), rel=1e-5)
+            if quadratic:
+                assert method.multipliers.quadratic[k] == pytest.approx(nu[k] + 0.1 * c * c, rel=1e-5)
+        assert len({round(c, 6) for c in gaps.values()}) > 1  # the targets' uses differ
+
+
+@pytest.mark.parametrize("kind", ["tabs", "cbsp"])
 def test_controller_input_mode_decides_where_the_penalty_gradient_goes(kind, tiny_bert):
     """Detached (default): the penalty trains the controllers only. Attached: it also reaches
     the adapters of earlier layers through later controllers' inputs. Same penalty value."""

@@ -72,6 +72,11 @@ class FineTuningMethod:
         controllers), or None for the run's (``training.learning_rate``)."""
         return None
 
+    def clip_group(self, name: str) -> str | None:
+        """The name of a group of parameters whose gradient norm is clipped on its own (e.g. a
+        gated method's gates), or None for the one norm over the rest."""
+        return None
+
     # --- training hooks -------------------------------------------------------------------
     @property
     def rows_independent(self) -> bool:

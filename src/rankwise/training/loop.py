@@ -46,6 +46,7 @@ from rankwise.runtime import (
 )
 from rankwise.training import checkpoint as ckpt
 from rankwise.training.build import Optimisation, Schedule, build_run
+from rankwise.training.optim import clip_gradients
 
 log = logging.getLogger(__name__)
 
@@ -506,11 +507,7 @@ class Trainer:
         """
         if self.training.max_grad_norm is not None or self.amp_dtype == torch.float16:
             self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.training.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
-        else:
-            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norm = clip_gradients(self.optimizer, self.training.max_grad_norm)
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
             bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             self.save_last_good()

@@ -15,22 +15,48 @@ def parameter_groups(model: nn.Module, cfg: TrainingConfig, method=None) -> list
     """Trainable parameters split into decay / no-decay groups, and by learning rate: the
     head's (``head_learning_rate``, classifier and pooler) and any the method sets for its own
     parameters (``FineTuningMethod.parameter_learning_rate``, e.g. gates and controllers)."""
-    groups: dict[tuple[bool, float | None], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, float | None, str | None], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS)
         lr = cfg.head_learning_rate if is_head_parameter(name) else None
-        if lr is None and method is not None:
-            lr = method.parameter_learning_rate(name)
-        groups.setdefault((no_decay, lr), []).append(p)
+        clip = None
+        if method is not None:
+            lr = method.parameter_learning_rate(name) if lr is None else lr
+            clip = method.clip_group(name)
+        groups.setdefault((no_decay, lr, clip), []).append(p)
     out = []
-    for (no_decay, lr), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1.0)):
+    for (no_decay, lr, clip), params in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1.0, kv[0][2] or "")):
         group = {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
         if lr is not None:
             group["lr"] = lr
+        if clip is not None:
+            group["clip_group"] = clip
         out.append(group)
     return out
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+    """Clip each clip group's gradient norm to ``max_norm`` on its own (groups without a
+    ``clip_group`` share one norm; None: no clipping). Returns the norm over every gradient
+    before clipping."""
+    parts: dict[str | None, list[nn.Parameter]] = {}
+    for group in optimizer.param_groups:
+        parts.setdefault(group.get("clip_group"), []).extend(
+            p for p in group["params"] if p.grad is not None)
+    norms = []
+    for params in parts.values():
+        if not params:
+            continue
+        if max_norm is None:
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        else:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig, method=None) -> torch.optim.Optimizer:

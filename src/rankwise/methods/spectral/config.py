@@ -25,6 +25,7 @@ produce; ``attached`` lets them flow (see ``controllers.py`` for why the default
 E[g] or the seed's ĝ) and the evaluation gate; ``eval_gates: auto`` takes the rule consistent
 with the budget (see ``gates.py``), so the capacity a run trains with is the capacity it is
 evaluated with. ``budget_control: lagrangian`` learns the penalty's multiplier by dual ascent;
+``target`` makes the budget a target that training is held to from both sides (see method.py);
 ``gate_learning_rate`` and the gates' initialisation (``init_log_alpha``,
 ``controller_init_bias``) are apart from the adapter's.
 
@@ -50,7 +51,8 @@ PenaltyKind = Literal["none", "static_total", "per_sequence"]
 InferencePath = Literal["sparse", "dense"]
 ControllerInput = Literal["detached", "attached"]
 ControllerScope = Literal["per_target", "per_layer"]
-BudgetControl = Literal["penalty", "lagrangian"]
+BudgetControl = Literal["penalty", "lagrangian", "target"]
+GateClipping = Literal["apart", "joint"]
 # The evaluation rule consistent with each budget quantity (gates.py): the one whose open count
 # at evaluation tracks what the budget held in training.
 CONSISTENT_RULE: dict[str, str] = {"prob_open": "prob_open", "gate_value": "sign", "louizos": "louizos"}
@@ -79,7 +81,9 @@ class SpectralRecipe:
     budget_on: BudgetOn = "prob_open"
     budget_control: BudgetControl = "penalty"
     multiplier_lr: float = 0.01
+    target_use: float = 1.0  # budget_control: target aims at this share of the budget
     gate_learning_rate: float | None = None  # None: the adapter's
+    gate_clipping: GateClipping = "apart"
     controller_init_bias: float = 0.0  # controllers' output bias at initialisation (log α)
 
 
@@ -140,14 +144,24 @@ class _GatedConfig:
     #: every rule on its held-out selection slice and the best trial's best rule is the final
     #: run's (needs a search; `auto` while training).
     eval_gates: Literal["auto", "select", "sign", "prob_open", "louizos", "expected_count"] = "auto"
-    #: `penalty`: λ · squared hinge of the budget excess; `lagrangian`: a multiplier learned by
-    #: dual ascent on the budget constraint (meets the budget without guessing λ).
+    #: `penalty`: λ · squared hinge of the budget excess; `lagrangian`: a multiplier μ ≥ 0
+    #: learned by dual ascent on the budget constraint (meets the budget without guessing λ);
+    #: `target`: the budget is a target, μ₁·(use − b) + μ₂·(use − b)² with both multipliers
+    #: learned by ascent and μ₁ free in sign, as structured L0 pruning holds a target sparsity
+    #: (gates that shut below the budget are pushed open again).
     budget_control: BudgetControl = "penalty"
-    #: Step size of the multiplier's dual ascent with `budget_control: lagrangian` (per
+    #: Step size of the multipliers' ascent with `budget_control: lagrangian` or `target` (per
     #: optimizer step, on the excess in directions per token or per target).
     multiplier_lr: float = 0.01
+    #: With `budget_control: target`, the share of the budget training aims at: a little under
+    #: 1, so an evaluation that opens what training expected stays within the budget.
+    target_use: float = 0.95
     #: Learning rate of the gates and controllers; null: `training.learning_rate`.
     gate_learning_rate: float | None = None
+    #: `apart`: the gates' and controllers' gradient is clipped to `training.max_grad_norm` on
+    #: its own, so a large budget term cannot shrink the adapter's step; `joint`: one norm over
+    #: every parameter (HF Trainer's clipping).
+    gate_clipping: GateClipping = "apart"
     REMOVED_KEYS: ClassVar[dict[str, str]] = TARGETS_MOVED
 
     budget_unit = "token"  # what b counts directions of, for the error message
@@ -161,6 +175,7 @@ class _GatedConfig:
         require(self.penalty_weight >= 0, join(path, "penalty_weight"),
                 f"must be >= 0, got {self.penalty_weight}")
         require(self.multiplier_lr > 0, join(path, "multiplier_lr"), f"must be > 0, got {self.multiplier_lr}")
+        require(0 < self.target_use <= 1, join(path, "target_use"), f"must be in (0, 1], got {self.target_use}")
         if self.gate_learning_rate is not None:
             require(self.gate_learning_rate > 0, join(path, "gate_learning_rate"),
                     f"must be > 0 or null, got {self.gate_learning_rate}")
@@ -178,7 +193,8 @@ class _GatedConfig:
             rank=self.R, scale=self.scale, penalty_weight=self.penalty_weight,
             inference_path=self.inference_path, eval_gates=rule, budget_on=self.budget_on,
             budget_control=self.budget_control, multiplier_lr=self.multiplier_lr,
-            gate_learning_rate=self.gate_learning_rate, **kwargs,
+            target_use=self.target_use,
+            gate_learning_rate=self.gate_learning_rate, gate_clipping=self.gate_clipping, **kwargs,
         )
 
 

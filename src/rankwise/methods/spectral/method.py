@@ -64,6 +64,7 @@ from rankwise.methods.spectral.controllers import (
 )
 from rankwise.methods.spectral.gates import EVAL_RULES, HardConcreteGate
 from rankwise.methods.spectral.layer import SpectralLinear
+from rankwise.methods.spectral.multipliers import BudgetMultipliers
 from rankwise.methods.spectral.statistics import PREFIX, GateStatistics
 from rankwise.methods.spectral.svd_cache import load_or_compute_factors
 
@@ -112,9 +113,8 @@ class SpectralFamily(FineTuningMethod):
         self._layers: list[SpectralLinear] = []
         self._gate_params: list[nn.Parameter] = []  # gates' and controllers' (``.gate_source.``)
         self._gate_init: list[torch.Tensor] = []
-        # budget_control: lagrangian: the multiplier μ and the constraint values of this step
-        self.multiplier = 0.0
-        self._gap_sum, self._gap_count = 0.0, 0
+        # budget_control: lagrangian / target: one multiplier pair per constraint
+        self.multipliers = BudgetMultipliers(self.recipe.budget_control, self.recipe.multiplier_lr)
         # Training open-rate totals [expected, sampled, tokens]: since the last step log, this
         # epoch, the previous epoch.
         self._window = [0.0, 0.0, 0.0]
@@ -229,59 +229,90 @@ class SpectralFamily(FineTuningMethod):
 
     def regularization_losses(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The budget term. ``penalty``: λ · (budget excess)², hinged (methods.md, spectral
-        family). ``lagrangian``: μ · (budget use − budget), signed, with μ ≥ 0 raised by dual
-        ascent while the budget is exceeded and lowered while it is not (``on_optimizer_step``),
-        as structured L0 pruning does to hit a target sparsity; in directions per token (CBSP,
-        TABS) or per target (BHSP), whatever ``penalty_units`` says."""
+        family). ``lagrangian``: Σ_k μ_k · (use_k − budget), signed, each μ_k ≥ 0 raised by
+        dual ascent while its budget is exceeded and lowered while it is not. ``target``:
+        μ_k · c_k + ν_k · c_k², c_k = use_k − target_use · budget, μ_k free in sign, as
+        structured L0 pruning holds a target sparsity: below the target μ_k turns negative and
+        the quadratic term pulls too, so gates that shut past it open again (with μ ≥ 0 nothing
+        does once μ reaches 0). One pair per target for per-sequence and average budgets, one
+        for BHSP's total (``multipliers.py``); in directions per token (CBSP, TABS) or per
+        target (BHSP), whatever ``penalty_units`` says."""
         r = self.recipe
         layers = list(spectral_layers(model).values())
         if r.penalty == "none" or not layers:
             return {}
-        lagrangian = r.budget_control == "lagrangian"
-        signed = self._budget_gap(layers, normalised=r.normalised_penalty or lagrangian, signed=lagrangian)
-        if lagrangian:
-            self._gap_sum += float(signed.detach())
-            self._gap_count += 1
-            return {"budget_lagrangian": self.multiplier * signed}
-        return {"budget_penalty": r.penalty_weight * signed}
+        if r.budget_control == "penalty":
+            return {"budget_penalty": r.penalty_weight * self._budget_penalty(layers)}
+        gaps = self._constraint_values(layers, share=r.target_use if r.budget_control == "target" else 1.0)
+        if not gaps:  # no training forward since the last call: nothing to add
+            return {}
+        return {f"budget_{r.budget_control}": self.multipliers.term(gaps)}
 
-    def _budget_gap(self, layers: list[SpectralLinear], normalised: bool, signed: bool):
-        """Signed: mean (budget use − budget) (the constraint's value); else the squared hinge
-        of the excess as the penalty has it (BHSP: summed over targets; CBSP/TABS: mean over
-        sequences, summed over targets). Zero when no training forward left budget terms."""
+    def _budget_penalty(self, layers: list[SpectralLinear]) -> torch.Tensor:
+        """The squared hinge of the excess as the penalty has it (BHSP: of the total over
+        targets; CBSP/TABS: mean over sequences, summed over targets). Zero when no training
+        forward left budget terms."""
         r = self.recipe
         if r.penalty == "static_total":
-            expected = sum(layer.gate.budget_quantity(layer.gate_source.log_alpha).sum() for layer in layers)
-            gap = expected - r.static_budget_per_target * len(layers)
-            if normalised:
-                gap = gap / len(layers)
-            return gap if signed else torch.relu(gap).square()
-        total, seen = torch.zeros((), device=layers[0].P_U.device), 0
+            gap = self._static_excess(layers, share=1.0)
+            return torch.relu(gap / len(layers) if r.normalised_penalty else gap).square()
+        total = torch.zeros((), device=layers[0].P_U.device)
         for layer in layers:
             terms, layer.pending_budget_terms = layer.pending_budget_terms, None
             if terms is None:  # no training forward since the last call
                 continue
             gap = terms.expected_open_pairs - terms.max_open_pairs  # (B,)
-            if normalised:
+            if r.normalised_penalty:
                 gap = gap / terms.valid_tokens.clamp(min=1)
-            total = total + (gap.mean() if signed else torch.relu(gap).square().mean())
-            seen += 1
-        if not seen:  # no training forward since the last call: nothing to add
-            return total
-        return total / seen if signed else total
+            total = total + torch.relu(gap).square().mean()
+        return total
+
+    def _static_excess(self, layers: list[SpectralLinear], share: float) -> torch.Tensor:
+        expected = sum(layer.gate.budget_quantity(layer.gate_source.log_alpha).sum() for layer in layers)
+        return expected - share * self.recipe.static_budget_per_target * len(layers)
+
+    def _constraint_values(self, layers: list[SpectralLinear], share: float) -> dict[int, torch.Tensor]:
+        """c_k = use − share × budget of each constraint, in directions: BHSP's total per
+        target (one constraint); each target's mean over sequences of open directions per
+        token (CBSP, TABS), for the targets a training forward left terms for."""
+        if self.recipe.penalty == "static_total":
+            return {0: self._static_excess(layers, share) / len(layers)}
+        gaps = {}
+        for k, layer in enumerate(layers):
+            terms, layer.pending_budget_terms = layer.pending_budget_terms, None
+            if terms is not None:
+                gap = terms.expected_open_pairs - share * terms.max_open_pairs  # (B,)
+                gaps[k] = (gap / terms.valid_tokens.clamp(min=1)).mean()
+        return gaps
 
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
-        """``budget_control: lagrangian``: μ ← max(0, μ + η · mean constraint value of the step)."""
-        if self.recipe.budget_control != "lagrangian" or not self._gap_count:
-            return
-        gap = self._gap_sum / self._gap_count
-        self.multiplier = max(0.0, self.multiplier + self.recipe.multiplier_lr * gap)
-        self._gap_sum, self._gap_count = 0.0, 0
+        """One ascent step on the learned multipliers (``multipliers.py``)."""
+        if self.recipe.budget_control != "penalty":
+            self.multipliers.step()
+
+    @property
+    def multiplier(self) -> float:
+        """μ, the mean over the constraints."""
+        return self.multipliers.summary()["budget_multiplier"]
+
+    @property
+    def quadratic_multiplier(self) -> float:
+        """ν (``target``), the mean over the constraints."""
+        return self.multipliers.summary().get("budget_quadratic_multiplier", 0.0)
+
+    def _multipliers(self) -> dict[str, float]:
+        return {} if self.recipe.budget_control == "penalty" else self.multipliers.summary()
 
     def parameter_learning_rate(self, name: str) -> float | None:
         """``gate_learning_rate`` for the gates and controllers (None: the adapter's)."""
         if self.recipe.gate_learning_rate is not None and ".gate_source." in f".{name}.":
             return self.recipe.gate_learning_rate
+        return None
+
+    def clip_group(self, name: str) -> str | None:
+        """``gate_clipping: apart``: the gates and controllers have a norm of their own."""
+        if self.recipe.gate_clipping == "apart" and ".gate_source." in f".{name}.":
+            return "gates"
         return None
 
     # --- evaluation rules -----------------------------------------------------------------
@@ -337,18 +368,14 @@ class SpectralFamily(FineTuningMethod):
             return {}
         self._drain_tallies()
         rates, self._window = self._open_rates(self._window), [0.0, 0.0, 0.0]
-        if self.recipe.budget_control == "lagrangian":
-            rates["budget_multiplier"] = self.multiplier
-        return rates
+        return {**rates, **self._multipliers()}
 
     def training_metrics(self, model: nn.Module) -> dict[str, float]:
         if not self.gated:
             return {}
         self._drain_tallies()
         return {**self._open_rates(self._epoch if self._epoch[2] else self._previous_epoch),
-                "gate_movement": self.gate_movement(),
-                **({"budget_multiplier": self.multiplier}
-                   if self.recipe.budget_control == "lagrangian" else {})}
+                "gate_movement": self.gate_movement(), **self._multipliers()}
 
     def gate_movement(self) -> float:
         """How far training moved the gates from their initialisation: mean |Δ log α| for
@@ -540,7 +567,7 @@ class SpectralFamily(FineTuningMethod):
         return {"R": self.recipe.rank, "svd_file": self.svd_info.get("file"),
                 "train_open_rate": {"window": list(self._window), "epoch": list(self._epoch),
                                     "previous_epoch": list(self._previous_epoch)},
-                "budget_multiplier": self.multiplier}
+                "budget_multipliers": self.multipliers.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("R") != self.recipe.rank or state.get("svd_file") != self.svd_info.get("file"):
@@ -548,7 +575,7 @@ class SpectralFamily(FineTuningMethod):
                 f"checkpoint was made with R={state.get('R')} and SVD {state.get('svd_file')}, "
                 f"this run has R={self.recipe.rank} and SVD {self.svd_info.get('file')}"
             )
-        self.multiplier = float(state.get("budget_multiplier", 0.0))
+        self.multipliers.load_state_dict(state.get("budget_multipliers", {}))
         rates = state.get("train_open_rate")
         if rates is not None:
             self._window, self._epoch = list(rates["window"]), list(rates["epoch"])
