@@ -155,7 +155,7 @@ class _GatedConfig:
     multiplier_lr: float = 0.01
     #: With `budget_control: target`, the share of the budget training aims at: a little under
     #: 1, so an evaluation that opens what training expected stays within the budget.
-    target_use: float = 0.95
+    target_use: float = 0.9
     #: Learning rate of the gates and controllers; null: `training.learning_rate`.
     gate_learning_rate: float | None = None
     #: `apart`: the gates' and controllers' gradient is clipped to `training.max_grad_norm` on
