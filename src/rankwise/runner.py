@@ -160,7 +160,8 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
     if result.best_value is None:
         raise SearchAborted(f"search {job.run.run_id}: no trial completed, so there is no best "
                             f"configuration; see {study_dir / 'trials.csv'}")
-    search = search_summary(job, result)
+    params = final_params(job, result)
+    search = search_summary(job, result, params)
     best = (f"best {metric}={result.best_value:.4f} on {job.run.optuna.selection_label} "
             f"(trial #{result.best_trial_number})")
     with final_run_lock(study_dir) as held:
@@ -172,7 +173,7 @@ def search_then_final_run(job: Job, prepare_run_dir: Callable[..., bool], t_star
             log.info("final run of this study already complete in %s; kept (resume=false retrains it)",
                      job.run_dir)
             return f"search finished, {best}; final run already complete -> {job.run_dir / 'metrics.json'}"
-        final_job = with_params(job, final_params(job, result))
+        final_job = with_params(job, params)
         log.info("final run with the best parameters: %s",
                  ", ".join(f"{k}={v}" for k, v in search["best_overrides"].items()))
         return train_and_write(final_job, prepare_run_dir, t_start, search=search)
@@ -211,7 +212,8 @@ def finished_search(job: Job) -> tuple[Job, dict[str, Any]]:
     if result.best_value is None:
         raise SearchAborted(f"search {job.run.run_id}: no trial completed, so there is no best "
                             f"configuration; see {job.run_dir / 'optuna' / 'trials.csv'}")
-    return with_params(job, final_params(job, result)), search_summary(job, result)
+    params = final_params(job, result)
+    return with_params(job, params), search_summary(job, result, params)
 
 
 def trial_objective(job: Job, seed: int) -> Callable:
@@ -408,8 +410,8 @@ def with_params(job: Job, params: dict[str, Any]) -> Job:
     return final
 
 
-def search_summary(job: Job, result) -> dict[str, Any]:
-    """The ``search`` block of metrics.json."""
+def search_summary(job: Job, result, params: dict[str, Any]) -> dict[str, Any]:
+    """The ``search`` block of metrics.json; ``params``: the final run's (``final_params``)."""
     from rankwise.config.search_aliases import resolve_search_key
 
     cfg = job.run.optuna
@@ -421,7 +423,7 @@ def search_summary(job: Job, result) -> dict[str, Any]:
         "n_finished": result.n_finished, "timed_out": result.timed_out,
         "best_value": result.best_value, "best_trial_number": result.best_trial_number,
         "best_params": result.best_params,
-        "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in final_params(job, result).items()},
+        "best_overrides": {resolve_search_key(k, job.run_dict): v for k, v in params.items()},
         # each evaluation rule of the best trial's model on the selection slice (gated methods)
         **{key: result.best_user_attrs[key] for key in ("eval_rule_scores", "budget_violations", "capacity_gap",
                                                          "regulariser_gap")

@@ -96,6 +96,12 @@ class ControllerMLP(nn.Module):
         return 2 * (d_in * hidden + hidden * rank)
 
 
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) → (B, d): the mean over each row's valid tokens; an all-padding row pools to 0."""
+    weights = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 class SequenceController(nn.Module):
     """CBSP: R logits per sequence from the mean of x_t over its non-padding tokens."""
 
@@ -109,12 +115,7 @@ class SequenceController(nn.Module):
         self.detach_input = detach_input
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self.detach_input:
-            x = x.detach()
-        weights = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-        count = weights.sum(dim=1).clamp(min=1.0)  # (B, 1); an all-padding row pools to 0
-        pooled = (x * weights).sum(dim=1) / count  # (B, d_in)
-        return self.mlp(pooled).unsqueeze(1)  # (B, 1, R)
+        return self.mlp(masked_mean(x.detach() if self.detach_input else x, valid)).unsqueeze(1)  # (B, 1, R)
 
     def flops(self, valid_tokens: torch.Tensor) -> torch.Tensor:
         return torch.full_like(valid_tokens, self.mlp.flops_per_input(), dtype=torch.long)
@@ -166,9 +167,7 @@ class LayerController(nn.Module):
             x = x.detach()
         if self.granularity == "token":
             return self.mlp(x)
-        weights = valid.to(x.dtype).unsqueeze(-1)
-        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.mlp(pooled).unsqueeze(1)
+        return self.mlp(masked_mean(x, valid)).unsqueeze(1)
 
     def logits(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         if self.context.in_non_token_call:
