@@ -146,9 +146,10 @@ class _GatedConfig:
     eval_gates: Literal["auto", "select", "sign", "prob_open", "louizos", "expected_count"] = "auto"
     #: `penalty`: λ · squared hinge of the budget excess; `lagrangian`: a multiplier μ ≥ 0
     #: learned by dual ascent on the budget constraint (meets the budget without guessing λ);
-    #: `target`: the budget is a target, μ₁·(use − b) + μ₂·(use − b)² with both multipliers
-    #: learned by ascent and μ₁ free in sign, as structured L0 pruning holds a target sparsity
-    #: (gates that shut below the budget are pushed open again).
+    #: `target`: the budget is a target, μ·c + ν·c² with c = use − `target_use`·b and both
+    #: multipliers learned by ascent, μ free in sign, as structured L0 pruning holds a target
+    #: sparsity (gates that shut below the target are pushed open again). Both learned forms
+    #: keep one multiplier (pair) per target matrix for CBSP and TABS, one for BHSP's total.
     budget_control: BudgetControl = "penalty"
     #: Step size of the multipliers' ascent with `budget_control: lagrangian` or `target` (per
     #: optimizer step, on the excess in directions per token or per target).
