@@ -103,7 +103,7 @@ def train_gates(method, model, steps: int, pull: float = 0.5) -> tuple[list[floa
         opt.step()
         method.on_optimizer_step(model, step)
         used.append(expected_open_per_target(model))
-        multipliers.append(method.multiplier)
+        multipliers.append(method.multipliers.linear.get(0, 0.0))  # BHSP: one constraint, the total
     return used, multipliers
 
 
@@ -127,7 +127,7 @@ def test_lagrangian_multiplier_meets_the_budget_where_a_small_penalty_does_not(t
     state = method.state_dict()
     fresh, _ = wrapped_bhsp(tiny_bert, budget_control="lagrangian")
     fresh.load_state_dict(state)
-    assert fresh.multiplier == method.multiplier  # a resumed run keeps its multiplier
+    assert fresh.multipliers.linear == method.multipliers.linear  # a resumed run keeps its multiplier
 
 
 def test_a_target_budget_holds_the_use_at_the_budget_from_both_sides(tiny_bert):
@@ -148,14 +148,14 @@ def test_a_target_budget_holds_the_use_at_the_budget_from_both_sides(tiny_bert):
         assert abs(np.mean(used[-50:]) - 0.9) < 0.15, pull
         gaps = np.array([start] + used[:-1]) - 0.9
         np.testing.assert_allclose(multipliers, 0.05 * np.cumsum(gaps), rtol=1e-4, atol=1e-6)
-        assert method.quadratic_multiplier == pytest.approx(0.05 * np.sum(gaps ** 2), rel=1e-4)
+        assert method.multipliers.quadratic[0] == pytest.approx(0.05 * np.sum(gaps ** 2), rel=1e-4)
     c = expected_open_per_target(model) - 0.9
     term = method.regularization_losses(model)["budget_target"].item()
-    assert term == pytest.approx(method.multiplier * c + method.quadratic_multiplier * c * c, rel=1e-4)
-    assert method.step_log_metrics(model)["budget_quadratic_multiplier"] == method.quadratic_multiplier
+    assert term == pytest.approx(method.multipliers.linear[0] * c + method.multipliers.quadratic[0] * c * c, rel=1e-4)
+    assert method.step_log_metrics(model)["budget_quadratic_multiplier"] == method.multipliers.quadratic[0]
     fresh, _ = wrapped_bhsp(tiny_bert, budget_control="target")
     fresh.load_state_dict(method.state_dict())
-    assert (fresh.multiplier, fresh.quadratic_multiplier) == (method.multiplier, method.quadratic_multiplier)
+    assert (fresh.multipliers.linear, fresh.multipliers.quadratic) == (method.multipliers.linear, method.multipliers.quadratic)
 
 
 def test_gates_take_their_own_learning_rate_and_initialisation(tiny_bert):

@@ -81,7 +81,7 @@ class SpectralRecipe:
     budget_on: BudgetOn = "prob_open"
     budget_control: BudgetControl = "penalty"
     multiplier_lr: float = 0.01
-    target_use: float = 1.0  # budget_control: target aims at this share of the budget
+    target_use: float = 0.9  # budget_control: target aims at this share of the budget
     gate_learning_rate: float | None = None  # None: the adapter's
     gate_clipping: GateClipping = "apart"
     controller_init_bias: float = 0.0  # controllers' output bias at initialisation (log α)

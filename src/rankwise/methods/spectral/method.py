@@ -290,16 +290,6 @@ class SpectralFamily(FineTuningMethod):
         if self.recipe.budget_control != "penalty":
             self.multipliers.step()
 
-    @property
-    def multiplier(self) -> float:
-        """μ, the mean over the constraints."""
-        return self.multipliers.summary()["budget_multiplier"]
-
-    @property
-    def quadratic_multiplier(self) -> float:
-        """ν (``target``), the mean over the constraints."""
-        return self.multipliers.summary().get("budget_quadratic_multiplier", 0.0)
-
     def _multipliers(self) -> dict[str, float]:
         return {} if self.recipe.budget_control == "penalty" else self.multipliers.summary()
 
